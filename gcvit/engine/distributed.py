@@ -1,0 +1,176 @@
+"""Process-group setup from torchrun/SLURM/nothing, small collective helpers, and the preemption flag."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import subprocess
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Exit code of a run that saved a checkpoint because it was told to stop; launchers requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group with more than one member is active."""
+        return self.world_size > 1
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM nodelist; scontrol knows every syntax, the regex covers `a[1-3,5],b`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+    if m is None:
+        raise RuntimeError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR yourself")
+    return m.group(1) + (m.group(2) or "")
+
+
+def _launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, else from srun tasks, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        # One srun task per GPU: the rendezvous address is the job's first node, the port derives from
+        # the job id so that two jobs sharing a node do not collide.
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")))
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
+    """The torch device for `trainer.device` (auto|cpu|cuda) on this process."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu|auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(device_kind: str = "auto", timeout_min: int = 30) -> DistEnv:
+    """Join the process group the launcher describes (nccl on CUDA, gloo on CPU); no-op single-process."""
+    rank, world_size, local_rank = _launcher_env()
+    device = resolve_device(device_kind, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_min),
+                                device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    """Leave the process group (after a barrier so no rank exits while others still talk)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (in place, returned); identity single-process."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on at least one rank; every rank gets the same answer."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def scatter_object(objs: list[Any] | None) -> Any:
+    """Element `rank` of rank 0's list on each rank."""
+    if not _active():
+        assert objs is not None
+        return objs[0]
+    out: list[Any] = [None]
+    dist.scatter_object_list(out, objs if dist.get_rank() == 0 else None, src=0)
+    return out[0]
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; handlers only record the request, the loop acts at a step boundary."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: saving from inside a signal handler would race the step in progress.
+        self.requested = True
+        self.signum = signum
+
+    def install(self) -> StopFlag:
+        """Route the stop signals to this flag (main thread only, as Python requires)."""
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled (a collective: call it on all ranks together)."""
+        return any_rank(self.requested, device)

@@ -1,0 +1,168 @@
+"""Observability on rank 0: metrics.jsonl, run_info.json, the tqdm bar, W&B, and model FLOPs utilisation."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+# Dense peak TFLOP/s by (device-name fragment, precision), from the vendors' data sheets.
+_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},  # fp32 runs as TF32 on tensor cores
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+}
+_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow",
+             "nvidia-dali-cuda130", "nvidia-dali-cuda120", "submitit")
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one accelerator at `precision`, None on CPU or an unknown card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for frag, table in _PEAK_TFLOPS.items():
+        if frag in name and table.get(precision):
+            return table[precision] * 1e12
+    return None
+
+
+def train_flops_per_image(model: nn.Module, img_size: int, device: torch.device) -> float:
+    """Forward FLOPs of one image counted by torch's FlopCounterMode, x3 for forward plus backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return 3.0 * counter.get_total_flops()
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def run_info(world_size: int, device: torch.device, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What produced this run: code version, packages, hosts and devices."""
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if device.type == "cuda" else [platform.processor() or platform.machine()])
+    return {"git_commit": _git_commit(), "python": sys.version.split()[0], "packages": versions,
+            "world_size": world_size, "device": str(device), "devices_on_rank0_host": devices,
+            "host": socket.gethostname(), "cpu_threads": torch.get_num_threads(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **(extra or {})}
+
+
+class MetricsWriter:
+    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0; a no-op elsewhere)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than `step`: a resumed run recomputes them and must not log them twice."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """One line per record, flushed at once so a killed run keeps everything logged so far."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(dict(record), sort_keys=False) + "\n")
+
+
+class WandbLogger:
+    """Weights & Biases on rank 0 in online|offline|disabled mode; the run id survives restarts."""
+
+    def __init__(self, mode: str, project: str, entity: str | None, run_dir: Path, enabled: bool) -> None:
+        self.mode, self.project, self.entity, self.run_dir = mode, project, entity, run_dir
+        self.enabled = enabled and mode != "disabled"
+        self.run_id: str = uuid.uuid4().hex[:12]
+        self._run: Any = None
+
+    def state_dict(self) -> dict[str, str]:
+        """The run id, so a resumed job appends to the same W&B run."""
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, str]) -> None:
+        """Reuse the stored run id (call before start())."""
+        self.run_id = state["run_id"]
+
+    def start(self, name: str, config: Mapping[str, Any]) -> None:
+        """Open (or reopen) the run with the resolved config; offline mode never touches the network."""
+        if not self.enabled:
+            return
+        import wandb
+
+        self._run = wandb.init(project=self.project, entity=self.entity, name=name, id=self.run_id,
+                               resume="allow", mode=self.mode, dir=str(self.run_dir), config=dict(config),
+                               settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        """Forward one metrics record."""
+        if self._run is not None:
+            self._run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (a preempted run stays resumable)."""
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+            self._run = None
+
+
+class Progress:
+    """tqdm bar on rank 0 showing loss, lr, img/s and the share of time spent waiting for data."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
+                        file=sys.stdout, mininterval=1.0)
+
+    def update(self, n: int, **fields: float) -> None:
+        """Advance by `n` steps and show `fields`."""
+        self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in fields.items()},
+                             refresh=False)
+        self.bar.update(n)
+
+    def write(self, msg: str) -> None:
+        """Print a line without breaking the bar."""
+        self.bar.write(msg, file=sys.stdout)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self.bar.close()

@@ -1,0 +1,110 @@
+"""Optimizer construction (weight-decay groups, lr scaling, torch/apex AdamW), the per-step schedule and
+the gradient-accumulation arithmetic."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def scaled_lr(lr: float, lr_batch_size: int, global_batch_size: int) -> float:
+    """The linear scaling rule: `lr` is quoted at `lr_batch_size` samples per optimizer step."""
+    return lr * global_batch_size / lr_batch_size
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step so that the step sees `global_batch_size`."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise SystemExit(
+            f"trainer.global_batch_size={global_batch_size} is not a multiple of data.batch_size x world size"
+            f" = {micro_batch_size} x {world_size} = {per_step}; pick a global batch that is, or change"
+            " data.batch_size")
+    return global_batch_size // per_step
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms/biases/rel-pos tables (1-d or named by the model)."""
+    skip = set(no_decay)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # The model lists its own exceptions (rel-pos tables are 2-d); 1-d tensors are norms and biases.
+        named = name in skip or any(name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+        if p.ndim <= 1 or named:
+            plain.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float, impl: str, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`: torch's (fused kernels on CUDA) or apex's FusedAdam."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups(model, weight_decay, no_decay)
+    if impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise SystemExit("optim.impl=apex but NVIDIA apex is not installed (build it from "
+                             "github.com/NVIDIA/apex with its CUDA extensions), or use optim.impl=torch") from None
+        return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    if impl != "torch":
+        raise SystemExit(f"optim.impl={impl!r} is not one of: torch, apex")
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+@dataclass
+class WarmupCosine:
+    """Per-step lr: linear warmup, half-cosine to `min_lr`, then `min_lr` through the cooldown.
+
+    Same values as timm's CosineLRScheduler(t_initial=total, lr_min=min_lr, warmup_t=warmup,
+    warmup_lr_init=warmup_lr, warmup_prefix=False, cycle_limit=1, t_in_epochs=False): the cosine runs
+    over [0, total) with the warmup overriding its start, and step `t` is the lr of the t-th update.
+    """
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    step: int = 0
+
+    def lr_at(self, t: int) -> float:
+        """The lr of optimizer step `t` (0-based)."""
+        if t < self.warmup_steps:
+            return self.warmup_lr + t * (self.base_lr - self.warmup_lr) / self.warmup_steps
+        if t >= self.total_steps:
+            return self.min_lr
+        cos = 1 + math.cos(math.pi * t / self.total_steps)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * cos
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> float:
+        """Write the lr of the current step into every param group; returns it."""
+        lr = self.lr_at(self.step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, int]:
+        """Only the position: the shape comes from the config, so a resumed run may change it."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved position."""
+        self.step = int(state["step"])
+
+
+def build_schedule(*, base_lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+                   cooldown_epochs: int, warmup_lr: float, min_lr: float) -> tuple[WarmupCosine, int]:
+    """Schedule of `epochs` of cosine plus `cooldown_epochs` at min lr; returns it and the total steps."""
+    sched = WarmupCosine(base_lr=base_lr, total_steps=max(1, epochs * steps_per_epoch),
+                         warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+                         warmup_lr=warmup_lr, min_lr=min_lr)
+    return sched, (epochs + cooldown_epochs) * steps_per_epoch
