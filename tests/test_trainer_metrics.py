@@ -1,0 +1,69 @@
+"""metrics.jsonl bookkeeping, W&B offline with a stable run id, run_info, and the plot command."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gcvit import plot
+from gcvit.engine import metrics
+
+
+def _records() -> list[dict]:
+    train = [{"kind": "train", "step": s, "epoch": s // 4, "loss": 5.0 / s, "lr": 1e-3 * s, "img_per_s": 100.0 + s}
+             for s in range(1, 9)]
+    evals = [{"kind": "eval", "step": s, "epoch": s // 4 - 1, "top1": 10.0 * s, "top5": 12.0 * s,
+              "ema_top1": 9.0 * s, "ema_top5": 11.0 * s, "count": 50} for s in (4, 8)]
+    return train + evals
+
+
+def test_writer_appends_and_truncates_for_resume(tmp_path: Path) -> None:
+    w = metrics.MetricsWriter(tmp_path, enabled=True)
+    for r in _records():
+        w.write(r)
+    w.truncate_after(5)  # a run resumed from step 5 recomputes 6..8
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 4]
+    metrics.MetricsWriter(tmp_path / "nothing", enabled=False).write({"step": 1})
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_plot_renders_png(tmp_path: Path) -> None:
+    w = metrics.MetricsWriter(tmp_path, enabled=True)
+    for r in _records():
+        w.write(r)
+    out = plot.plot(tmp_path)
+    assert out == tmp_path / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000  # four panels with curves, not an empty canvas
+
+
+def test_wandb_offline_keeps_run_id_across_restart(tmp_path: Path) -> None:
+    first = metrics.WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
+    first.start("run", {"optim": {"lr": 1e-3}})
+    first.log({"loss": 1.0, "note": "skipped: not a number"}, step=1)
+    first.finish()
+    second = metrics.WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
+    second.load_state_dict(first.state_dict())
+    second.start("run", {"optim": {"lr": 1e-3}})
+    second.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all(p.name.endswith(first.run_id) for p in runs)
+    assert (runs[0] / f"run-{first.run_id}.wandb").stat().st_size > 0
+
+
+def test_wandb_disabled_and_non_main_ranks_touch_nothing(tmp_path: Path) -> None:
+    for mode, main in (("disabled", True), ("offline", False)):
+        w = metrics.WandbLogger(mode, "p", None, tmp_path, enabled=main)
+        w.start("x", {})
+        w.log({"loss": 1.0}, step=1)
+        w.finish()
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_run_info_and_flops() -> None:
+    info = metrics.run_info(1, torch.device("cpu"), {"lr": 0.1})
+    assert info["world_size"] == 1 and info["lr"] == 0.1 and "torch" in info["packages"]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    assert metrics.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
+    assert metrics.peak_flops(torch.device("cpu"), "bf16") is None
