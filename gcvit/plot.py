@@ -19,7 +19,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     """(train records, eval records) of RUN_DIR/metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist; pass the run directory train.py printed (it holds metrics.jsonl)")
+        raise SystemExit(f"{path} does not exist; pass the run directory that train.py printed")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "eval"]
 

@@ -11,8 +11,8 @@ from gcvit.engine import metrics
 
 
 def _records() -> list[dict]:
-    train = [{"kind": "train", "step": s, "epoch": s // 4, "loss": 5.0 / s, "lr": 1e-3 * s, "img_per_s": 100.0 + s}
-             for s in range(1, 9)]
+    train = [{"kind": "train", "step": s, "epoch": s // 4, "loss": 5.0 / s, "lr": 1e-3 * s,
+              "img_per_s": 100.0 + s} for s in range(1, 9)]
     evals = [{"kind": "eval", "step": s, "epoch": s // 4 - 1, "top1": 10.0 * s, "top5": 12.0 * s,
               "ema_top1": 9.0 * s, "ema_top5": 11.0 * s, "count": 50} for s in (4, 8)]
     return train + evals
