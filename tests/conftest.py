@@ -16,3 +16,36 @@ def imagenet_sample() -> Path:
         pytest.skip(f"{SAMPLE_ROOT} is absent (only our build machines have it); "
                     "the same guarantees are covered by tests on generated images")
     return SAMPLE_ROOT
+
+
+LOCAL_SLURM = REPO_ROOT / "launch" / "local_slurm.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (launch/local_slurm.sh), started as root when needed, stopped after."""
+    import os
+    import shutil
+    import subprocess
+
+    def local(cmd: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([str(LOCAL_SLURM), cmd], capture_output=True, text=True, timeout=timeout)
+
+    if local("status", 30).returncode == 0:
+        yield "local"  # left up by someone else (e.g. `launch/local_slurm.sh up` by hand): keep it up
+        return
+    if Path("/etc/slurm/slurm.conf").is_file():
+        pytest.skip("/etc/slurm/slurm.conf configures a real cluster; the launch tests run only on a "
+                    "local one-node cluster (launch/local_slurm.sh) to keep test jobs off shared queues")
+    if os.geteuid() != 0:
+        pytest.skip("no local SLURM cluster answers and starting one needs root: "
+                    "run `sudo launch/local_slurm.sh up` first")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is unavailable to install it")
+    up = local("up", 300)
+    if up.returncode != 0:
+        pytest.fail(f"launch/local_slurm.sh up failed: {up.stderr.strip()[-2000:]}")
+    try:
+        yield "local"
+    finally:
+        local("down", 120)
