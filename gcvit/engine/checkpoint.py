@@ -88,10 +88,12 @@ class CheckpointManager:
         except BaseException as e:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if isinstance(e, OSError):
-                raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the previous "
-                                      f"{path.name} (if any) is untouched; free space or fix the directory "
-                                      "and resume") from e
+            os_error = _os_error_in(e)
+            if os_error is not None:
+                reason = os_error.strerror or os_error
+                raise CheckpointError(f"could not write checkpoint {path}: {reason}; the "
+                                      f"previous {path.name} (if any) is untouched; free space or fix the "
+                                      "directory and resume") from e
             raise
         self._verified.pop(path, None)
         _fsync_dir(self.run_dir)
@@ -250,6 +252,18 @@ class _PausingWriter:
     def flush(self) -> None:
         """Flush the wrapped file."""
         self._f.flush()
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: torch.save re-raises a failed write as RuntimeError on closing the archive."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _copy_into(src: Path, f: IO[bytes]) -> None:

@@ -1,0 +1,115 @@
+"""NonFiniteGuard: skip/stop policies, one verdict for all ranks, weights never touched by NaN/Inf."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gcvit.engine.guard import INJECT_ENV, NonFiniteError, NonFiniteGuard
+
+
+def _train(guard: NonFiniteGuard, steps: int) -> list[tuple[bool, dict, dict]]:
+    """A real model/AdamW/clip loop in the trainer's order; per step: (stepped, weights, optimizer state)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = []
+    for _ in range(steps):
+        x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
+        loss = guard.inject(nn.functional.cross_entropy(model(x), y))
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        ok = guard.step_ok(loss.detach(), norm)
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((ok, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])))
+    return out
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        _equal(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skip_policy_skips_injected_nan_and_never_updates_weights(monkeypatch, capfd) -> None:
+    monkeypatch.setenv(INJECT_ENV, "3,4")
+    guard = NonFiniteGuard(policy="skip")
+    hist = _train(guard, 6)
+    assert [ok for ok, _, _ in hist] == [True, True, False, False, True, True]
+    for _, weights, opt_state in hist:
+        assert all(torch.isfinite(t).all() for t in weights.values())
+        assert all(torch.isfinite(t).all() for s in opt_state.values() for t in s.values())
+    # Skipped steps leave weights and AdamW moments exactly as the last good step left them.
+    assert _equal(hist[1][1], hist[3][1]) and _equal(hist[1][2], hist[3][2])
+    assert not _equal(hist[3][1], hist[4][1])
+    assert guard.state_dict() == {"steps": 6, "skipped": 2, "consecutive": 0}
+    err = capfd.readouterr().err
+    assert "skipped step 3: loss=nan" in err and "skipped step 4" in err
+
+
+def test_stop_policy_names_step_and_value_after_k_in_a_row(monkeypatch) -> None:
+    monkeypatch.setenv(INJECT_ENV, "2,4,5")
+    guard = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
+    expected = r"step 5: loss=nan .*2 bad step\(s\) in a row.*max_consecutive=2"
+    with pytest.raises(NonFiniteError, match=expected):
+        _train(guard, 6)
+    assert guard.state_dict() == {"steps": 5, "skipped": 3, "consecutive": 2}
+
+
+def test_state_dict_resumes_the_count_and_inf_grad_norm_is_caught() -> None:
+    guard = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
+    assert not guard.step_ok(torch.tensor(1.0), torch.tensor(math.inf))
+    resumed = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
+    resumed.load_state_dict(guard.state_dict())
+    with pytest.raises(NonFiniteError, match="step 2: loss=1.0 grad_norm=inf"):
+        resumed.step_ok(torch.tensor(1.0), torch.tensor(math.inf))
+
+
+def test_fp16_scaler_overflow_is_skipped_but_not_counted() -> None:
+    guard = NonFiniteGuard(policy="stop", max_consecutive=1, scaler_handles_overflow=True, verbose=False)
+    for _ in range(3):  # the GradScaler lowers its scale; the loss itself is fine
+        assert not guard.step_ok(torch.tensor(2.0), torch.tensor(math.inf))
+    with pytest.raises(NonFiniteError):
+        guard.step_ok(torch.tensor(math.nan), torch.tensor(math.inf))
+
+
+def test_bad_arguments_fail_with_one_line() -> None:
+    with pytest.raises(ValueError, match="allowed: skip | stop"):
+        NonFiniteGuard(policy="ignore")
+    with pytest.raises(ValueError, match="max_consecutive=0"):
+        NonFiniteGuard(max_consecutive=0)
+
+
+def _ddp_worker(rank: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        guard = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
+        verdicts = []
+        # Step 1: only rank 1's loss is NaN; 2: all finite; 3: only rank 0's is inf; 4: NaN again -> stop.
+        for bad in ({1: math.nan}, {}, {0: math.inf}):
+            verdicts.append(guard.step_ok(torch.tensor(bad.get(rank, 1.0 + rank)), torch.tensor(0.5)))
+        try:
+            guard.step_ok(torch.tensor(math.nan if rank == 1 else 1.0), torch.tensor(0.5))
+            verdicts.append("no stop")
+        except NonFiniteError as e:
+            verdicts.append(str(e).split(";")[0])
+        results[rank] = verdicts
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_ranks_reach_the_same_verdict_in_ddp(tmp_path: Path) -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[0] == results[1]
+    assert results[0][:3] == [False, True, False]
+    assert results[0][3] == "non-finite values at step 4: loss=nan grad_norm=0.5"
