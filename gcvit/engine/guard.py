@@ -9,14 +9,19 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 POLICIES = ("skip", "stop")
-# Test-only knob: comma-separated 1-based optimizer steps whose loss `inject` turns into NaN.
+# Test-only knobs read by `inject`: comma-separated 1-based optimizer steps whose loss becomes NaN, and
+# "STEP:MICRO" (0-based micro-batch) at which every rank stops for 10 minutes, printing PAUSE_MARKER, so a
+# test can SIGKILL the run in the middle of gradient accumulation.
 INJECT_ENV = "GCVIT_TEST_NAN_AT_STEPS"
+PAUSE_ENV = "GCVIT_TEST_PAUSE_AT_MICRO"
+PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_STEP"
 
 
 class NonFiniteError(RuntimeError):
@@ -42,16 +47,26 @@ class NonFiniteGuard:
         self.skipped = 0  # bad steps skipped in total
         self.consecutive = 0  # bad steps in a row ending at the last one checked
         self._inject = {int(s) for s in os.environ.get(INJECT_ENV, "").split(",") if s.strip()}
+        pause = os.environ.get(PAUSE_ENV)
+        self._pause_at = tuple(int(v) for v in pause.split(":")) if pause else None
+        self._micro = 0  # inject() calls since the last step_ok(): the micro-batch index within the step
 
     def inject(self, loss: torch.Tensor) -> torch.Tensor:
-        """Test hook: NaN loss (hence NaN gradients) at the steps listed in GCVIT_TEST_NAN_AT_STEPS."""
-        if self.steps + 1 in self._inject:
+        """Test hooks on each micro-batch's loss (before backward); the identity unless a test knob is set."""
+        step, micro = self.steps + 1, self._micro
+        self._micro += 1
+        if self._pause_at == (step, micro):
+            rank = os.environ.get("RANK", "0")
+            print(f"{PAUSE_MARKER} {step}:{micro} rank {rank}", file=sys.stderr, flush=True)
+            time.sleep(600)
+        if step in self._inject:
             return loss * float("nan")
         return loss
 
     def step_ok(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float) -> bool:
         """True when every rank's loss and the grad norm are finite (a collective: call on all ranks)."""
         step = self.steps + 1
+        self._micro = 0
         loss_t = torch.as_tensor(loss).detach().to(torch.float64).reshape(())
         norm_t = torch.as_tensor(grad_norm).detach().to(device=loss_t.device, dtype=torch.float64).reshape(())
         bad_local = (~torch.isfinite(loss_t)) | (~torch.isfinite(norm_t))
