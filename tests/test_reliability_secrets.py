@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
-from gcvit.engine.secrets import REDACTED, install_log_redaction, redact, redact_text, secret_values
+from gcvit.engine.secrets import (
+    REDACTED,
+    install_log_redaction,
+    redact,
+    redact_text,
+    redacted_argv,
+    secret_values,
+)
 
 WANDB_KEY = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
 
@@ -66,3 +74,11 @@ def test_log_records_are_redacted(monkeypatch) -> None:
     finally:
         logger.removeHandler(handler)
     assert records == [f"wandb key {REDACTED} in use"]
+
+
+def test_redacted_argv_is_restored(monkeypatch) -> None:
+    argv = ["train.py", "name=x", "+logger.wandb.api_key=abcdefgh123"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with redacted_argv():
+        assert sys.argv == ["train.py", "name=x", f"+logger.wandb.api_key={REDACTED}"]
+    assert sys.argv is argv

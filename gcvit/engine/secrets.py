@@ -7,10 +7,12 @@ well-known token (GitHub, Hugging Face, OpenAI-style, AWS access key ids, Slack)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -99,3 +101,14 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
     for handler in logger.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """sys.argv redacted for the duration (W&B records the command line in its run metadata)."""
+    saved = sys.argv
+    sys.argv = redact(list(saved))
+    try:
+        yield
+    finally:
+        sys.argv = saved
