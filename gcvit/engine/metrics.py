@@ -7,6 +7,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from importlib import metadata
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from gcvit.engine import distributed
 
 # Dense peak TFLOP/s by (device-name fragment, precision), from the vendors' data sheets.
 _PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -146,6 +149,37 @@ class WandbLogger:
             self._run = None
 
 
+class Window:
+    """Sums over the steps between two train records; record() turns them into one (a collective)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self.loss = torch.zeros((), device=self.device)
+        self.steps, self.wait, self.t0 = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, wait: float) -> None:
+        """Account one optimizer step (its loss stays on the device: no sync per step)."""
+        self.loss += loss.detach().float()
+        self.steps += 1
+        self.wait += wait
+
+    def record(self, *, step: int, epoch: int, lr: float, grad_norm: float, global_batch: int,
+               world_size: int, flops_per_image: float | None, peak: float | None) -> dict[str, Any]:
+        """The train record of this window (loss averaged over ranks and steps), then a fresh window."""
+        dt = time.perf_counter() - self.t0
+        loss = distributed.all_reduce_sum(self.loss.clone()).item() / (world_size * self.steps)
+        rec = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "img_per_s": self.steps * global_batch / dt, "data_wait": self.wait / dt}
+        if flops_per_image and peak:
+            rec["mfu"] = rec["img_per_s"] * flops_per_image / (peak * world_size)
+        self.reset()
+        return rec
+
+
 class Progress:
     """tqdm bar on rank 0 showing loss, lr, img/s and the share of time spent waiting for data."""
 
@@ -153,11 +187,11 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
                         file=sys.stdout, mininterval=1.0)
 
-    def update(self, n: int, **fields: float) -> None:
-        """Advance by `n` steps and show `fields`."""
-        self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in fields.items()},
-                             refresh=False)
-        self.bar.update(n)
+    def show(self, rec: Mapping[str, Any]) -> None:
+        """Move to the record's step and show its loss, lr, img/s, data-wait share (and MFU on GPU)."""
+        keys = {"loss": "loss", "lr": "lr", "img_per_s": "img/s", "data_wait": "wait", "mfu": "mfu"}
+        self.bar.set_postfix({name: f"{rec[k]:.3g}" for k, name in keys.items() if k in rec}, refresh=False)
+        self.bar.update(rec["step"] - self.bar.n)
 
     def write(self, msg: str) -> None:
         """Print a line without breaking the bar."""

@@ -51,8 +51,8 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
         try:
             from apex.optimizers import FusedAdam
         except ImportError:
-            raise SystemExit("optim.impl=apex but NVIDIA apex is not installed (build it from "
-                             "github.com/NVIDIA/apex with its CUDA extensions), or use optim.impl=torch") from None
+            raise SystemExit("optim.impl=apex but NVIDIA apex is not installed (build it from github.com/"
+                             "NVIDIA/apex with its CUDA extensions), or use optim.impl=torch") from None
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     if impl != "torch":
         raise SystemExit(f"optim.impl={impl!r} is not one of: torch, apex")

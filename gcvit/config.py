@@ -1,0 +1,183 @@
+"""Typed configuration of a run (the schema behind conf/) and its start-up checks."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from data.config import AugConfig, DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which GC ViT to build."""
+
+    name: str = "gc_vit_tiny"  # a name from gcvit.list_models()
+    img_size: int = 224  # square input resolution
+    drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and gradient clipping."""
+
+    lr: float = 1e-3  # peak lr at `lr_batch_size` global samples per step (paper: 1e-3 at 1024)
+    lr_batch_size: int = 1024  # reference global batch of `lr`; the lr used is lr * global_batch / this
+    weight_decay: float = 0.05  # decoupled weight decay (not on norms, biases, rel-pos tables)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
+    eps: float = 1e-8  # AdamW denominator epsilon
+    clip_grad: float | None = 5.0  # max global grad L2 norm; null disables clipping
+    impl: str = "torch"  # torch (fused kernels on CUDA) | apex (FusedAdam)
+
+
+@dataclass
+class SchedConfig:
+    """Per-step lr schedule, quoted in epochs."""
+
+    epochs: int = 300  # epochs of warmup + cosine decay
+    warmup_epochs: float = 20  # linear warmup from warmup_lr, counted inside `epochs`
+    cooldown_epochs: int = 10  # extra epochs at min_lr after the cosine
+    warmup_lr: float = 1e-6  # lr of the first step
+    min_lr: float = 5e-6  # lr at the end of the cosine and through the cooldown
+
+
+@dataclass
+class TrainerConfig:
+    """How the loop runs."""
+
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    compile: bool = False  # torch.compile the model
+    global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)
+    ckpt_every_steps: int = 1000  # save `last` this often (and at every epoch end); 0 = epoch ends only
+    keep_checkpoints: int = 3  # step-tagged checkpoints kept besides `last` and `best`
+    seed: int = 0  # base seed; rank r seeds with seed + r
+    deterministic: bool = False  # deterministic kernels, so a resumed run repeats bit for bit
+    output_dir: str | None = None  # run directory; null = runs/<name>[-<SLURM_JOB_ID>]
+    audit: bool = False  # loaders record every sample id, to check exactly-once coverage
+    log_every_steps: int = 50  # metrics.jsonl / W&B train record interval
+    eval_every_epochs: int = 1  # validate every N epochs (and after the last)
+    ema_decay: float | None = 0.9998  # EMA of weights (evaluated, checkpointed); null disables
+    ema_warmup: bool = False  # ramp the EMA decay up from 0 (timm ModelEmaV3 warmup) for short runs
+    threads: int | None = None  # CPU threads per process; null = torch's default
+    nonfinite_policy: str = "stop"  # non-finite loss/grads skip the step; `stop` also ends a bad streak
+    nonfinite_max_consecutive: int = 5  # bad steps in a row before `stop` raises
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (rank 0)."""
+
+    mode: str = "disabled"  # online | offline (no network, sync later) | disabled
+    project: str = "gcvit-train"  # W&B project
+    entity: str | None = None  # W&B team or user; null = the account default
+
+
+@dataclass
+class LoggerConfig:
+    """Where progress goes."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases settings
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+@dataclass
+class Config:
+    """One run."""
+
+    name: str = "demo"  # experiment name; names the run directory
+    mode: str = "train"  # train | eval
+    checkpoint: str | None = None  # eval: weights to evaluate; train: weights to start from
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (data.config)
+    aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (data.config)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer
+    sched: SchedConfig = field(default_factory=SchedConfig)  # lr schedule
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logging
+
+
+def register() -> None:
+    """Make the schema available to conf/config.yaml as `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise SystemExit(f"config error: {key}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(key, value, allowed)
+
+
+def _one_of(key: str, value: Any, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    _check(value in choices, key, value, " | ".join(choices))
+
+
+def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
+    """Check every value the loop relies on; the first bad one exits with one line naming it."""
+    _one_of("mode", cfg.mode, ("train", "eval"))
+    _one_of("model.name", cfg.model.name, known_models())
+    _check(cfg.model.img_size > 0, "model.img_size", cfg.model.img_size, "a positive integer")
+    dpr = cfg.model.drop_path_rate
+    _check(dpr is None or 0.0 <= dpr < 1.0, "model.drop_path_rate", dpr, "null or a float in [0, 1)")
+    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")
+    _check(cfg.optim.lr_batch_size > 0, "optim.lr_batch_size", cfg.optim.lr_batch_size, "a positive integer")
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "a float >= 0")
+    _check(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
+           cfg.optim.betas, "two floats in [0, 1)")
+    clip = cfg.optim.clip_grad
+    _check(clip is None or clip > 0, "optim.clip_grad", clip, "null or a positive float")
+    _one_of("optim.impl", cfg.optim.impl, ("torch", "apex"))
+    _check(cfg.sched.epochs > 0, "sched.epochs", cfg.sched.epochs, "a positive integer")
+    _check(0 <= cfg.sched.warmup_epochs <= cfg.sched.epochs, "sched.warmup_epochs", cfg.sched.warmup_epochs,
+           f"a number in [0, sched.epochs={cfg.sched.epochs}]")
+    s = cfg.sched
+    _check(s.cooldown_epochs >= 0, "sched.cooldown_epochs", s.cooldown_epochs, "an integer >= 0")
+    _check(s.min_lr >= 0, "sched.min_lr", s.min_lr, "a float >= 0")
+    _check(s.warmup_lr >= 0, "sched.warmup_lr", s.warmup_lr, "a float >= 0")
+    t = cfg.trainer
+    _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", t.max_steps,
+           "null or a positive integer")
+    _check(t.global_batch_size > 0 and t.global_batch_size % cfg.data.batch_size == 0,
+           "trainer.global_batch_size", t.global_batch_size,
+           f"a positive multiple of data.batch_size={cfg.data.batch_size} (x world size)")
+    _check(t.ckpt_every_steps >= 0, "trainer.ckpt_every_steps", t.ckpt_every_steps, "an integer >= 0")
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(t.log_every_steps > 0, "trainer.log_every_steps", t.log_every_steps, "a positive integer")
+    _check(t.eval_every_epochs > 0, "trainer.eval_every_epochs", t.eval_every_epochs, "a positive integer")
+    ema = t.ema_decay
+    _check(ema is None or 0 < ema < 1, "trainer.ema_decay", ema, "null or a float in (0, 1)")
+    _check(t.threads is None or t.threads > 0, "trainer.threads", t.threads, "null or a positive integer")
+    _one_of("trainer.nonfinite_policy", t.nonfinite_policy, ("skip", "stop"))
+    _check(t.nonfinite_max_consecutive >= 1, "trainer.nonfinite_max_consecutive", t.nonfinite_max_consecutive,
+           "an integer >= 1")
+    _one_of("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
+    mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
+    _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,
+           "an even number while aug.mixup/aug.cutmix are on (timm Mixup pairs samples)")
+    return cfg
+
+
+def from_hydra(cfg: DictConfig, known_models: Callable[[], list[str]]) -> Config:
+    """The validated dataclass behind a composed Hydra config."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise SystemExit("config error: the composed config is not based on `base_config`; keep "
+                         "`- base_config` first in conf/config.yaml's defaults")
+    return validate(obj, known_models)
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    """Plain dict of the resolved config (for checkpoints, W&B and .hydra/config.yaml)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,453 @@
+"""The training and evaluation loop of train.py, readable top to bottom.
+
+run() -> evaluate_only() | train(). train(): run dir -> data -> model + recipe (build) -> auto-resume ->
+epochs of optimizer steps (train_step) with logging, periodic checkpoints and the preemption check at
+every step boundary -> evaluation of model and EMA and `last`/`best` checkpoints at every epoch end.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import gcvit
+from data.loaders import build_loader
+from gcvit.config import Config, to_container
+from gcvit.engine import distributed, metrics, optim
+from gcvit.engine.checkpoint import CheckpointManager
+from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
+from gcvit.engine.guard import NonFiniteGuard
+from gcvit.engine.secrets import install_log_redaction, redact
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next step
+    best_top1: float = -1.0  # best selection metric so far (EMA top-1 when the EMA is on)
+
+
+def run(cfg: Config) -> int:
+    """Run the configured job; returns the exit code (0 done, PREEMPTED_EXIT_CODE stopped by a signal)."""
+    env = distributed.init(cfg.trainer.device)
+    install_log_redaction()
+    configure_runtime(cfg)
+    code = evaluate_only(cfg, env) if cfg.mode == "eval" else train(cfg, env)
+    distributed.shutdown()  # not on exceptions: the barrier would wait for ranks that are gone
+    return code
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def configure_runtime(cfg: Config) -> None:
+    """Threads and (optionally) deterministic kernels, before any model or data exists."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """trainer.output_dir, else runs/<name>[-<SLURM_JOB_ID>]: stable, so a restart finds its checkpoints."""
+    if cfg.trainer.output_dir:
+        return Path(cfg.trainer.output_dir).expanduser().resolve()
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    return (Path("runs") / (f"{cfg.name}-{job}" if job else cfg.name)).resolve()
+
+
+def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
+    """Rank 0 picks and creates the run dir and writes .hydra/ there; every rank gets the same path."""
+    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg))))
+    if env.is_main:
+        hydra_dir = run_dir / ".hydra"
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_container(cfg))))
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():  # unset when the loop runs outside @hydra.main (tests, notebooks)
+            overrides = list(HydraConfig.get().overrides.task)
+            (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(overrides)))
+    return run_dir
+
+
+def resolve_data(cfg: Config, env: DistEnv) -> Any:
+    """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""
+    data = cfg.data
+    if data.loader == "synthetic" or data.root:
+        return data
+    if not data.demo:
+        raise SystemExit("config error: data.root is not set; pass data.root=/path/to/imagenet "
+                         "(ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) or use data=demo")
+    from data.demo import ensure_demo_dataset
+
+    root = str(ensure_demo_dataset()) if env.is_main else None
+    return replace(data, root=distributed.broadcast_object(root))  # also a barrier: others wait for the files
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed python/numpy/torch for one optimizer step from (seed, rank, step).
+
+    Loader iterators and evaluation draw from the global generators at points that differ between an
+    uninterrupted and a resumed run; reseeding every step keeps Mixup, erasing and drop path identical.
+    """
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # every CUDA device too
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's generator states as tensors and plain types (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of rng_state()."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, or nothing for fp32."""
+    dtype = _DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, env: DistEnv, precision: str) -> dict[str, float]:
+    """Exact top-1/top-5 over the val split; counts are reduced once, ids prove every image came once."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # correct@1, correct@5, seen
+    ids = [torch.zeros(0, dtype=torch.int64)]
+    for batch in loader:
+        with autocast(env.device, precision):
+            logits = model(batch.images)
+        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == batch.labels[:, None]
+        counts[0] += hit[:, 0].sum()
+        counts[1] += hit.any(dim=-1).sum()
+        counts[2] += len(hit)
+        ids.append(batch.ids)
+    model.train(was_training)
+    distributed.all_reduce_sum(counts)
+    gathered = distributed.gather_object(torch.cat(ids))
+    distinct = distributed.broadcast_object(int(torch.cat(gathered).unique().numel()) if gathered else 0)
+    c1, c5, seen = counts.tolist()
+    if distinct != int(seen):
+        raise RuntimeError(f"the val loader yielded {int(seen)} images but {distinct} distinct ids; every "
+                           "val image must come exactly once across ranks")
+    return {"top1": 100.0 * c1 / max(seen, 1), "top5": 100.0 * c5 / max(seen, 1), "count": distinct}
+
+
+def evaluate_only(cfg: Config, env: DistEnv) -> int:
+    """mode=eval: load `checkpoint` (official, timm or ours) and print exact top-1/top-5 on the val split."""
+    loader = build_loader(resolve_data(cfg, env), cfg.aug, split="val", img_size=cfg.model.img_size,
+                          seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, device=env.device)
+    path = cfg.checkpoint or CheckpointManager(run_dir_for(cfg) / "checkpoints").latest()
+    if path is None:
+        raise SystemExit("config error: checkpoint is not set and the run dir holds no checkpoint; "
+                         "pass checkpoint=PATH")
+    model = gcvit.create_model(cfg.model.name, num_classes=loader.num_classes, img_size=cfg.model.img_size,
+                               **cfg.model.overrides)
+    state = gcvit.models.checkpoint.safe_load(str(path))
+    ours = isinstance(state.get("model"), dict) and "progress" in state
+    for which in ("model", "ema") if ours and state.get("ema") else ("model",):
+        gcvit.load_checkpoint(model, state[which] if ours else state)
+        res = evaluate(model.to(env.device), loader, env, cfg.trainer.precision)
+        if env.is_main:
+            print(f"eval {which} weights of {path}: top1 {res['top1']:.3f}  top5 {res['top5']:.3f}  "
+                  f"count {res['count']}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class Parts:
+    """Everything a training run is made of."""
+
+    train_loader: Any
+    val_loader: Any
+    model: nn.Module  # the bare model (what is saved and evaluated)
+    net: nn.Module  # what the step calls: DDP wrapper and/or compiled
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    schedule: optim.WarmupCosine
+    scaler: torch.amp.GradScaler
+    guard: NonFiniteGuard
+    mixup: Mixup | None
+    erasing: RandomErasing | None
+    criterion: nn.Module
+    accum: int  # micro-batches per optimizer step on each rank
+    steps_per_epoch: int
+    total_steps: int  # schedule length incl. cooldown
+
+
+def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
+    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size."""
+    t, aug = cfg.trainer, cfg.aug
+    common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
+                  device=env.device, audit=t.audit)
+    train_loader = build_loader(data, aug, split="train", **common)
+    val_loader = build_loader(data, aug, split="val", **common)
+    accum = optim.accumulation_steps(t.global_batch_size, data.batch_size, env.world_size)
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"config error: trainer.global_batch_size={t.global_batch_size} exceeds the "
+                         f"{train_loader.num_samples} training images; lower it")
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
+                               img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
+                               checkpoint=cfg.checkpoint, **cfg.model.overrides).to(env.device)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    net: nn.Module = model
+    if env.distributed:
+        unused = unused_parameters(model, cfg.model.img_size, env.device)
+        if unused and env.is_main:
+            print(f"{len(unused)} parameter tensors get no gradient (e.g. {unused[0]}); DDP looks for unused "
+                  "parameters every step", flush=True)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused))
+    base_lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch_size, t.global_batch_size)
+    schedule, total_steps = optim.build_schedule(
+        base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
+        warmup_epochs=cfg.sched.warmup_epochs, cooldown_epochs=cfg.sched.cooldown_epochs,
+        warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr)
+    mixing = aug.mixup > 0 or aug.cutmix > 0
+    smoothing = aug.label_smoothing
+    return Parts(
+        train_loader=train_loader, val_loader=val_loader, model=model,
+        net=torch.compile(net) if t.compile else net,
+        ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
+        optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
+                                        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
+                                        device=env.device),
+        schedule=schedule, scaler=torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
+        guard=NonFiniteGuard(t.nonfinite_policy, t.nonfinite_max_consecutive,
+                             scaler_handles_overflow=t.precision == "fp16", verbose=env.is_main),
+        mixup=Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                    switch_prob=aug.switch_prob, label_smoothing=aug.label_smoothing,
+                    num_classes=train_loader.num_classes) if mixing else None,
+        erasing=RandomErasing(aug.reprob, mode=aug.remode, device=str(env.device)) if aug.reprob else None,
+        # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
+        criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
+        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
+    """Names of parameters no forward reaches (e.g. a reduced model's idle branches); DDP must know them."""
+    was_training = model.training
+    model.eval()  # no running-stat updates; gradients still flow
+    model(torch.zeros(2, 3, img_size, img_size, device=device)).float().sum().backward()
+    unused = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return unused
+
+
+def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config) -> dict[str, Any]:
+    """One optimizer step over `accum` micro-batches: forward/backward, clip, guard, AdamW, EMA."""
+    lr = p.schedule.apply(p.optimizer)
+    loss_sum, wait = torch.zeros((), device=env.device), 0.0
+    for micro in range(p.accum):
+        tic = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - tic
+        x, y = batch.images, batch.labels
+        if p.mixup is not None:
+            x, y = p.mixup(x, y)
+        if p.erasing is not None:
+            x = p.erasing(x)
+        # Gradients are all-reduced on the last micro-batch only; the others accumulate locally.
+        last = micro == p.accum - 1
+        with p.net.no_sync() if env.distributed and not last else contextlib.nullcontext():
+            with autocast(env.device, cfg.trainer.precision):
+                loss = p.guard.inject(p.criterion(p.net(x), y))
+            p.scaler.scale(loss / p.accum).backward()
+        loss_sum += loss.detach().float()
+    p.scaler.unscale_(p.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.clip_grad or float("inf"))
+    applied = p.guard.step_ok(loss_sum, grad_norm)  # a collective: every rank gets the same verdict
+    if applied:
+        p.scaler.step(p.optimizer)
+    p.scaler.update()
+    p.optimizer.zero_grad(set_to_none=True)
+    p.schedule.step += 1
+    if p.ema is not None:
+        p.ema.update(p.model, step=p.schedule.step)
+    return {"loss": loss_sum / p.accum, "lr": lr, "grad_norm": grad_norm, "wait": wait, "applied": applied}
+
+
+def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, cfg: Config) -> dict[str, Any]:
+    """Every stateful piece, with the RNG states of all ranks gathered; a collective: all ranks call it."""
+    return {"model": p.model.state_dict(), "ema": p.ema.module.state_dict() if p.ema else None,
+            "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
+            "schedule": p.schedule.state_dict(), "guard": p.guard.state_dict(), "wandb": wandb.state_dict(),
+            "progress": asdict(progress), "loader": p.train_loader.state_dict(),
+            "rng": distributed.gather_object(rng_state()), "config": redact(to_container(cfg))}
+
+
+def restore(p: Parts, state: dict[str, Any], wandb: metrics.WandbLogger, env: DistEnv) -> Progress:
+    """Load a checkpoint_state() into the parts; returns the saved progress."""
+    p.model.load_state_dict(state["model"])
+    if p.ema is not None and state["ema"] is not None:
+        p.ema.module.load_state_dict(state["ema"])
+    p.optimizer.load_state_dict(state["optimizer"])
+    p.scaler.load_state_dict(state["scaler"])
+    p.schedule.load_state_dict(state["schedule"])
+    p.guard.load_state_dict(state["guard"])
+    wandb.load_state_dict(state["wandb"])
+    if len(state["rng"]) == env.world_size:  # with another world size the per-step seeds take over
+        set_rng_state(state["rng"][env.rank])
+    return Progress(**state["progress"])
+
+
+def train(cfg: Config, env: DistEnv) -> int:
+    """Train with the recipe in `cfg`, resuming from the run dir's newest checkpoint when there is one."""
+    t = cfg.trainer
+    run_dir = prepare_run_dir(cfg, env)
+    data = resolve_data(cfg, env)
+    p = build(cfg, env, data)
+    target = min(p.total_steps, t.max_steps or p.total_steps)
+    writer = metrics.MetricsWriter(run_dir, env.is_main)
+    wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
+                                run_dir, env.is_main)
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
+
+    # ---- auto-resume from the newest loadable checkpoint of this run dir
+    progress, loader_state = Progress(), None
+    latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
+    if latest:
+        state = ckpt.load(Path(latest))
+        progress, loader_state = restore(p, state, wandb, env), state["loader"]
+        writer.truncate_after(progress.step)
+        if env.is_main:
+            print(f"resumed from {latest} at step {progress.step} (epoch {progress.epoch})", flush=True)
+    if progress.step >= target:
+        if env.is_main:
+            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do")
+        return 0
+
+    base_lr = p.schedule.base_lr
+    if env.is_main:
+        n_params = sum(q.numel() for q in p.model.parameters())
+        info = metrics.run_info(env.world_size, env.device, {
+            "run_dir": str(run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
+            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target})
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"run dir: {run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; global "
+              f"batch {t.global_batch_size} = {data.batch_size} x {env.world_size} ranks x {p.accum} "
+              f"accumulation; lr {base_lr:.3g}; {p.steps_per_epoch} steps/epoch; {target} steps", flush=True)
+    wandb.start(run_dir.name, redact(to_container(cfg)))
+    cuda = env.device.type == "cuda"
+    flops = metrics.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
+    peak = metrics.peak_flops(env.device, t.precision)
+
+    def save(*tags: str) -> None:
+        state = checkpoint_state(p, progress, wandb, cfg)
+        if env.is_main:
+            ckpt.save(state, tag=tags)  # written once, the other tags are hard links
+
+    stop = distributed.StopFlag().install()
+    bar = metrics.Progress(total=target, initial=progress.step, enabled=env.is_main and cfg.logger.progress)
+    exit_code = 0
+    p.model.train()
+    try:
+        while progress.step < target:
+            epoch = progress.epoch = progress.step // p.steps_per_epoch
+            p.train_loader.set_epoch(epoch)
+            if loader_state is not None and progress.step % p.steps_per_epoch:
+                p.train_loader.load_state_dict(loader_state)  # continue mid-epoch at the next sample
+            loader_state = None
+            batches = iter(p.train_loader)
+            epoch_end = min((epoch + 1) * p.steps_per_epoch, target)
+            window = metrics.Window(env.device)
+            while progress.step < epoch_end:
+                seed_step(t.seed, env.rank, progress.step)
+                out = train_step(p, batches, env, cfg)
+                progress.step += 1
+                window.add(out["loss"], out["wait"])
+                if progress.step % t.log_every_steps == 0 or progress.step == epoch_end:
+                    rec = window.record(step=progress.step, epoch=epoch, lr=out["lr"],
+                                        grad_norm=float(out["grad_norm"]), global_batch=t.global_batch_size,
+                                        world_size=env.world_size, flops_per_image=flops, peak=peak)
+                    writer.write(rec)
+                    wandb.log(rec, step=progress.step)
+                    bar.show(rec)
+
+                # step boundary: a stop signal on any rank makes all ranks save once and exit together
+                if stop.agreed(env.device):
+                    save("last")
+                    if env.is_main:
+                        bar.write(f"signal {stop.signum}: saved step {progress.step} in {ckpt.run_dir}; "
+                                  f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
+                    exit_code = PREEMPTED_EXIT_CODE
+                    return exit_code
+                periodic = t.ckpt_every_steps and progress.step % t.ckpt_every_steps == 0
+                if periodic and progress.step < epoch_end:  # the epoch end saves anyway
+                    save("last", f"step{progress.step:09d}")
+
+            # ---- epoch end: evaluate model and EMA; `last` always, `best` by (EMA) top-1
+            progress.epoch = progress.step // p.steps_per_epoch
+            tags = ["last", f"step{progress.step:09d}"]
+            if progress.step >= target or (epoch + 1) % t.eval_every_epochs == 0:
+                rec = {"kind": "eval", "step": progress.step, "epoch": epoch}
+                res = evaluate(p.model, p.val_loader, env, t.precision)
+                rec.update(top1=res["top1"], top5=res["top5"], count=res["count"])
+                if p.ema is not None:
+                    res = evaluate(p.ema.module, p.val_loader, env, t.precision)
+                    rec.update(ema_top1=res["top1"], ema_top5=res["top5"])
+                writer.write(rec)
+                wandb.log(rec, step=progress.step)
+                if rec.get("ema_top1", rec["top1"]) > progress.best_top1:
+                    progress.best_top1 = rec.get("ema_top1", rec["top1"])
+                    tags.append("best")
+                if env.is_main:
+                    ema_txt = f" | EMA top1 {rec['ema_top1']:.2f} top5 {rec['ema_top5']:.2f}" if p.ema else ""
+                    bar.write(f"epoch {epoch}: top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}{ema_txt} "
+                              f"({rec['count']} val images)")
+            save(*tags)
+    finally:
+        bar.close()
+        stop.uninstall()
+        wandb.finish(exit_code=exit_code)
+    if env.is_main:
+        print(f"done: {progress.step} steps, best top1 {progress.best_top1:.2f}; run dir {run_dir}",
+              flush=True)
+    return 0

@@ -1,0 +1,37 @@
+"""Train or evaluate GC ViT: `python train.py` runs the embedded CPU demo; see README (section trainer).
+
+    python train.py                                                   # the demo (CPU, < 3 min)
+    python train.py debug=tiny                                        # seconds: a smoke test
+    torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet
+    python train.py mode=eval model=gc_vit_tiny data=imagenet data.root=/data/imagenet checkpoint=ckpt.pth
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from gcvit import list_models
+from gcvit.config import from_hydra, register
+from gcvit.engine.loop import run
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Validate the composed config, run the job, and point at what comes next; exits with the job's code."""
+    config = from_hydra(cfg, list_models)
+    code = run(config)
+    if code == 0 and config.mode == "train" and config.name == "demo":
+        print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n"
+              "  torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"
+              "  (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG; on SLURM see README section cluster)")
+    if code:
+        # Hydra drops the task's return value; 75 (preempted) must reach the launcher.
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
