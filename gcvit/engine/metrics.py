@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gcvit.engine import distributed
+from gcvit.engine.secrets import redact, redacted_argv
 
 # Dense peak TFLOP/s by (device-name fragment, precision), from the vendors' data sheets.
 _PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -70,7 +71,7 @@ def _git_commit() -> str | None:
 
 
 def run_info(world_size: int, device: torch.device, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What produced this run: code version, packages, hosts and devices."""
+    """What produced this run: code version, packages, hosts and devices (secrets redacted)."""
     versions = {}
     for pkg in _PACKAGES:
         try:
@@ -79,10 +80,10 @@ def run_info(world_size: int, device: torch.device, extra: Mapping[str, Any] | N
             continue
     devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                if device.type == "cuda" else [platform.processor() or platform.machine()])
-    return {"git_commit": _git_commit(), "python": sys.version.split()[0], "packages": versions,
+    return redact({"git_commit": _git_commit(), "python": sys.version.split()[0], "packages": versions,
             "world_size": world_size, "device": str(device), "devices_on_rank0_host": devices,
             "host": socket.gethostname(), "cpu_threads": torch.get_num_threads(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **(extra or {})}
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **(extra or {})})
 
 
 class MetricsWriter:
@@ -133,9 +134,11 @@ class WandbLogger:
             return
         import wandb
 
-        self._run = wandb.init(project=self.project, entity=self.entity, name=name, id=self.run_id,
-                               resume="allow", mode=self.mode, dir=str(self.run_dir), config=dict(config),
-                               settings=wandb.Settings(silent=True, console="off"))
+        settings = wandb.Settings(silent=True, console="off")
+        with redacted_argv():  # W&B records the command line, which may carry a token
+            self._run = wandb.init(project=self.project, entity=self.entity, name=name, id=self.run_id,
+                                   resume="allow", mode=self.mode, dir=str(self.run_dir),
+                                   config=redact(dict(config)), settings=settings)
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
         """Forward one metrics record."""
