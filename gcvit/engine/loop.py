@@ -72,10 +72,17 @@ def configure_runtime(cfg: Config) -> None:
 
 
 def run_dir_for(cfg: Config) -> Path:
-    """trainer.output_dir, else runs/<name>[-<SLURM_JOB_ID>]: stable, so a restart finds its checkpoints."""
+    """trainer.output_dir, else the sweep member's dir, else runs/<name>[-<SLURM job>]; restarts find it."""
     if cfg.trainer.output_dir:
         return Path(cfg.trainer.output_dir).expanduser().resolve()
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        # <sweep dir>/<member>: members never share checkpoints, and a requeued member finds its own again.
+        return Path(HydraConfig.get().runtime.output_dir).resolve()
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")  # array tasks share it: add the task id
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
     return (Path("runs") / (f"{cfg.name}-{job}" if job else cfg.name)).resolve()
 
 
