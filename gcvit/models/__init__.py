@@ -1,0 +1,42 @@
+"""The GC ViT model zoo: variant registry and factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gcvit.models.gcvit import VARIANTS, GCViT
+
+__all__ = ["GCViT", "create_model", "list_models"]
+
+
+def list_models() -> list[str]:
+    """Names accepted by create_model (the official gc_vit_* spellings work too)."""
+    return list(VARIANTS)
+
+
+def canonical_name(name: str) -> str:
+    """'gc_vit_tiny' / 'gcvit_tiny' -> 'gcvit_tiny', or a ValueError listing the known variants."""
+    key = name.replace("gc_vit_", "gcvit_").split(".")[0]
+    if key not in VARIANTS:
+        raise ValueError(f"unknown GC ViT variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return key
+
+
+def create_model(name: str, *, num_classes: int = 1000, img_size: int = 224,
+                 drop_path_rate: float | None = None, checkpoint: str | Path | dict | None = None,
+                 **overrides: Any) -> GCViT:
+    """Build a variant; overrides (dim, depths, num_heads, window_size, mlp_ratio, ...) change its shape."""
+    cfg = dict(VARIANTS[canonical_name(name)])
+    default_dpr = cfg.pop("drop_path")
+    cfg.update(overrides)
+    try:
+        model = GCViT(**cfg, img_size=img_size, num_classes=num_classes,
+                      drop_path_rate=default_dpr if drop_path_rate is None else drop_path_rate)
+    except TypeError as e:
+        raise TypeError(f"create_model({name!r}): {e}; valid overrides are the keyword arguments of "
+                        "gcvit.models.GCViT") from None
+    if checkpoint is not None:
+        from gcvit.models.checkpoint import load_checkpoint
+        load_checkpoint(model, checkpoint)
+    return model

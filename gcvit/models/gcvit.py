@@ -1,0 +1,340 @@
+"""GC ViT (Hatamizadeh et al., ICML 2023): blocks -> stage -> model, and the variant registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["GCViT", "VARIANTS", "stage_window_sizes"]
+
+# Official hyper-parameters (NVlabs/GCVit); drop_path is the published default rate of each variant.
+VARIANTS: dict[str, dict] = {
+    "gcvit_xxtiny": dict(dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
+    "gcvit_xtiny": dict(dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
+    "gcvit_tiny": dict(dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
+    "gcvit_tiny2": dict(dim=64, depths=(3, 4, 29, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.25),
+    "gcvit_small": dict(dim=96, depths=(3, 4, 19, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0,
+                        layer_scale=1e-5, drop_path=0.3),
+    "gcvit_small2": dict(dim=96, depths=(3, 4, 23, 5), num_heads=(3, 6, 12, 24), mlp_ratio=3.0,
+                         layer_scale=1e-5, drop_path=0.35),
+    "gcvit_base": dict(dim=128, depths=(3, 4, 19, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0,
+                       layer_scale=1e-5, drop_path=0.5),
+    "gcvit_large": dict(dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0,
+                        layer_scale=1e-5, drop_path=0.5),
+}
+
+# Window = stage resolution / ratio: 7, 7, 14, 7 at 224 (stage 3 attends over its whole 14x14 map).
+_WINDOW_DIVISOR = (1, 1, 2, 1)
+
+
+def stage_window_sizes(img_size: int, num_stages: int = 4) -> tuple[int, ...]:
+    """Default window per stage: the stage resolution at 1/32 of the image (1/16 for stage 3)."""
+    return tuple(img_size // 32 * _WINDOW_DIVISOR[i] for i in range(num_stages))
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over C of an NCHW tensor; a free permute when the tensor is channels_last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize each pixel's channel vector."""
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation with GELU and no biases, reduction 4."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim // 4, bias=False)
+        self.fc2 = nn.Linear(dim // 4, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rescale channels by a gate computed from their spatial means."""
+        gate = self.fc2(F.gelu(self.fc1(x.mean((2, 3))))).sigmoid()
+        return x * gate[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """Fused-MBConv residual block of the paper: depthwise 3x3, GELU, SE, pointwise 1x1 (NCHW)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
+        self.se = SqueezeExcite(dim)
+        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + pw(se(gelu(dw(x))))."""
+        return x + self.conv_pw(self.se(F.gelu(self.conv_dw(x))))
+
+
+class ReduceSize(nn.Module):
+    """Downsampler: norm, MBConv, strided 3x3 conv, norm (NCHW in and out)."""
+
+    def __init__(self, dim: int, dim_out: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim, eps=eps)
+        self.conv = MBConv(dim)
+        self.reduction = nn.Conv2d(dim, dim_out, 3, 2, 1, bias=False)
+        self.norm2 = ChannelLayerNorm(dim_out, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Halve the resolution."""
+        return self.norm2(self.reduction(self.conv(self.norm1(x))))
+
+
+class GlobalQueryGen(nn.Module):
+    """Global query generator: MBConv + 3x3/2 max-pool until the map has the window's size."""
+
+    def __init__(self, dim: int, levels: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(MBConv(dim) for _ in range(max(levels, 1)))
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW stage input -> NHWC global tokens of one window."""
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < self.levels:
+                x = F.max_pool2d(x, 3, 2, 1)
+        return x.permute(0, 2, 3, 1)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """Index into a ((2w-1)^2, heads) table for every (query, key) pair of a w x w window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+class WindowAttention(nn.Module):
+    """Window attention with relative position bias; keys/values local, queries local or global."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, use_global: bool, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.window, self.use_global = num_heads, window, use_global
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("rel_index", relative_position_index(window).flatten(), persistent=False)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) whole map; q_global: (B, 1, heads, N, head_dim). Returns (B, H, W, C)."""
+        B, H, W, C = x.shape
+        w, heads = self.window, self.num_heads
+        nh, nw, n = H // w, W // w, (3 - self.use_global)
+        # qkv on the whole map, then ONE copy into (n, B, windows, heads, tokens, head_dim)
+        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, C // heads).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        qkv = qkv.reshape(n, B, nh * nw, heads, w * w, C // heads)
+        if self.use_global:
+            k, v = qkv.unbind(0)
+            q = q_global.expand_as(k)  # every window of an image shares its global query: a broadcast
+        else:
+            q, k, v = qkv.unbind(0)
+        bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, heads).permute(2, 0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        # (B, nh, nw, heads, w, w, d) -> (B, nh, w, nw, w, heads, d): the second and last copy
+        out = out.view(B, nh, nw, heads, w, w, C // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2(gelu(fc1(x)))."""
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class GCViTBlock(nn.Module):
+    """Pre-norm transformer block over an NHWC map: window attention + MLP, layer scale, drop path."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, use_global: bool, mlp_ratio: float,
+                 layer_scale: float | None, drop_path: float, drop: float, attn_drop: float,
+                 qkv_bias: bool, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = WindowAttention(dim, num_heads, window, use_global, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
+        self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C)."""
+        y = self.attn(self.norm1(x), q_global)
+        x = x + self.drop_path(y if self.gamma1 is None else y * self.gamma1)
+        y = self.mlp(self.norm2(x))
+        return x + self.drop_path(y if self.gamma2 is None else y * self.gamma2)
+
+
+class GCViTStage(nn.Module):
+    """Optional ReduceSize, global query generator, alternating local/global blocks (NCHW in and out)."""
+
+    def __init__(self, dim_in: int, dim: int, depth: int, num_heads: int, resolution: int, window: int,
+                 downsample: bool, drop_path: Sequence[float], eps: float, **block_kwargs) -> None:
+        super().__init__()
+        self.downsample = ReduceSize(dim_in, dim, eps) if downsample else None
+        self.global_query = GlobalQueryGen(dim, int(math.log2(resolution // window)))
+        self.blocks = nn.ModuleList(
+            GCViTBlock(dim, num_heads, window, use_global=i % 2 == 1, drop_path=drop_path[i], eps=eps,
+                       **block_kwargs)
+            for i in range(depth))
+        self.num_heads, self.grad_checkpointing = num_heads, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C, H', W') in channels_last memory."""
+        if self.downsample is not None:
+            x = self.downsample(x)
+        g = self.global_query(x)  # (B, w, w, C)
+        B, C = g.shape[0], g.shape[-1]
+        q = g.reshape(B, 1, -1, self.num_heads, C // self.num_heads).transpose(2, 3)
+        x = x.permute(0, 2, 3, 1)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, q, use_reentrant=False)
+            else:
+                x = blk(x, q)
+        return x.permute(0, 3, 1, 2)
+
+
+class GCViT(nn.Module):
+    """Global Context Vision Transformer for any square input whose side is a multiple of 32."""
+
+    def __init__(self, dim: int = 64, depths: Sequence[int] = (3, 4, 19, 5),
+                 num_heads: Sequence[int] = (2, 4, 8, 16), *, img_size: int = 224,
+                 window_size: int | Sequence[int] | None = None, mlp_ratio: float = 3.0,
+                 layer_scale: float | None = None, num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 qkv_bias: bool = True, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        windows, resolutions = _check_geometry(img_size, window_size, len(depths))
+        if len(num_heads) != len(depths):
+            raise ValueError(f"num_heads {tuple(num_heads)} needs one entry per stage of depths "
+                             f"{tuple(depths)}")
+        self.img_size, self.window_sizes, self.num_classes = img_size, windows, num_classes
+        dims = [dim * 2 ** i for i in range(len(depths))]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.feature_info = [dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, d in enumerate(dims)]
+        self.stem = nn.Conv2d(in_chans, dim, 3, 2, 1)
+        self.stem_reduce = ReduceSize(dim, dim, norm_eps)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        self.stages = nn.ModuleList(
+            GCViTStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], resolutions[i], windows[i],
+                       downsample=i > 0, drop_path=dpr[i].tolist(), eps=norm_eps, mlp_ratio=mlp_ratio,
+                       layer_scale=layer_scale, drop=drop_rate, attn_drop=attn_drop_rate, qkv_bias=qkv_bias)
+            for i in range(len(depths)))
+        self.norm = ChannelLayerNorm(dims[-1], eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay: norms, biases, layer scales, relative-position tables."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim <= 1 or name.endswith("relative_position_bias_table")}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward instead of storing its activations."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a freshly initialised one with num_classes outputs (0: no head)."""
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              stop_early: bool = False, intermediates_only: bool = False):
+        """Stage outputs in NCHW (all, the last n if int, or the given ones); the last one is normalised."""
+        n = len(self.stages)
+        take = list(range(n)) if indices is None else (
+            list(range(n - indices, n)) if isinstance(indices, int) else [i % n for i in indices])
+        x = self.stem_reduce(self.stem(x))
+        feats = []
+        last = max(take) if stop_early else n - 1
+        for i, stage in enumerate(self.stages[:last + 1]):
+            x = stage(x)
+            if i == n - 1:
+                x = self.norm(x)
+            if i in take:
+                feats.append(x)
+        if intermediates_only:
+            return feats
+        return x, feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> normalised last-stage map (B, C', H/32, W/32)."""
+        x = self.stem_reduce(self.stem(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average-pool and classify (pre_logits: return the pooled features)."""
+        x = self.head_drop(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> logits."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Official init: truncated-normal linear weights (std .02), zero biases."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _check_geometry(img_size: int, window_size: int | Sequence[int] | None,
+                    num_stages: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-stage windows and resolutions, or a ValueError saying which sizes work."""
+    if not isinstance(img_size, int) or img_size <= 0 or img_size % 32:
+        raise ValueError(f"img_size={img_size!r} does not work: GC ViT needs a side that is a multiple of 32 "
+                         "(e.g. 224, 256, 384, 512)")
+    resolutions = tuple(img_size // (4 * 2 ** i) for i in range(num_stages))
+    if window_size is None:
+        windows = stage_window_sizes(img_size, num_stages)
+    else:
+        windows = (window_size,) * num_stages if isinstance(window_size, int) else tuple(window_size)
+    if len(windows) != num_stages:
+        raise ValueError(f"window_size {window_size!r} needs {num_stages} entries, one per stage")
+    for i, (r, w) in enumerate(zip(resolutions, windows)):
+        if w <= 0 or r % w or (r // w) & (r // w - 1):
+            ok = [r // 2 ** k for k in range(8) if r % 2 ** k == 0]
+            raise ValueError(f"window_size {w} does not work for stage {i} at img_size {img_size} (a {r}x{r} "
+                             f"map): it must be the map side divided by a power of two, one of {ok}")
+    return windows, resolutions
