@@ -3,7 +3,7 @@
     python train.py                                                   # the demo (CPU, < 3 min)
     python train.py debug=tiny                                        # seconds: a smoke test
     torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet
-    python train.py mode=eval model=gc_vit_tiny data=imagenet data.root=/data/imagenet checkpoint=ckpt.pth
+    python train.py mode=eval model=gcvit_tiny data=imagenet data.root=/data/imagenet checkpoint=ckpt.pth
 """
 from __future__ import annotations
 

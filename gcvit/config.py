@@ -8,14 +8,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from data.config import AugConfig, DataConfig
+from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 
 
 @dataclass
 class ModelConfig:
     """Which GC ViT to build."""
 
-    name: str = "gc_vit_tiny"  # a name from gcvit.list_models()
+    name: str = "gcvit_tiny"  # a name from gcvit.list_models()
     img_size: int = 224  # square input resolution
     drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -163,6 +163,13 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(t.nonfinite_max_consecutive >= 1, "trainer.nonfinite_max_consecutive", t.nonfinite_max_consecutive,
            "an integer >= 1")
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
+    d = cfg.data
+    _one_of("data.loader", d.loader, LOADERS)
+    _one_of("data.dali_device", d.dali_device, DALI_DEVICES)
+    _one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+    _check(d.loader == "synthetic" or bool(d.root) or d.demo, "data.root", d.root,
+           "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,
            "an even number while aug.mixup/aug.cutmix are on (timm Mixup pairs samples)")

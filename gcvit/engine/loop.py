@@ -104,11 +104,8 @@ def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
 def resolve_data(cfg: Config, env: DistEnv) -> Any:
     """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""
     data = cfg.data
-    if data.loader == "synthetic" or data.root:
+    if data.loader == "synthetic" or data.root:  # validate() made sure one of the three is set
         return data
-    if not data.demo:
-        raise SystemExit("config error: data.root is not set; pass data.root=/path/to/imagenet "
-                         "(ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG) or use data=demo")
     from data.demo import ensure_demo_dataset
 
     root = str(ensure_demo_dataset()) if env.is_main else None
