@@ -1,0 +1,46 @@
+"""Typed configuration of the input pipeline (embedded by the trainer as `data.*` and `aug.*`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOADERS = ("dali", "torch", "synthetic")
+DALI_DEVICES = ("cpu", "gpu")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: str | None = None  # dataset root: ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG
+    demo: bool = False  # with root unset, generate and use the small demo dataset (data.demo)
+    loader: str = "dali"  # dali | torch (torchvision/timm + DataLoader) | synthetic (random tensors)
+    dali_device: str = "cpu"  # cpu (CPU decode, no GPU needed) | gpu (mixed nvJPEG decode)
+    batch_size: int = 128  # micro-batch per device
+    workers: int = 8  # DALI CPU threads, or torch DataLoader worker processes
+    prefetch: int = 2  # batches DALI / each DataLoader worker prepares ahead
+    crop_pct: float = 0.875  # val: resize the shorter side to img_size / crop_pct, then center crop
+    interpolation: str = "bicubic"  # resize filter for train and val: bicubic | bilinear | nearest
+    index_cache: str | None = None  # file list cache dir; null = ROOT/.gcvit-index (or ~/.cache if read-only)
+    index_dir: str | None = None  # folder with a clean {train,val}.tsv (data.verify --write-index)
+    synthetic_samples: int = 1281167  # synthetic loader: samples per train epoch (val: 50000)
+    synthetic_classes: int = 1000  # synthetic loader: number of classes
+
+
+@dataclass
+class AugConfig:
+    """Train-time augmentation; the loader does crop/flip/RandAugment, the trainer erasing and Mixup."""
+
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random-resized-crop aspect range
+    hflip: float = 0.5  # horizontal flip probability
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm-style RandAugment spec; null disables
+    reprob: float = 0.25  # random erasing probability (trainer, timm RandomErasing on device)
+    remode: str = "pixel"  # random erasing fill mode
+    mixup: float = 0.8  # Mixup alpha; 0 disables (trainer, timm Mixup)
+    cutmix: float = 1.0  # CutMix alpha; 0 disables
+    mixup_prob: float = 1.0  # probability of applying Mixup or CutMix to a batch
+    switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # label smoothing of the (mixed) targets

@@ -1,0 +1,151 @@
+"""build_loader: the one entry point of the trainer into the input pipeline (dali | torch | synthetic)."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
+from data.index import DataError, load_index
+from data.sampler import GlobalSampler
+
+AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
+SYNTHETIC_VAL_SAMPLES = 50000
+
+
+class Batch(NamedTuple):
+    """One micro-batch: normalized float NCHW images and int64 labels on the device, int64 ids on CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+
+
+class Loader:
+    """Sampler bookkeeping shared by all loaders; subclasses turn index batches into Batch objects."""
+
+    def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
+        self.sampler, self.num_classes, self.split = sampler, num_classes, split
+        self.audit_log: list[tuple[int, int, list[int]]] = []  # (epoch, position before, ids) when auditing
+        self._audit = audit
+        audit_dir = os.environ.get(AUDIT_ENV)
+        name = f"{split}-rank{sampler.rank}.jsonl"
+        self._audit_file = Path(audit_dir) / name if audit and audit_dir else None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split (before the train tail is dropped)."""
+        return self.sampler.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its first sample (its permutation depends on (seed, epoch) only)."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields in a whole epoch."""
+        return len(self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and position in global samples consumed (plain types)."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the exact next sample, with the same augmentation, also at another world size."""
+        self.sampler.load_state_dict(state)
+
+    def _produce(self) -> Iterable[Batch]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the epoch from the current position; the position advances per batch taken."""
+        epoch = self.sampler.epoch
+        for batch in self._produce():
+            if self._audit:
+                self._record(epoch, batch.ids.tolist())
+            self.sampler.advance()
+            yield batch
+
+    def _record(self, epoch: int, ids: list[int]) -> None:
+        """Keep (and with GCVIT_AUDIT_DIR, append durably) which ids were handed out at which position."""
+        entry = (epoch, self.sampler.position, ids)
+        self.audit_log.append(entry)
+        if self._audit_file is not None:
+            self._audit_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._audit_file, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "position": entry[1], "ids": ids}) + "\n")
+
+
+def normalize_on(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW (any device) to ImageNet-normalized float32 on `device`."""
+    x = images.to(device, non_blocking=True).float()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+class SyntheticLoader(Loader):
+    """Fixed random images already on the device: measures the model and the loop without input costs."""
+
+    def __init__(self, sampler: GlobalSampler, num_classes: int, img_size: int, seed: int,
+                 device: torch.device, split: str, audit: bool) -> None:
+        super().__init__(sampler, num_classes, split, audit)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.images = torch.randn(sampler.batch_size, 3, img_size, img_size, generator=g).to(device)
+        self.device = device
+
+    def _produce(self) -> Iterator[Batch]:
+        for ids in self.sampler.batches():
+            ids_t = torch.from_numpy(ids).long()
+            labels = (ids_t % self.num_classes).to(self.device)
+            yield Batch(self.images[:len(ids_t)], labels, ids_t)
+
+
+class TorchLoader(Loader):
+    """PIL/torchvision/timm transforms in DataLoader workers; normalization on the device."""
+
+    def __init__(self, sampler: GlobalSampler, batches: Any, num_classes: int, device: torch.device,
+                 split: str, audit: bool) -> None:
+        super().__init__(sampler, num_classes, split, audit)
+        self.batches, self.device = batches, device
+
+    def _produce(self) -> Iterator[Batch]:
+        for images, labels, ids in self.batches:
+            yield Batch(normalize_on(images, self.device), labels.to(self.device, non_blocking=True).long(),
+                        ids.long())
+
+
+def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,
+                 world_size: int, device: torch.device, audit: bool = False) -> Loader:
+    """The loader of one split for this rank (see data.sampler for the sharding and resume guarantees)."""
+    if data.loader not in LOADERS:
+        raise DataError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
+    if split not in ("train", "val"):
+        raise DataError(f"split={split!r} must be train or val")
+    train = split == "train"
+    device = torch.device(device)
+    if data.loader == "synthetic":
+        n = data.synthetic_samples if train else SYNTHETIC_VAL_SAMPLES
+        sampler = GlobalSampler(n, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
+                                train=train)
+        return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, split, audit)
+    if not data.root:
+        raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
+                        "ROOT/val/<wnid>/*.JPEG) or use data=demo")
+    index = load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
+    sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
+                            seed=seed, train=train)
+    if data.loader == "torch":
+        from data.torch_loader import torch_batches
+
+        batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
+        return TorchLoader(sampler, batches, len(index.classes), device, split, audit)
+    if data.dali_device not in DALI_DEVICES:
+        raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
+    from data.dali import DaliLoader
+
+    return DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
+                      device=device, split=split, audit=audit)
