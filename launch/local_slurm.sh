@@ -81,7 +81,7 @@ start_munge() {
     [[ -s /etc/munge/munge.key ]] || { mungekey --create >/dev/null 2>&1 || \
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none; \
         chown munge:munge /etc/munge/munge.key; chmod 0400 /etc/munge/munge.key; }
-    runuser -u munge -- munged --force
+    runuser -u munge -- munged --force 9>&-
     touch "$STATE/munged.ours"   # so that `down` stops only a munged it started itself
     for _ in $(seq 50); do timeout 5 munge -n </dev/null >/dev/null 2>&1 && return; sleep 0.2; done
     die "munged did not start (see /var/log/munge/munged.log)"
@@ -110,8 +110,9 @@ up() {
     rm -rf "$STATE"
     write_conf
     start_munge
-    slurmctld -i   # -i: ignore state files that a previous cluster may have left
-    slurmd
+    # 9>&-: the daemons must not inherit (and so hold forever) the lock of this script.
+    slurmctld -i 9>&-   # -i: ignore state files that a previous cluster may have left
+    slurmd 9>&-
     local deadline=$((SECONDS + WAIT_S))
     until node_ready; do
         # A node left DOWN/DRAINED by an earlier run is returned to service explicitly.
@@ -138,9 +139,11 @@ down() {
     echo "local_slurm.sh: cluster down" >&2
 }
 
+# Concurrent test sessions on one machine take turns at starting and stopping the cluster.
+exec 9>"${STATE%/}.lock"
 case ${1:-} in
-    up) up ;;
-    down) down ;;
+    up) flock -w 300 9 || die "another local_slurm.sh holds ${STATE%/}.lock"; up ;;
+    down) flock -w 300 9 || die "another local_slurm.sh holds ${STATE%/}.lock"; down ;;
     status) ours && node_ready ;;
     *) die "usage: $0 up|down|status" ;;
 esac
