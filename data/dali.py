@@ -1,0 +1,214 @@
+"""DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
+
+Python reads each file and draws the sample's crop, flip and RandAugment choices from the sample's own
+generator (data.sampler.sample_rng); DALI gets them as per-sample inputs of an external_source. So an
+image's augmentation depends on (seed, epoch, index) only: not on the rank, the batch or a restart.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.tensors import TensorListGPU
+from PIL import Image
+
+from data import dali_augment
+from data.augment import RandAugmentSpec, rrc_params, val_geometry
+from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
+from data.index import DataError, Index
+from data.loaders import Batch, Loader
+from data.sampler import GlobalSampler, sample_rng
+
+INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "nearest": types.INTERP_NN}
+TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops", "ra_bins", "ra_signs")
+VAL_INPUTS = ("encoded", "roi_start", "roi_end", "ids", "labels")
+
+
+def _normalize(images: Any, mirror: Any = 0) -> Any:
+    """Flip, ImageNet mean/std, HWC uint8 -> CHW float (one fused DALI op)."""
+    mean, std = [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW", mean=mean,
+                                    std=std)
+
+
+@pipeline_def(enable_conditionals=True)
+def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None):
+    """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
+    inputs = fn.external_source(source=source, num_outputs=len(TRAIN_INPUTS) - (3 if spec is None else 0),
+                                batch=True)
+    encoded, anchor, shape, flip, ids, labels = inputs[:6]
+    images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+                                     axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                                     adjust_orientation=False, jpeg_fancy_upsampling=True)
+    images = fn.resize(images, size=[img_size, img_size], interp_type=INTERP[interp], antialias=True)
+    if spec is not None:
+        images = dali_augment.rand_augment(images, *inputs[6:], spec, img_size)
+    return _normalize(images, flip), labels, ids
+
+
+@pipeline_def
+def val_pipeline(source: Any, decoder: str, img_size: int, interp: str):
+    """Decode, resize the crop window of timm's resize-shorter-side + center-crop, normalize."""
+    encoded, roi_start, roi_end, ids, labels = fn.external_source(
+        source=source, num_outputs=len(VAL_INPUTS), batch=True)
+    images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
+                               jpeg_fancy_upsampling=True)
+    images = fn.resize(images, size=[img_size, img_size], roi_start=roi_start, roi_end=roi_end,
+                       interp_type=INTERP[interp], antialias=True)
+    return _normalize(images), labels, ids
+
+
+def image_size(encoded: np.ndarray, path: Any) -> tuple[int, int]:
+    """(width, height) from the file header, or a one-line error naming the file."""
+    try:
+        with Image.open(io.BytesIO(encoded.tobytes())) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read {path} ({e}); run python -m data.verify on the dataset root and "
+                        "train on the clean index it writes (data.index_dir)") from None
+
+
+class Feeder:
+    """The external source: per-batch inputs computed from (seed, epoch, index) and the file alone.
+
+    One pipeline lives as long as the loader (building one with RandAugment takes seconds), so each pass
+    points the feeder at the sampler's batches for the current epoch and position.
+    """
+
+    def __init__(self, index: Index, aug: AugConfig | None, img_size: int, crop_pct: float,
+                 seed: int) -> None:
+        self.index, self.aug, self.img_size, self.crop_pct, self.seed = index, aug, img_size, crop_pct, seed
+        self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
+        self.epoch, self.batches = 0, iter(())
+        self.recent: deque[list[int]] = deque(maxlen=8)  # ids fed lately: suspects when DALI fails
+
+    def start(self, sampler: GlobalSampler) -> None:
+        """Feed the rest of the sampler's current epoch."""
+        self.epoch, self.batches = sampler.epoch, sampler.batches()
+
+    def stop(self) -> None:
+        """End the pass early: the next call reports the end of the epoch to DALI."""
+        self.batches = iter(())
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        ids = next(self.batches)  # StopIteration ends DALI's epoch
+        self.recent.append([int(i) for i in ids])
+        samples = [self.train_sample(int(i)) if self.aug else self.val_sample(int(i)) for i in ids]
+        return tuple(list(col) for col in zip(*samples))
+
+    def _read(self, i: int) -> tuple[np.ndarray, int, int]:
+        path = self.index.path(i)
+        try:
+            encoded = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"cannot read {path} ({e.strerror}); run python -m data.verify on the dataset "
+                            "root") from None
+        return (encoded, *image_size(encoded, path))
+
+    def _tail(self, i: int) -> list[np.ndarray]:
+        return [np.array([i], np.int64), np.array([self.index.labels[i]], np.int64)]
+
+    def train_sample(self, i: int) -> list[np.ndarray]:
+        """encoded, crop anchor/shape (y, x), flip, id, label, RandAugment ops/bins/signs."""
+        encoded, w, h = self._read(i)
+        rng = sample_rng(self.seed, self.epoch, i)
+        top, left, ch, cw = rrc_params(rng, w, h, tuple(self.aug.scale), tuple(self.aug.ratio))
+        flip = np.array(rng.random() < self.aug.hflip, np.int32)
+        ra = dali_augment.draw(self.spec, rng) if self.spec else ()
+        return [encoded, np.array([top, left], np.int32), np.array([ch, cw], np.int32), flip,
+                *self._tail(i), *ra]
+
+    def val_sample(self, i: int) -> list[np.ndarray]:
+        """encoded, the center crop of the resized image as a ROI in source pixels (y, x), id, label."""
+        encoded, w, h = self._read(i)
+        rw, rh, top, left = val_geometry(w, h, self.img_size, self.crop_pct)
+        sy, sx = h / rh, w / rw
+        start = np.array([top * sy, left * sx], np.float32)
+        end = np.array([(top + self.img_size) * sy, (left + self.img_size) * sx], np.float32)
+        return [encoded, start, end, *self._tail(i)]
+
+
+class DaliLoader(Loader):
+    """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next."""
+
+    def __init__(self, index: Index, data: DataConfig, aug: AugConfig | None, sampler: GlobalSampler, *,
+                 img_size: int, seed: int, device: torch.device, split: str, audit: bool) -> None:
+        super().__init__(sampler, len(index.classes), split, audit)
+        if data.dali_device == "gpu" and device.type != "cuda":
+            raise DataError(f"data.dali_device=gpu needs a CUDA training device, got {device}; "
+                            "use data.dali_device=cpu")
+        self.index, self.data, self.aug, self.img_size, self.seed = index, data, aug, img_size, seed
+        self.device = device
+        self.feeder = Feeder(index, aug, img_size, data.crop_pct, seed)
+        self._pipe: Any = None
+        self._in_pass = False  # a pass was started and not run to its end
+
+    def _pipeline(self) -> Any:
+        gpu = self.data.dali_device == "gpu"
+        kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
+                  device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
+                  prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
+                  decoder="mixed" if gpu else "cpu", interp=self.data.interpolation)
+        pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
+        pipe.build()
+        return pipe
+
+    def _drain(self) -> None:
+        """Discard what the pipeline prefetched for an abandoned pass (at most prefetch batches)."""
+        self.feeder.stop()
+        with contextlib.suppress(StopIteration):
+            while True:
+                self._pipe.run()
+        self._pipe.reset()
+        self._in_pass = False
+
+    def _produce(self) -> Iterator[Batch]:
+        if self._pipe is None:
+            self._pipe = self._pipeline()
+        elif self._in_pass:
+            self._drain()
+        self.feeder.start(self.sampler)
+        self._in_pass = True
+        while True:
+            try:
+                images, labels, ids = self._pipe.run()
+            except StopIteration:
+                self._pipe.reset()
+                self._in_pass = False
+                return
+            except RuntimeError as e:
+                self._pipe, self._in_pass = None, False  # a failed pipeline is not reused
+                raise self._decode_error(e) from None
+            yield Batch(self._to_torch(images), self._to_torch(labels).view(-1),
+                        torch.from_numpy(np.array(ids.as_tensor())).view(-1))
+
+    def _to_torch(self, out: Any) -> torch.Tensor:
+        """Copy a DALI batch into a torch tensor on the training device."""
+        if isinstance(out, TensorListGPU):
+            t = out.as_tensor()
+            dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+            return dst
+        return torch.from_numpy(np.array(out.as_tensor())).to(self.device, non_blocking=True)
+
+    def _decode_error(self, error: RuntimeError) -> DataError:
+        """Name the file DALI could not decode (checked with PIL among the batches in flight)."""
+        for ids in reversed(self.feeder.recent):
+            for i in ids:
+                path = self.index.path(i)
+                try:
+                    with Image.open(path) as img:
+                        img.convert("RGB")
+                except Exception as e:  # noqa: BLE001 - any failure marks the culprit
+                    return DataError(f"cannot decode {path} ({e}); run python -m data.verify on the dataset "
+                                     "root and train on the clean index it writes (data.index_dir)")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return DataError(f"DALI failed on one of the last {sum(map(len, self.feeder.recent))} images "
+                         f"({first}); run python -m data.verify on the dataset root to find bad files")
