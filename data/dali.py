@@ -22,7 +22,7 @@ from PIL import Image
 from data import dali_augment
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
 from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
-from data.index import DataError, Index
+from data.index import DataError, Index, bad_image
 from data.loaders import Batch, Loader
 from data.sampler import GlobalSampler, sample_rng
 
@@ -71,8 +71,7 @@ def image_size(encoded: np.ndarray, path: Any) -> tuple[int, int]:
         with Image.open(io.BytesIO(encoded.tobytes())) as img:
             return img.size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {path} ({e}); run python -m data.verify on the dataset root and "
-                        "train on the clean index it writes (data.index_dir)") from None
+        raise DataError(bad_image(path, e)) from None
 
 
 class Feeder:
@@ -207,8 +206,7 @@ class DaliLoader(Loader):
                     with Image.open(path) as img:
                         img.convert("RGB")
                 except Exception as e:  # noqa: BLE001 - any failure marks the culprit
-                    return DataError(f"cannot decode {path} ({e}); run python -m data.verify on the dataset "
-                                     "root and train on the clean index it writes (data.index_dir)")
+                    return DataError(bad_image(path, e))
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DataError(f"DALI failed on one of the last {sum(map(len, self.feeder.recent))} images "
                          f"({first}); run python -m data.verify on the dataset root to find bad files")

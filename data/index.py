@@ -24,6 +24,16 @@ class DataError(SystemExit):
         super().__init__(f"data error: {message}")
 
 
+class BadImage(ValueError):
+    """An undecodable file, raised where SystemExit cannot travel (DataLoader workers); see bad_image()."""
+
+
+def bad_image(path: Path | str, reason: object) -> str:
+    """The one-line message for a file that cannot be read or decoded."""
+    return (f"cannot decode {path} ({reason}); run python -m data.verify on the dataset root and train on "
+            "the clean index it writes (data.index_dir)")
+
+
 @dataclass
 class Index:
     """The images of one split."""

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 
 from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
-from data.index import DataError, load_index
+from data.index import BadImage, DataError, load_index
 from data.sampler import GlobalSampler
 
 AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
@@ -113,9 +113,12 @@ class TorchLoader(Loader):
         self.batches, self.device = batches, device
 
     def _produce(self) -> Iterator[Batch]:
-        for images, labels, ids in self.batches:
-            yield Batch(normalize_on(images, self.device), labels.to(self.device, non_blocking=True).long(),
-                        ids.long())
+        try:
+            for images, labels, ids in self.batches:
+                labels = labels.to(self.device, non_blocking=True).long()
+                yield Batch(normalize_on(images, self.device), labels, ids.long())
+        except BadImage as e:  # re-raised by the DataLoader with the worker's traceback around our line
+            raise DataError(str(e).rsplit("BadImage: ", 1)[-1].strip()) from None
 
 
 def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,

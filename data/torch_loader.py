@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
 from data.config import IMAGENET_MEAN, AugConfig, DataConfig
-from data.index import DataError, Index
+from data.index import BadImage, Index, bad_image
 from data.sampler import GlobalSampler, sample_rng
 
 _PIL = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -65,8 +65,7 @@ class ImageDataset(Dataset):
             with Image.open(path) as f:
                 img = f.convert("RGB")
         except (OSError, ValueError) as e:
-            raise DataError(f"cannot decode {path} ({e}); run python -m data.verify on the dataset root and "
-                            "train on the clean index it writes") from None
+            raise BadImage(bad_image(path, e)) from None
         if self.aug is None:
             rw, rh, _, _ = val_geometry(img.width, img.height, self.img_size, self.crop_pct)
             img = TF.center_crop(TF.resize(img, [rh, rw], self.interp), [self.img_size] * 2)
