@@ -1,0 +1,201 @@
+"""Real launches of the tiny preset on CPU (gloo): launch/slurm.sbatch and the submitit sweep launcher on a
+one-node SLURM cluster, and launch/torchrun.sh restarting a group after a SIGKILLed worker."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from reliability_harness import assert_states_equal, losses, state, steps_per_epoch
+
+from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "launch" / "slurm.sbatch"
+TORCHRUN = REPO / "launch" / "torchrun.sh"
+# The tiny preset for a part of its first epoch, deterministic so that runs can be compared bit for bit.
+TARGET = 10
+TINY = ("debug=tiny", "trainer.deterministic=true", f"trainer.max_steps={TARGET}")
+
+pytestmark = pytest.mark.slow
+
+
+def job_env() -> dict[str, str]:
+    """The environment sbatch exports to the job: this venv's python, this checkout, one thread."""
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # also without `pip -e`
+    return {**os.environ, "GCVIT_PYTHON": sys.executable, "GCVIT_REPO": str(REPO), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": path}
+
+
+def sbatch(out_dir: Path, *args: str, wait: bool = False) -> subprocess.CompletedProcess:
+    """Submit launch/slurm.sbatch as 2 tasks with its log in `out_dir`, from `out_dir`."""
+    cmd = ["sbatch", "--parsable", "--ntasks=2", f"--output={out_dir}/slurm-%j.out", "--time=10",
+           *(["--wait"] if wait else []), str(SBATCH), *args]
+    return subprocess.run(cmd, cwd=out_dir, env=job_env(), capture_output=True, text=True, timeout=300)
+
+
+def job_field(job: str, name: str) -> str:
+    """One field of `scontrol show job` (the controller keeps finished jobs for MinJobAge=300 s)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                         timeout=30).stdout
+    m = re.search(rf"\b{name}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def wait_state(job: str, states: set[str], timeout: float = 180) -> str:
+    """Poll until the job reaches one of `states`."""
+    deadline = time.monotonic() + timeout
+    while (st := job_field(job, "JobState")) not in states:
+        assert time.monotonic() < deadline, f"job {job} still {st}, not {states}"
+        time.sleep(0.3)
+    return st
+
+
+def trainer_pids(run_dir: Path) -> list[int]:
+    """The train.py ranks writing to `run_dir`: not srun, torchrun, the batch shell, nor loader workers."""
+    found: dict[int, int] = {}  # pid -> parent pid
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if (Path(argv[0]).name.startswith("python") and "torch.distributed.run" not in argv
+                and any(a.endswith("train.py") for a in argv) and f"trainer.output_dir={run_dir}" in argv):
+            found[int(proc.name)] = ppid
+    return sorted(pid for pid, ppid in found.items() if ppid not in found)
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    """Block until rank 0 has logged optimizer step `step`."""
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step):
+        assert time.monotonic() < deadline, f"no step {step} in {run_dir}/metrics.jsonl after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sbatch --wait launch/slurm.sbatch` with 2 tasks, trained to the end without interruption."""
+    out = tmp_path_factory.mktemp("sbatch-ref")
+    res = sbatch(out, *TINY, "trainer.ckpt_every_steps=0", f"trainer.output_dir={out / 'run'}", wait=True)
+    log = "".join(p.read_text() for p in out.glob("slurm-*.out"))
+    assert res.returncode == 0, f"{res.stderr}\n{log[-4000:]}"
+    (out / "job").write_text(res.stdout.strip().split(";")[0])
+    return out / "run"
+
+
+@pytest.mark.slurm
+def test_sbatch_trains_two_gloo_ranks_to_the_end(reference: Path) -> None:
+    """The job ran 2 ranks in one process group and finished every step of both epochs."""
+    info = json.loads((reference / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["slurm_job_id"] == (reference.parent / "job").read_text()
+    assert sorted(losses(reference)) == list(range(1, TARGET + 1))
+    assert state(reference)["progress"]["step"] == TARGET
+    log = next(reference.parent.glob("slurm-*.out")).read_text()
+    assert "0: " in log and "1: " in log and "training exited with 0" in log
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Path, tmp_path: Path) -> None:
+    """USR1 mid-epoch: one checkpoint, exit 75, self-requeue, resume, bitwise equal final weights."""
+    run = tmp_path / "run"
+    res = sbatch(tmp_path, *TINY, "trainer.ckpt_every_steps=0", f"trainer.output_dir={run}")
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    wait_for_step(run, 1)
+    # Freeze both ranks so the signal lands mid-epoch however fast this machine is, then let it through.
+    ranks = trainer_pids(run)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while "got SIGUSR1" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1)  # srun relays the signal to the (stopped) ranks, where it stays pending
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+    # The requeued job is held ~2 minutes by SLURM; release it as an operator would, once the node has
+    # cleaned up after the first run (slurmd refuses to relaunch a job it is still killing).
+    wait_state(job, {"PENDING"})
+    assert int(job_field(job, "Restarts")) == 1
+    deadline = time.monotonic() + 60
+    while subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True,
+                         timeout=30).stdout.strip() != "idle":
+        assert time.monotonic() < deadline, "node not idle after the requeue"
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED", log.read_text()
+
+    text = log.read_text()
+    assert f"preempted (exit {PREEMPTED_EXIT_CODE}), requeueing job {job}" in text
+    resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert resumed, text[-4000:]
+    stopped = int(resumed.group(1))
+    assert 1 <= stopped < TARGET < steps_per_epoch(run), f"not stopped mid-epoch: step {stopped}"
+    assert sorted(losses(run)) == sorted(losses(reference))
+    final, ref = state(run), state(reference)
+    assert_states_equal(ref["model"], final["model"], "model")
+    assert_states_equal(ref["ema"], final["ema"], "ema")
+
+
+@pytest.mark.slurm
+def test_submitit_sweep_runs_each_member_in_its_own_run_dir(slurm_cluster: str, tmp_path: Path) -> None:
+    """`train.py -m hydra/launcher=slurm` with two learning rates: two SLURM jobs, two finished run dirs."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", "debug=tiny",
+           "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10",
+           "hydra.launcher.cpus_per_task=1"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lrs, jobs = [], set()
+    for member in ("0", "1"):
+        run = sweep / member
+        lrs.append(OmegaConf.load(run / ".hydra" / "config.yaml").optim.lr)
+        jobs.add(json.loads((run / "run_info.json").read_text())["slurm_job_id"])
+        assert state(run)["progress"]["step"] == max(losses(run)) > 0
+    assert sorted(lrs) == [1e-3, 3e-3] and None not in jobs and len(jobs) == 2
+
+
+def test_torchrun_restarts_the_group_after_a_worker_is_sigkilled(tmp_path: Path) -> None:
+    """launch/torchrun.sh, 2 workers, one SIGKILLed after a checkpoint: restart, resume, completion."""
+    run = tmp_path / "run"
+    log = tmp_path / "torchrun.log"
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--max-restarts", "1", *TINY, "trainer.ckpt_every_steps=2",
+           f"trainer.output_dir={run}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for_step(run, 3)  # the checkpoint of step 2 is complete before step 3 starts
+        ranks = trainer_pids(run)
+        assert len(ranks) == 2, ranks
+        # Freeze both so the kill lands mid-run however fast this machine is; kill rank 1, release rank 0.
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        victim = next(p for p in ranks if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"))
+        os.kill(victim, signal.SIGKILL)
+        for pid in ranks:
+            if pid != victim:
+                os.kill(pid, signal.SIGCONT)
+        assert proc.wait(timeout=240) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
+    assert len(resumed) == 1 and resumed[0] >= 2, text[-4000:]
+    assert sorted(losses(run)) == list(range(1, TARGET + 1))
+    assert state(run)["progress"]["step"] == TARGET
