@@ -13,19 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy._core.multiarray import scalar as np_scalar
 from torch import nn
 
 from gcvit.models.gcvit import VARIANTS, GCViT, relative_position_index
 
-__all__ = ["CheckpointLoadError", "safe_load", "load_checkpoint", "detect_format", "unwrap", "to_native",
-           "from_native", "infer_config", "describe", "FORMATS"]
+__all__ = ["CheckpointLoadError", "safe_load", "load_checkpoint", "fit_state_dict", "detect_format", "unwrap",
+           "to_native", "from_native", "infer_config", "describe", "FORMATS"]
 
 FORMATS = ("native", "timm", "official")
 
 # What official NVlabs and timm training scripts pickle besides tensors: their argparse args and numpy
 # scalars (metrics). Nothing here can run code when unpickled.
-_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.core.multiarray.scalar, type(np.dtype(np.float64)),
-                 type(np.dtype(np.float32)), type(np.dtype(np.int64))]
+_DTYPES = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
+_SAFE_GLOBALS = [argparse.Namespace, np.dtype, *_DTYPES,
+                 (np_scalar, "numpy._core.multiarray.scalar"), (np_scalar, "numpy.core.multiarray.scalar")]
 
 
 class CheckpointLoadError(RuntimeError):
@@ -66,7 +68,7 @@ def unwrap(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def detect_format(sd: Mapping[str, Any]) -> str:
+def detect_format(sd: Mapping[str, Any], where: str = "the state dict") -> str:
     """'official', 'timm' or 'native' from the stem's key; CheckpointLoadError when none fits."""
     if "patch_embed.proj.weight" in sd:
         return "official"
@@ -75,13 +77,13 @@ def detect_format(sd: Mapping[str, Any]) -> str:
     if "stem.weight" in sd:
         return "native"
     first = ", ".join(list(sd)[:3]) or "no tensors"
-    raise CheckpointLoadError(f"not a GC ViT checkpoint (no stem weights; keys start {first}); expected "
-                              "the official NVlabs, timm gcvit_* or gcvit-train format")
+    raise CheckpointLoadError(f"{where} is not a GC ViT checkpoint (no stem weights; keys start {first}); "
+                              "expected the official NVlabs, timm gcvit_* or gcvit-train format")
 
 
 # ---------------------------------------------------------------------------------- native -> foreign names
-_MBCONV_OFFICIAL = {"conv_dw": "conv.0", "se.fc1": "conv.2.fc.0", "se.fc2": "conv.2.fc.2",
-                    "conv_pw": "conv.3"}
+# Our MBConv children -> indices in the official nn.Sequential (dw conv, GELU, SE(fc.0, GELU, fc.2), pw conv)
+_MBCONV_OFFICIAL = {"conv_dw": "0", "se.fc1": "2.fc.0", "se.fc2": "2.fc.2", "conv_pw": "3"}
 
 
 def _timm_key(k: str) -> str:
@@ -101,10 +103,11 @@ def _official_key(k: str) -> str:
     k = re.sub(r"^stem\.", "patch_embed.proj.", k)
     k = re.sub(r"^stem_reduce\.", "patch_embed.conv_down.", k)
     k = re.sub(r"^stages\.(\d+)\.downsample\.", lambda m: f"levels.{int(m[1]) - 1}.downsample.", k)
-    k = re.sub(r"^stages\.(\d+)\.global_query\.convs\.", r"levels.\1.q_global_gen.to_q_global.", k)
+    k = re.sub(r"^stages\.(\d+)\.global_query\.convs\.(\d+)\.",
+               r"levels.\1.q_global_gen.to_q_global.\2.conv.", k)
     k = re.sub(r"^stages\.", "levels.", k)
     for ours, theirs in _MBCONV_OFFICIAL.items():
-        k = k.replace(f".{ours}.", f".{theirs}.")
+        k = k.replace(f".conv.{ours}.", f".conv.{theirs}.")
     return k
 
 
@@ -130,15 +133,18 @@ def from_native(sd: Mapping[str, torch.Tensor], fmt: str) -> dict[str, torch.Ten
     return out
 
 
-def to_native(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def to_native(sd: Mapping[str, torch.Tensor], model: nn.Module,
+              where: str = "the state dict") -> dict[str, torch.Tensor]:
     """A state dict in any format renamed/reshaped to `model`'s names; unknown keys are kept as they are."""
-    fmt = detect_format(sd)
+    fmt = detect_format(sd, where)
     own = model.state_dict()
     names = {_KEY_FN[fmt](k): k for k in own}
     out = {}
     for k, v in sd.items():
         if k.endswith("relative_position_index"):
             continue  # official persistent buffer; ours is derived from the window size
+        if fmt == "official":  # early official releases had no q_global_gen level
+            k = re.sub(r"^levels\.(\d+)\.to_q_global\.", r"levels.\1.q_global_gen.to_q_global.", k)
         native = names.get(k, k)
         out[native] = _adapt(v, own[native].shape) if native in own else v
     return out
@@ -194,13 +200,10 @@ def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     return grid.reshape(-1, dst * dst).T.to(table.dtype)
 
 
-def load_checkpoint(model: GCViT, path_or_state_dict: str | Path | Mapping[str, Any]) -> None:
-    """Load an official, timm or native checkpoint into `model` strictly, resizing rel-pos tables."""
-    src = path_or_state_dict
-    obj = safe_load(src) if isinstance(src, (str, Path)) else src
-    where = f"checkpoint {src}" if isinstance(src, (str, Path)) else "the state dict"
+def fit_state_dict(obj: Mapping[str, Any], model: GCViT, where: str = "the state dict") -> dict:
+    """Any-format checkpoint object -> `model`'s exact state dict, or one CheckpointLoadError line."""
     raw = unwrap(obj)
-    sd = to_native(raw, model)
+    sd = to_native(raw, model, where)
     own = model.state_dict()
     for k, v in sd.items():
         if k.endswith("relative_position_bias_table") and k in own and v.shape != own[k].shape:
@@ -213,9 +216,18 @@ def load_checkpoint(model: GCViT, path_or_state_dict: str | Path | Mapping[str, 
         found = (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for label, keys in found if keys]
-        raise CheckpointLoadError(
-            f"{where} does not fit this model ({'; '.join(parts)}): it looks like {describe(raw)}, "
-            f"the model is {describe(model.state_dict())}; create that variant (or pass num_classes/img_size "
-            "to match)")
-    model.load_state_dict(sd, strict=True)
+        theirs, ours = describe(raw), describe(own)
+        hint = ("the shapes agree, so the names come from an unknown code base" if theirs == ours else
+                f"the model is {ours}; create the variant the checkpoint has (num_classes too)")
+        raise CheckpointLoadError(f"{where} does not fit this model ({'; '.join(parts)}): it looks like "
+                                  f"{theirs}; {hint}")
+    return sd
 
+
+def load_checkpoint(model: GCViT, path_or_state_dict: str | Path | Mapping[str, Any]) -> None:
+    """Load an official, timm or native checkpoint into `model` strictly, resizing rel-pos tables."""
+    src = path_or_state_dict
+    if isinstance(src, (str, Path)):
+        model.load_state_dict(fit_state_dict(safe_load(src), model, f"checkpoint {src}"), strict=True)
+    else:
+        model.load_state_dict(fit_state_dict(src, model), strict=True)

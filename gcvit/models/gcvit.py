@@ -196,7 +196,8 @@ class GCViTStage(nn.Module):
                  downsample: bool, drop_path: Sequence[float], eps: float, **block_kwargs) -> None:
         super().__init__()
         self.downsample = ReduceSize(dim_in, dim, eps) if downsample else None
-        self.global_query = GlobalQueryGen(dim, int(math.log2(resolution // window)))
+        # only odd blocks read the global query: a one-block stage has no use for the generator
+        self.global_query = GlobalQueryGen(dim, int(math.log2(resolution // window))) if depth > 1 else None
         self.blocks = nn.ModuleList(
             GCViTBlock(dim, num_heads, window, use_global=i % 2 == 1, drop_path=drop_path[i], eps=eps,
                        **block_kwargs)
@@ -207,9 +208,11 @@ class GCViTStage(nn.Module):
         """(B, C_in, H, W) -> (B, C, H', W') in channels_last memory."""
         if self.downsample is not None:
             x = self.downsample(x)
-        g = self.global_query(x)  # (B, w, w, C)
-        B, C = g.shape[0], g.shape[-1]
-        q = g.reshape(B, 1, -1, self.num_heads, C // self.num_heads).transpose(2, 3)
+        q = x  # unused by local-attention blocks
+        if self.global_query is not None:
+            g = self.global_query(x)  # (B, w, w, C)
+            B, C = g.shape[0], g.shape[-1]
+            q = g.reshape(B, 1, -1, self.num_heads, C // self.num_heads).transpose(2, 3)
         x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -240,7 +243,7 @@ class GCViT(nn.Module):
                              for i, d in enumerate(dims)]
         self.stem = nn.Conv2d(in_chans, dim, 3, 2, 1)
         self.stem_reduce = ReduceSize(dim, dim, norm_eps)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
         self.stages = nn.ModuleList(
             GCViTStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], resolutions[i], windows[i],
                        downsample=i > 0, drop_path=dpr[i].tolist(), eps=norm_eps, mlp_ratio=mlp_ratio,
