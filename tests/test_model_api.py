@@ -1,0 +1,135 @@
+"""Model zoo API: variants, geometry, timm-style methods, grad checkpointing, channels_last, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.models.gcvit import GCViT
+
+OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,
+                     "gcvit_small": 51.09, "gcvit_small2": 68.62, "gcvit_base": 90.32, "gcvit_large": 202.08}
+
+
+def _debug(**kw) -> GCViT:
+    torch.manual_seed(0)
+    return gcvit.create_model("gcvit_tiny", **{"dim": 32, "depths": (2, 2, 2, 2), "img_size": 64,
+                                               "num_classes": 10, **kw})
+
+
+def test_all_variants_have_the_official_parameter_counts() -> None:
+    assert gcvit.list_models() == list(OFFICIAL_PARAMS_M)
+    for name, millions in OFFICIAL_PARAMS_M.items():
+        with torch.device("meta"):
+            model = gcvit.create_model(name)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions, name
+    with torch.device("meta"):  # the official spelling is accepted too
+        assert gcvit.create_model("gc_vit_small2").stages[2].blocks[22] is not None
+
+
+@pytest.mark.parametrize(("size", "windows"), [(224, (7, 7, 14, 7)), (384, (12, 12, 24, 12)),
+                                               (512, (16, 16, 32, 16)), (64, (2, 2, 4, 2))])
+def test_windows_follow_the_stage_resolution(size: int, windows: tuple[int, ...]) -> None:
+    with torch.device("meta"):
+        model = gcvit.create_model("gcvit_xxtiny", img_size=size)
+    assert model.window_sizes == windows
+    assert [b.attn.window for s in model.stages for b in s.blocks[:1]] == list(windows)
+
+
+def test_bad_geometry_and_overrides_fail_clearly() -> None:
+    with pytest.raises(ValueError, match=r"img_size=200 .*multiple of 32 .*224, 256, 384, 512"):
+        gcvit.create_model("gcvit_tiny", img_size=200)
+    with pytest.raises(ValueError, match=r"window_size 5 does not work for stage 0 .*\[56, 28, 14, 7\]"):
+        gcvit.create_model("gcvit_tiny", window_size=5)
+    with pytest.raises(ValueError, match=r"unknown GC ViT variant 'gcvit_huge'.*gcvit_xxtiny"):
+        gcvit.create_model("gcvit_huge")
+    with pytest.raises(TypeError, match=r"create_model\('gcvit_tiny'\).*window"):
+        gcvit.create_model("gcvit_tiny", windowsize=7)
+    model = gcvit.create_model("gcvit_tiny", dim=32, depths=(1, 1, 1, 1), img_size=64,
+                               window_size=(4, 2, 2, 2))
+    assert model.window_sizes == (4, 2, 2, 2) and model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_drop_path_defaults_and_override() -> None:
+    with torch.device("meta"):
+        base = gcvit.create_model("gcvit_base")
+        zero = gcvit.create_model("gcvit_base", drop_path_rate=0.0)
+    assert base.stages[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.5)  # published rate, last block
+    assert isinstance(zero.stages[3].blocks[-1].drop_path, torch.nn.Identity)
+
+
+def test_feature_api_shapes_and_consistency() -> None:
+    model = _debug().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        last, chosen = model.forward_intermediates(x, indices=[1, 3])
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+    assert [info["num_chs"] for info in model.feature_info] == [32, 64, 128, 256]
+    torch.testing.assert_close(chosen[1], feats[3])
+    torch.testing.assert_close(last, model.forward_features(x))
+    assert pooled.shape == (2, 256)
+    torch.testing.assert_close(logits, model.get_classifier()(pooled))
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 256)
+
+
+def test_each_image_keeps_its_own_global_query() -> None:
+    model = _debug().eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batched = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_no_weight_decay_names_norms_biases_and_tables() -> None:
+    model = _debug(layer_scale=1e-5)
+    names = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert names <= params.keys()
+    assert "stages.0.blocks.0.attn.relative_position_bias_table" in names
+    assert {"stages.1.blocks.1.norm1.weight", "stages.1.blocks.1.attn.qkv.bias", "norm.bias", "head.bias",
+            "stem_reduce.norm2.weight", "stages.1.blocks.0.gamma1"} <= names
+    assert not {"stages.1.blocks.1.attn.qkv.weight", "head.weight", "stem.weight"} & names
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    model = _debug(drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert all(s.grad_checkpointing for s in model.stages)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()  # every parameter gets a gradient (no unused ones for DDP)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_channels_last_input_gives_the_same_logits() -> None:
+    model = _debug().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), model(x))
+
+
+def test_compiles_with_fullgraph_for_train_and_eval() -> None:
+    """fullgraph=True turns any graph break into an error; aot_eager also traces the backward."""
+    model = _debug(depths=(1, 2, 1, 1))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64)
+    compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
