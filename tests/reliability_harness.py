@@ -20,8 +20,8 @@ from data.loaders import AUDIT_ENV
 from gcvit.engine.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
-# Input pipeline overrides for every launch (the presets' loader when empty).
-LOADER: tuple[str, ...] = ()
+# The real input pipeline for every launch: DALI decoding and augmenting on the CPU.
+LOADER = ("data.loader=dali", "data.dali_device=cpu")
 
 
 def _free_port() -> int:

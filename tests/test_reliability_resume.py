@@ -20,7 +20,6 @@ from reliability_harness import (
     start,
     state,
     steps_per_epoch,
-    train,
     trim_audit,
 )
 
@@ -32,20 +31,15 @@ from gcvit.engine.guard import PAUSE_MARKER as STEP_PAUSE_MARKER
 
 pytestmark = pytest.mark.slow
 
-N = 11  # optimizer steps of every run: 56 train images at global batch 16 = 3 steps/epoch, 3 epoch ends
+N = 8  # optimizer steps of every run
+SPE = 3  # steps per epoch: 56 train images at global batch 16 (8 dropped); epochs end at steps 3 and 6
+K = 5  # killed inside step 5; the newest checkpoint then is step 4, one step into epoch 1
 COMMON = ("debug=tiny", "sched.epochs=4", f"trainer.max_steps={N}", "trainer.deterministic=true",
           "trainer.audit=true", "trainer.ckpt_every_steps=2", "trainer.keep_checkpoints=10",
           "trainer.global_batch_size=16", "trainer.eval_every_epochs=1000")
 ONE = ("data.batch_size=8",)  # 1 rank x 8 x 2 micro-batches
 TWO = ("data.batch_size=4",)  # 2 ranks x 4 x 2 micro-batches
 COMPARED = ("model", "ema", "optimizer", "scaler", "schedule", "guard", "progress", "loader")
-
-
-def _kill_step(run_dir: Path) -> int:
-    """A step to kill inside whose resume point (the even step before it) is in the middle of an epoch."""
-    spe = steps_per_epoch(run_dir)
-    assert 3 <= spe < N - 2, f"the tiny preset has {spe} steps/epoch; N={N} must cross an epoch end"
-    return next(k for k in range(spe + 2, N) if k % 2 == 1 and (k - 1) % spe)
 
 
 def _assert_same_run(ref: Path, run: Path) -> None:
@@ -63,9 +57,8 @@ def _assert_exactly_once(run: Path, ref: Path) -> None:
     for epoch, ids in got.items():
         assert len(ids) == len(set(ids)), f"epoch {epoch}: {len(ids) - len(set(ids))} samples consumed twice"
         assert sorted(ids) == sorted(want[epoch]), f"epoch {epoch}: samples missing or extra"
-    spe = steps_per_epoch(ref)
-    full = [e for e in want if (e + 1) * spe <= N]
-    assert full and all(len(want[e]) == spe * 16 for e in full)
+    full = [e for e in want if (e + 1) * SPE <= N]
+    assert full and all(len(want[e]) == SPE * 16 for e in full)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +69,16 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def single(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Straight run, and the same command SIGKILLed twice and restarted (plus a negative-control copy)."""
+    """Straight run, and the same command SIGKILLed twice and restarted (plus a negative-control copy).
+
+    Independent launches overlap (the paused ones sleep) to keep the wall time down on two cores.
+    """
     tmp = tmp_path_factory.mktemp("single")
     one = (*root, *ONE)
-    ref = train(tmp / "ref", *one).run_dir
-    out: dict[str, Any] = {"ref": ref, "run": tmp / "run", "k": _kill_step(ref), "one": one}
-    run = out["run"]
-    # Kill 1: inside the write of `last` at step 4 (the 2nd save() of the process; step 2 was the 1st).
+    ref = start(tmp / "ref", *one)
+    run = tmp / "run"
+    out: dict[str, Any] = {"ref": ref.run_dir, "run": run}
+    # Kill 1: inside the write of `last` at step 3 (the 2nd save() of the process; step 2 was the 1st).
     r1 = start(run, *one, env={SAVE_PAUSE_ENV: "600@2"})
     r1.wait_for(SAVE_PAUSE_MARKER)
     out["tmp_files"] = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".last.pt.tmp")]
@@ -96,14 +92,23 @@ def single(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> d
     data = mgr.path("last").read_bytes()
     mgr.path("last").unlink()
     mgr.path("last").write_bytes(data[: len(data) // 3])
-    # Kill 2: in micro-batch 1 of step k (gradients of micro-batch 0 accumulated, no optimizer step yet).
-    r2 = start(run, *one, env={STEP_PAUSE_ENV: f"{out['k']}:1"})
+    # Kill 2: in micro-batch 1 of step K (gradients of micro-batch 0 accumulated, no optimizer step yet).
+    r2 = start(run, *one, env={STEP_PAUSE_ENV: f"{K}:1"})
     r2.wait_for(STEP_PAUSE_MARKER)
     r2.kill()
     trim_audit(run)
     out["r2"] = r2
-    out["neg"] = copy_run(run, tmp / "neg")
-    out["r3"] = train(run, *one)
+    # Negative control: resume as a trainer that does not restore the loader would (the epoch starts over).
+    neg = out["neg"] = copy_run(run, tmp / "neg")
+    neg_mgr = CheckpointManager(neg / "checkpoints")
+    doctored = neg_mgr.load(neg_mgr.path(f"step{K - 1:09d}"))
+    out["neg_position"] = doctored["loader"]["position"]
+    doctored["loader"]["position"] = 0
+    neg_mgr.save(doctored, tag=("last", f"step{K - 1:09d}"))
+    r3, rneg = start(run, *one), start(neg, *one)
+    out["r3"] = r3.check()
+    rneg.check()
+    ref.check()
     return out
 
 
@@ -126,8 +131,8 @@ def test_identical_deterministic_runs_give_identical_losses(single: dict[str, An
 
 
 def test_resume_after_sigkill_mid_epoch_in_accumulation_is_bitwise(single: dict[str, Any]) -> None:
-    k = single["k"]
-    assert f"at step {k - 1}" in single["r3"].out()
+    assert f"at step {K - 1}" in single["r3"].out()
+    assert steps_per_epoch(single["ref"]) == SPE
     _assert_same_run(single["ref"], single["run"])
 
 
@@ -136,18 +141,12 @@ def test_exactly_once_data_across_sigkill_resumes(single: dict[str, Any]) -> Non
 
 
 def test_negative_control_stale_loader_state_is_detected(single: dict[str, Any]) -> None:
-    """Resume as a trainer that does not restore the loader would (the epoch starts over): caught."""
-    neg, k = single["neg"], single["k"]
-    mgr = CheckpointManager(neg / "checkpoints")
-    doctored = mgr.load(mgr.path(f"step{k - 1:09d}"))
-    assert doctored["loader"]["position"] > 0  # resuming mid-epoch
-    doctored["loader"]["position"] = 0
-    mgr.save(doctored, tag=("last", f"step{k - 1:09d}"))
-    train(neg, *single["one"])
+    """The comparisons above fail for a resume that starts the epoch over instead of restoring the loader."""
+    assert single["neg_position"] > 0  # the resume point is mid-epoch
     with pytest.raises(AssertionError):
-        _assert_same_run(single["ref"], neg)
+        _assert_same_run(single["ref"], single["neg"])
     with pytest.raises(AssertionError):
-        _assert_exactly_once(neg, single["ref"])
+        _assert_exactly_once(single["neg"], single["ref"])
 
 
 @pytest.fixture(scope="module")
@@ -155,27 +154,26 @@ def ddp(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> dict
     """2-rank straight run; the same SIGKILLed in accumulation and restarted; a copy resumed on 1 rank."""
     tmp = tmp_path_factory.mktemp("ddp")
     one, two = (*root, *ONE), (*root, *TWO)
-    ref = train(tmp / "ref", *two, nproc=2).run_dir
-    k = _kill_step(ref)
+    ref = start(tmp / "ref", *two, nproc=2)
     run = tmp / "run"
-    r1 = start(run, *two, nproc=2, env={STEP_PAUSE_ENV: f"{k}:0"})
-    r1.wait_for(STEP_PAUSE_MARKER)  # both ranks inside step k, before its first backward
+    r1 = start(run, *two, nproc=2, env={STEP_PAUSE_ENV: f"{K}:0"})
+    r1.wait_for(STEP_PAUSE_MARKER)  # both ranks inside step K, before its first backward
     r1.kill()
     trim_audit(run)
     resized = copy_run(run, tmp / "resized")
-    r2 = train(run, *two, nproc=2)
     # Same global batch 16 on one rank: 8 per micro-batch x 2 micro-batches.
-    r3 = train(resized, *one)
-    return {"ref": ref, "run": run, "resized": resized, "k": k, "r2": r2, "r3": r3}
+    r2, r3 = start(run, *two, nproc=2), start(resized, *one)
+    ref.check()
+    return {"ref": ref.run_dir, "run": run, "resized": resized, "r2": r2.check(), "r3": r3.check()}
 
 
 def test_ddp_resume_after_sigkill_in_accumulation_is_bitwise(ddp: dict[str, Any]) -> None:
-    assert f"at step {ddp['k'] - 1}" in ddp["r2"].out()
+    assert f"at step {K - 1}" in ddp["r2"].out()
     _assert_same_run(ddp["ref"], ddp["run"])
 
 
 def test_ddp_exactly_once_across_sigkill_resume_and_world_size_change(ddp: dict[str, Any]) -> None:
     _assert_exactly_once(ddp["run"], ddp["ref"])
-    assert f"at step {ddp['k'] - 1}" in ddp["r3"].out()
+    assert f"at step {K - 1}" in ddp["r3"].out()
     assert json.loads((ddp["resized"] / "run_info.json").read_text())["world_size"] == 1
     _assert_exactly_once(ddp["resized"], ddp["ref"])
