@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import gcvit
 from gcvit.models.gcvit import GCViT
+from gcvit.summary import main as summary_main
 
 OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,
                      "gcvit_small": 51.09, "gcvit_small2": 68.62, "gcvit_base": 90.32, "gcvit_large": 202.08}
@@ -133,3 +136,9 @@ def test_compiles_with_fullgraph_for_train_and_eval() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_summary_reports_params_and_gmacs(capsys) -> None:
+    assert summary_main(["gcvit_tiny", "gcvit_base", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["params_m"], r["gmacs"]) for r in rows] == [(28.22, 4.76), (90.32, 14.82)]
