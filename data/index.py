@@ -136,7 +136,11 @@ def load_index(root: str | Path, split: str, *, index_cache: str | None = None,
         if not path.is_file():
             raise DataError(f"{path} does not exist; write it with python -m data.verify {root} "
                             f"--write-index {index_dir}")
-        return Index.read(path)[0]
+        index = Index.read(path)[0]
+        if index.root != root / split:
+            raise DataError(f"{path} indexes {index.root}, not {root / split}; point data.index_dir at the "
+                            "index written for this data.root")
+        return index
     classes = list_classes(root / "train")
     split_dir = root / split
     if split != "train":

@@ -1,0 +1,109 @@
+"""Scan a dataset for files DALI cannot decode; optionally write a clean index that leaves them out.
+
+    python -m data.verify ROOT [--splits train val] [--workers 8] [--write-index DIR]
+
+DALI cannot skip a bad file at run time, so train on the clean index (data.index_dir=DIR) when this finds
+any. Each bad file is printed as `REASON<TAB>PATH`; the exit code is 1 when bad files were found and no
+clean index was written.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from data.index import DataError, Index, list_classes, scan
+
+MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
+
+
+def check_file(path: Path) -> str | None:
+    """Why `path` is not a clean RGB/grayscale image matching its extension, or None when it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if not head:
+        return "zero bytes"
+    kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)
+    if kind is None:
+        return "not an image"
+    if path.suffix.lower() in (".jpeg", ".jpg") and kind != "JPEG":
+        return f"{kind} content under a {path.suffix} name"
+    try:
+        with Image.open(path) as img:
+            if img.mode == "CMYK":
+                return "CMYK JPEG"
+            img.load()  # the full decode: truncated or corrupt entropy data fails here
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is bad
+        return f"corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def _check(path: Path) -> tuple[Path, str | None]:
+    return path, check_file(path)
+
+
+def verify(root: Path, splits: list[str], workers: int,
+           progress: bool = True) -> tuple[dict[str, Index], dict[Path, str]]:
+    """Index every split of ROOT and check every file; returns the indices and {bad path: reason}."""
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root} does not exist or is not a directory")
+    classes = list_classes(root / "train")
+    indices = {split: scan(root / split, classes) for split in splits}
+    paths = [ix.path(i) for ix in indices.values() for i in range(len(ix))]
+    bad: dict[Path, str] = {}
+    with mp.get_context("spawn").Pool(max(1, workers)) as pool:
+        results = pool.imap_unordered(_check, paths, chunksize=64)
+        for path, reason in tqdm(results, total=len(paths), desc=f"verify {root}", unit="img",
+                                 disable=not progress, file=sys.stderr):
+            if reason is not None:
+                bad[path] = reason
+    return indices, bad
+
+
+def clean(index: Index, bad: dict[Path, str]) -> Index:
+    """The index without the bad files."""
+    keep = [i for i in range(len(index)) if index.path(i) not in bad]
+    return Index(index.root, index.classes, [index.files[i] for i in keep], [index.labels[i] for i in keep])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, help="dataset root with train/<wnid>/ and val/<wnid>/")
+    ap.add_argument("--splits", nargs="+", default=["train", "val"])
+    ap.add_argument("--workers", type=int, default=min(8, mp.cpu_count()), help="decoding processes")
+    ap.add_argument("--write-index", type=Path, metavar="DIR",
+                    help="write DIR/<split>.tsv without the bad files (train with data.index_dir=DIR)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    indices, bad = verify(args.root, args.splits, args.workers, progress=not args.quiet)
+    for path, reason in sorted(bad.items()):
+        print(f"{reason}\t{path}")
+    total = sum(len(ix) for ix in indices.values())
+    kinds = Counter(reason.split(" (")[0] for reason in bad.values())
+    detail = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+    per_split = ", ".join(f"{s}: {len(ix)}" for s, ix in indices.items())
+    print(f"checked {total} images in {args.root.resolve()} ({per_split}): {len(bad)} bad"
+          + (f" ({detail})" if bad else ""))
+    if args.write_index:
+        for split, ix in indices.items():
+            out = args.write_index / f"{split}.tsv"
+            kept = clean(ix, bad)
+            kept.write(out)
+            print(f"wrote {out} ({len(kept)} images)")
+        print(f"train on it with data.index_dir={args.write_index.resolve()}")
+        return 0
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
