@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,3 +200,35 @@ def test_torchrun_restarts_the_group_after_a_worker_is_sigkilled(tmp_path: Path)
     assert len(resumed) == 1 and resumed[0] >= 2, text[-4000:]
     assert sorted(losses(run)) == list(range(1, TARGET + 1))
     assert state(run)["progress"]["step"] == TARGET
+
+
+def test_two_torchrun_agents_rendezvous_as_one_multi_node_job(tmp_path: Path) -> None:
+    """`--nnodes 2 --rdzv-endpoint`: two agents (two "nodes" here) form one 2-rank group over c10d."""
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
+           "--rdzv-id", "two-nodes", *TINY, f"trainer.output_dir={run}"]
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    nodes = []
+    for log in logs:
+        with open(log, "w") as out:
+            nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out,
+                                          stderr=subprocess.STDOUT))
+    codes = [node.wait(timeout=240) for node in nodes]
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 2
+    assert sorted(losses(run)) == list(range(1, TARGET + 1))
+
+
+def test_local_sweep_members_train_in_their_own_run_dirs(tmp_path: Path) -> None:
+    """`train.py -m` without SLURM: each member gets <sweep dir>/<n>, none resumes another's checkpoint."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", "debug=tiny", "trainer.max_steps=2",
+           "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from" not in res.stdout
+    lrs = [OmegaConf.load(sweep / m / ".hydra" / "config.yaml").optim.lr for m in ("0", "1")]
+    assert lrs == [1e-3, 3e-3] and all(state(sweep / m)["progress"]["step"] == 2 for m in ("0", "1"))
