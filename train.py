@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 
 from gcvit import list_models
 from gcvit.config import from_hydra, register
+from gcvit.engine.checkpoint import CheckpointError
+from gcvit.engine.guard import NonFiniteError
 from gcvit.engine.loop import run
+from gcvit.models.checkpoint import CheckpointLoadError
 
 register()
 
@@ -23,7 +26,11 @@ register()
 def main(cfg: DictConfig) -> None:
     """Validate the composed config, run the job, and point at what comes next; exits with the job's code."""
     config = from_hydra(cfg, list_models)
-    code = run(config)
+    try:
+        code = run(config)
+    except (NonFiniteError, CheckpointError, CheckpointLoadError) as e:
+        # These carry a one-line diagnosis and what to do; a traceback would only bury it.
+        sys.exit(f"error: {e}")
     if code == 0 and config.mode == "train" and config.name == "demo":
         print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n"
               "  torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"
