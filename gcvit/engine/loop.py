@@ -7,6 +7,7 @@ every step boundary -> evaluation of model and EMA and `last`/`best` checkpoints
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -91,8 +92,12 @@ def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
     run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg))))
     if env.is_main:
         hydra_dir = run_dir / ".hydra"
-        hydra_dir.mkdir(parents=True, exist_ok=True)
-        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_container(cfg))))
+        try:
+            hydra_dir.mkdir(parents=True, exist_ok=True)
+            (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_container(cfg))))
+        except OSError as e:
+            raise SystemExit(f"config error: cannot write the run directory {run_dir} ({e.strerror}); set "
+                             "trainer.output_dir to a writable directory") from None
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():  # unset when the loop runs outside @hydra.main (tests, notebooks)
@@ -106,6 +111,11 @@ def resolve_data(cfg: Config, env: DistEnv) -> Any:
     data = cfg.data
     if data.loader == "synthetic" or data.root:  # validate() made sure one of the three is set
         return data
+    if data.loader == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        # The demo must run on a fresh machine: without DALI (an optional extra) it reads through torch.
+        if env.is_main:
+            print("demo: DALI is not installed (pip install -e '.[dali]'); reading with data.loader=torch")
+        data = replace(data, loader="torch")
     from data.demo import ensure_demo_dataset
 
     root = str(ensure_demo_dataset()) if env.is_main else None
