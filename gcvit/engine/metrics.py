@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from importlib import metadata
@@ -111,6 +113,20 @@ class MetricsWriter:
             f.write(json.dumps(dict(record), sort_keys=False) + "\n")
 
 
+def _wandb_unreachable(timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to the W&B server (or the HTTPS proxy in front of it) fails; None if it works."""
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    bypass = urllib.request.proxy_bypass(url.hostname or "")
+    target = urllib.parse.urlparse(proxy) if proxy and not bypass else url
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.geturl()} is unreachable ({e.strerror or e})"
+    return None
+
+
 class WandbLogger:
     """Weights & Biases on rank 0 in online|offline|disabled mode; the run id survives restarts."""
 
@@ -134,10 +150,27 @@ class WandbLogger:
             return
         import wandb
 
+        # W&B's client retries an unreachable server for 90 s per call; a run must not wait on it.
+        problem = _wandb_unreachable() if self.mode == "online" else None
+        if problem is None:
+            try:
+                self._init(name, config, self.mode)
+                return
+            except wandb.errors.Error as e:  # no API key, a failing server: lose no metrics, go offline
+                if self.mode != "online":
+                    raise
+                problem = str(e).strip().splitlines()[0]
+        print(f"warning: logger.wandb.mode=online but {problem}; logging offline to {self.run_dir}/wandb "
+              "instead (upload it later with `wandb sync`)", file=sys.stderr, flush=True)
+        self._init(name, config, "offline")
+
+    def _init(self, name: str, config: Mapping[str, Any], mode: str) -> None:
+        import wandb
+
         settings = wandb.Settings(silent=True, console="off")
         with redacted_argv():  # W&B records the command line, which may carry a token
             self._run = wandb.init(project=self.project, entity=self.entity, name=name, id=self.run_id,
-                                   resume="allow", mode=self.mode, dir=str(self.run_dir),
+                                   resume="allow", mode=mode, dir=str(self.run_dir),
                                    config=redact(dict(config)), settings=settings)
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
