@@ -129,7 +129,8 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Pat
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)
     # The requeued job is held ~2 minutes by SLURM; release it as an operator would, once the node has
-    # cleaned up after the first run (slurmd refuses to relaunch a job it is still killing).
+    # cleaned up after the first run. slurmd revokes the job's credential with a 1 s resolution when it
+    # kills it, and refuses a relaunch issued within that second ("already killed"): wait 2 s more.
     wait_state(job, {"PENDING"})
     assert int(job_field(job, "Restarts")) == 1
     deadline = time.monotonic() + 60
@@ -137,8 +138,10 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Pat
                          timeout=30).stdout.strip() != "idle":
         assert time.monotonic() < deadline, "node not idle after the requeue"
         time.sleep(0.3)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED", log.read_text()
+    final_state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    assert final_state == "COMPLETED", f"{final_state} {job_field(job, 'Reason')}\n{log.read_text()[-4000:]}"
 
     text = log.read_text()
     assert f"preempted (exit {PREEMPTED_EXIT_CODE}), requeueing job {job}" in text
