@@ -197,3 +197,23 @@ def audit_ids(run_dir: Path) -> dict[int, list[int]]:
             out.setdefault(e["epoch"], []).extend(e["ids"])
     assert out, f"no audit records in {run_dir / 'audit'}"
     return out
+
+
+def run_all(launches: dict[str, tuple[Path, tuple[str, ...], dict[str, str]]], logs: Path, parallel: int = 3,
+            timeout: float = 600) -> dict[str, Run]:
+    """Launch independent single-process runs, `parallel` at a time (output under `logs`); all finished."""
+    pending, running, done = list(launches.items()), {}, {}
+    deadline = time.monotonic() + timeout
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, (run_dir, overrides, env) = pending.pop(0)
+            running[name] = start(run_dir, *overrides, env=env, logs=logs / name.replace(" ", "-"))
+        for name, run in list(running.items()):
+            if run.procs[0].poll() is not None:
+                done[name] = running.pop(name)
+        if time.monotonic() > deadline:
+            for run in running.values():
+                run.kill()
+            raise AssertionError(f"still running after {timeout}s: {sorted(running)}")
+        time.sleep(0.1)
+    return done
