@@ -54,8 +54,9 @@ def _solarize_add(data: DataNode, shift: DataNode) -> DataNode:
 @augmentation
 def _color(data: DataNode, factor: DataNode) -> DataNode:
     """PIL ImageEnhance.Color: blend with the image's luma (ITU-R 601), 3x cheaper than fn.saturation."""
-    gray = fn.color_space_conversion(data, image_type=types.RGB, output_type=types.GRAY)
-    return fn.cast_like(dmath.clamp(gray + (data - gray) * factor, 0, 255), data)
+    gray = fn.cast(fn.color_space_conversion(data, image_type=types.RGB, output_type=types.GRAY),
+                   dtype=types.FLOAT)
+    return fn.cast_like(dmath.clamp(gray + (fn.cast(data, dtype=types.FLOAT) - gray) * factor, 0, 255), data)
 
 
 def _translate(axis: int, img_size: int, fill: list[int]) -> a._Augmentation:
