@@ -72,7 +72,9 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + pw(se(gelu(dw(x))))."""
-        return x + self.conv_pw(self.se(F.gelu(self.conv_dw(x))))
+        y = self.se(F.gelu(self.conv_dw(x)))
+        # the 1x1 conv as a GEMM over channels: on channels_last maps both permutes are free
+        return x + F.linear(y.permute(0, 2, 3, 1), self.conv_pw.weight.flatten(1)).permute(0, 3, 1, 2)
 
 
 class ReduceSize(nn.Module):
@@ -132,24 +134,58 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) whole map; q_global: (B, 1, heads, N, head_dim). Returns (B, H, W, C)."""
+        """x: (B, H, W, C) whole map; q_global: (B, heads, N, head_dim). Returns (B, H, W, C)."""
         B, H, W, C = x.shape
         w, heads = self.window, self.num_heads
-        nh, nw, n = H // w, W // w, (3 - self.use_global)
-        # qkv on the whole map, then ONE copy into (n, B, windows, heads, tokens, head_dim)
-        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, C // heads).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        qkv = qkv.reshape(n, B, nh * nw, heads, w * w, C // heads)
-        if self.use_global:
-            k, v = qkv.unbind(0)
-            q = q_global.expand_as(k)  # every window of an image shares its global query: a broadcast
-        else:
-            q, k, v = qkv.unbind(0)
+        nh, nw, n, d = H // w, W // w, 3 - self.use_global, C // heads
         bias = self.relative_position_bias_table[self.rel_index].view(w * w, w * w, heads).permute(2, 0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                             dropout_p=self.attn_drop if self.training else 0.0)
-        # (B, nh, nw, heads, w, w, d) -> (B, nh, w, nw, w, heads, d): the second and last copy
-        out = out.view(B, nh, nw, heads, w, w, C // heads).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(out))
+        dropout = self.attn_drop if self.training else 0.0
+        # qkv on the whole map, then ONE copy into (n, B, heads, windows, tokens, head_dim)
+        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, d).permute(5, 0, 6, 1, 3, 2, 4, 7)
+        qkv = qkv.reshape(n, B, heads, nh * nw, w * w, d)
+        if not self.use_global:
+            q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in qkv.unbind(0))  # (B * windows, heads, N, d)
+            out = _attention(q, k, v, bias, dropout)
+            out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
+        elif nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
+            k, v = qkv[:, :, :, 0].unbind(0)
+            out = _attention(q_global, k, v, bias, dropout)
+            out = out.view(B, heads, 1, w, 1, w, d).permute(0, 2, 3, 4, 5, 1, 6)
+        else:
+            out = _shared_query_attention(q_global, *qkv.unbind(0), bias, dropout)
+            out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
+        # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
+        return self.proj_drop(self.proj(out.reshape(B, H, W, C)))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for (batch, heads, N, d) tensors and a (.., heads, N, N) bias.
+
+    SDPA's fused kernels on GPU take the bias as an additive mask (with its gradient). On CPU SDPA has no
+    fused kernel for a mask that needs a gradient and its math fallback adds masking passes (all, isneginf,
+    where), so there the same math is written out (torch.compile fuses it).
+    """
+    if q.device.type != "cpu":  # 4-D mask: the fused kernels accept a broadcast (stride 0) batch
+        mask = bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias
+    return F.dropout(attn.softmax(-1), dropout, training=dropout > 0) @ v
+
+
+def _shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                            dropout: float) -> torch.Tensor:
+    """Attention of one query set per image over each of its windows, without repeating the query.
+
+    q: (B, heads, N, d); k, v: (B, heads, windows, N, d); bias: (heads, N, N). The scores of all windows
+    come from ONE GEMM per (image, head) (keys of every window against the shared queries), computed
+    transposed so that the per-window softmax and the value product need no copies.
+    """
+    B, heads, nwin, N, d = k.shape
+    scores_t = (k.flatten(2, 3) @ (q * d ** -0.5).transpose(-1, -2)).view(B, heads, nwin, N, N)
+    probs_t = (scores_t + bias.transpose(-1, -2)[:, None]).softmax(dim=-2)  # softmax over keys
+    probs_t = F.dropout(probs_t, dropout, training=dropout > 0)
+    return probs_t.transpose(-1, -2) @ v
 
 
 class Mlp(nn.Module):
@@ -212,7 +248,7 @@ class GCViTStage(nn.Module):
         if self.global_query is not None:
             g = self.global_query(x)  # (B, w, w, C)
             B, C = g.shape[0], g.shape[-1]
-            q = g.reshape(B, 1, -1, self.num_heads, C // self.num_heads).transpose(2, 3)
+            q = g.reshape(B, -1, self.num_heads, C // self.num_heads).transpose(1, 2)
         x = x.permute(0, 2, 3, 1)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -284,7 +320,7 @@ class GCViT(nn.Module):
         n = len(self.stages)
         take = list(range(n)) if indices is None else (
             list(range(n - indices, n)) if isinstance(indices, int) else [i % n for i in indices])
-        x = self.stem_reduce(self.stem(x))
+        x = self._embed(x)
         feats = []
         last = max(take) if stop_early else n - 1
         for i, stage in enumerate(self.stages[:last + 1]):
@@ -297,9 +333,13 @@ class GCViT(nn.Module):
             return feats
         return x, feats
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem at 1/4 resolution, kept channels_last: NHWC is what every later op wants."""
+        return self.stem_reduce(self.stem(x.contiguous(memory_format=torch.channels_last)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised last-stage map (B, C', H/32, W/32)."""
-        x = self.stem_reduce(self.stem(x))
+        x = self._embed(x)
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
