@@ -7,18 +7,13 @@ every step boundary -> evaluation of model and EMA and `last`/`best` checkpoints
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import os
-import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
@@ -32,10 +27,18 @@ from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
+from gcvit.engine.evaluation import evaluate, evaluate_only
 from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.secrets import install_log_redaction, redact
-
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gcvit.engine.setup import (
+    autocast,
+    configure_runtime,
+    prepare_run_dir,
+    resolve_data,
+    rng_state,
+    seed_step,
+    set_rng_state,
+)
 
 
 @dataclass
@@ -57,160 +60,6 @@ def run(cfg: Config) -> int:
     return code
 
 
-# ------------------------------------------------------------------------------------------------ set-up
-def configure_runtime(cfg: Config) -> None:
-    """Threads and (optionally) deterministic kernels, before any model or data exists."""
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    if cfg.trainer.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def run_dir_for(cfg: Config) -> Path:
-    """trainer.output_dir, else the sweep member's dir, else runs/<name>[-<SLURM job>]; restarts find it."""
-    if cfg.trainer.output_dir:
-        return Path(cfg.trainer.output_dir).expanduser().resolve()
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # <sweep dir>/<member>: members never share checkpoints, and a requeued member finds its own again.
-        return Path(HydraConfig.get().runtime.output_dir).resolve()
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")  # array tasks share it: add the task id
-    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
-    return (Path("runs") / (f"{cfg.name}-{job}" if job else cfg.name)).resolve()
-
-
-def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
-    """Rank 0 picks and creates the run dir and writes .hydra/ there; every rank gets the same path."""
-    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg))))
-    if env.is_main:
-        hydra_dir = run_dir / ".hydra"
-        try:
-            hydra_dir.mkdir(parents=True, exist_ok=True)
-            (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_container(cfg))))
-        except OSError as e:
-            raise SystemExit(f"config error: cannot write the run directory {run_dir} ({e.strerror}); set "
-                             "trainer.output_dir to a writable directory") from None
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():  # unset when the loop runs outside @hydra.main (tests, notebooks)
-            overrides = list(HydraConfig.get().overrides.task)
-            (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(overrides)))
-    return run_dir
-
-
-def resolve_data(cfg: Config, env: DistEnv) -> Any:
-    """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""
-    data = cfg.data
-    if data.loader == "synthetic" or data.root:  # validate() made sure one of the three is set
-        return data
-    if data.loader == "dali" and importlib.util.find_spec("nvidia.dali") is None:
-        # The demo must run on a fresh machine: without DALI (an optional extra) it reads through torch.
-        if env.is_main:
-            print("demo: DALI is not installed (pip install -e '.[dali]'); reading with data.loader=torch")
-        data = replace(data, loader="torch")
-    from data.demo import ensure_demo_dataset
-
-    root = str(ensure_demo_dataset()) if env.is_main else None
-    return replace(data, root=distributed.broadcast_object(root))  # also a barrier: others wait for the files
-
-
-def seed_step(seed: int, rank: int, step: int) -> None:
-    """Seed python/numpy/torch for one optimizer step from (seed, rank, step).
-
-    Loader iterators and evaluation draw from the global generators at points that differ between an
-    uninterrupted and a resumed run; reseeding every step keeps Mixup, erasing and drop path identical.
-    """
-    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)  # every CUDA device too
-
-
-def rng_state() -> dict[str, Any]:
-    """This rank's generator states as tensors and plain types (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of rng_state()."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, or nothing for fp32."""
-    dtype = _DTYPES[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, env: DistEnv, precision: str) -> dict[str, float]:
-    """Exact top-1/top-5 over the val split; counts are reduced once, ids prove every image came once."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # correct@1, correct@5, seen
-    ids = [torch.zeros(0, dtype=torch.int64)]
-    for batch in loader:
-        with autocast(env.device, precision):
-            logits = model(batch.images)
-        hit = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == batch.labels[:, None]
-        counts[0] += hit[:, 0].sum()
-        counts[1] += hit.any(dim=-1).sum()
-        counts[2] += len(hit)
-        ids.append(batch.ids)
-    model.train(was_training)
-    distributed.all_reduce_sum(counts)
-    gathered = distributed.gather_object(torch.cat(ids))
-    distinct = distributed.broadcast_object(int(torch.cat(gathered).unique().numel()) if gathered else 0)
-    c1, c5, seen = counts.tolist()
-    if distinct != int(seen):
-        raise RuntimeError(f"the val loader yielded {int(seen)} images but {distinct} distinct ids; every "
-                           "val image must come exactly once across ranks")
-    return {"top1": 100.0 * c1 / max(seen, 1), "top5": 100.0 * c5 / max(seen, 1), "count": distinct}
-
-
-def evaluate_only(cfg: Config, env: DistEnv) -> int:
-    """mode=eval: load `checkpoint` (official, timm or ours) and print exact top-1/top-5 on the val split."""
-    loader = build_loader(resolve_data(cfg, env), cfg.aug, split="val", img_size=cfg.model.img_size,
-                          seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, device=env.device)
-    path = cfg.checkpoint or CheckpointManager(run_dir_for(cfg) / "checkpoints").latest()
-    if path is None:
-        raise SystemExit("config error: checkpoint is not set and the run dir holds no checkpoint; "
-                         "pass checkpoint=PATH")
-    model = gcvit.create_model(cfg.model.name, num_classes=loader.num_classes, img_size=cfg.model.img_size,
-                               **cfg.model.overrides)
-    state = gcvit.models.checkpoint.safe_load(str(path))
-    ours = isinstance(state.get("model"), dict) and "progress" in state
-    for which in ("model", "ema") if ours and state.get("ema") else ("model",):
-        gcvit.load_checkpoint(model, state[which] if ours else state)
-        res = evaluate(model.to(env.device), loader, env, cfg.trainer.precision)
-        if env.is_main:
-            print(f"eval {which} weights of {path}: top1 {res['top1']:.3f}  top5 {res['top5']:.3f}  "
-                  f"count {res['count']}", flush=True)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------ training
 @dataclass
 class Parts:
     """Everything a training run is made of."""
