@@ -155,3 +155,16 @@ def test_demo_dataset_is_generated_once(tmp_path: Path) -> None:
     assert train[0].read_bytes()[:2] == b"\xff\xd8"  # real JPEG files
     stamp = train[0].stat().st_mtime_ns
     assert ensure_demo_dataset(tmp_path / "demo") == root and train[0].stat().st_mtime_ns == stamp
+
+
+def test_timm_posterize_at_magnitude_10_is_clamped_to_one_bit() -> None:
+    """timm asks for 0 bits at magnitude 10, which Pillow 13 refuses; the torch loader gives 1 bit."""
+    from PIL import Image, ImageOps
+
+    from data.torch_loader import timm_rand_augment
+
+    ra = timm_rand_augment("rand-m10-mstd0-inc1", 32, "bicubic")
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    img = Image.effect_noise((32, 32), 60).convert("RGB")
+    assert op(img).tobytes() == ImageOps.posterize(img, 1).tobytes()

@@ -1,0 +1,150 @@
+"""Train-loader throughput: DALI vs the torch/timm DataLoader with the same threads/workers, side by side.
+
+    python -m data.bench --root ../shared/imagenet-sample --threads 2 --batch 64 --img-size 224
+
+ROOT is a dataset root (ROOT/train/<wnid>/) or a bare folder of class folders (the sample). Each
+configuration (with and without RandAugment) prints one JSON line with both loaders' img/s (the median of
+rounds that alternate between the loaders, so load from other processes hits both alike) and the ratio.
+Pipeline construction and warm-up batches are not timed. Besides wall-clock img/s, each loader's images
+per CPU-second (DALI: this process, all threads; torch: this process plus its DataLoader workers) is
+reported (DALI: its threads plus the main thread while DALI is timed; torch: its worker processes plus the
+main thread while torch is timed): it is what a core delivers when fully used, and unlike img/s it
+barely moves when other processes share the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.config import AugConfig, DataConfig
+from data.loaders import build_loader
+
+FULL = "rand-m9-mstd0.5-inc1"
+
+
+def dataset_root(root: Path, tmp: Path) -> Path:
+    """ROOT itself, or a temporary ROOT whose train/ and val/ link to a bare folder of class folders."""
+    if (root / "train").is_dir():
+        return root
+    for split in ("train", "val"):
+        (tmp / split).symlink_to(root.resolve())
+    return tmp
+
+
+class Endless:
+    """Batches of a train loader across epoch ends."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.epoch = loader, 0
+        self.it = self._restart()
+
+    def _restart(self) -> Any:
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
+
+    def next(self) -> Any:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = self._restart()
+            return next(self.it)
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's live children (the DataLoader workers)."""
+    total = 0.0
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[1] == me:  # ppid
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def timed(stream: Endless, batches: int) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds of the main thread)."""
+    n, tic, cpu = 0, time.perf_counter(), time.thread_time()
+    for _ in range(batches):
+        n += len(stream.next().ids)
+    return n, time.perf_counter() - tic, time.thread_time() - cpu
+
+
+def background_cpu() -> tuple[float, float]:
+    """(CPU of this process's other threads: DALI's, CPU of the child processes: the DataLoader workers)."""
+    return time.process_time() - time.thread_time(), children_cpu_seconds()
+
+
+def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Both loaders on the same images and recipe; medians over alternating rounds."""
+    aug = AugConfig(rand_augment=rand_augment)
+    streams = {}
+    for kind in ("dali", "torch"):
+        data = DataConfig(root=str(root), loader=kind, dali_device="cpu", batch_size=args.batch,
+                          workers=args.threads, prefetch=args.prefetch, index_cache=args.index_cache)
+        loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0, world_size=1,
+                              device=torch.device("cpu"))
+        streams[kind] = Endless(loader)
+        timed(streams[kind], args.warmup)
+    wall: dict[str, list[float]] = {"dali": [], "torch": []}
+    images, cpu = {"dali": 0, "torch": 0}, {"dali": 0.0, "torch": 0.0}
+    # CPU is split by who spends it, not by when: DALI's threads and the DataLoader workers keep
+    # prefetching while the other loader is timed. The main thread is charged to the loader being timed.
+    threads0, workers0 = background_cpu()
+    for _ in range(args.rounds):
+        for kind, stream in streams.items():
+            n, seconds, main_cpu = timed(stream, args.batches)
+            wall[kind].append(n / seconds)
+            images[kind] += n
+            cpu[kind] += main_cpu
+    threads1, workers1 = background_cpu()
+    cpu["dali"] += threads1 - threads0
+    cpu["torch"] += workers1 - workers0
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cpu = {k: images[k] / cpu[k] for k in cpu}
+    return {"bench": "data.train_loader", "rand_augment": rand_augment, "img_size": args.img_size,
+            "batch": args.batch, "threads": args.threads, "dali_img_s": round(med["dali"], 1),
+            "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
+            "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
+            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3), "load_avg": round(os.getloadavg()[0], 1),
+            "rounds_img_s": {k: [round(v, 1) for v in vs] for k, vs in wall.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=12, help="timed batches per round and loader")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rand-augment", nargs="+", default=[FULL, "none"],
+                    help="configurations: timm RandAugment strings, or none")
+    ap.add_argument("--index-cache", default=None, help="index cache dir (default: beside the data)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = dataset_root(args.root, Path(tmp))
+        args.index_cache = args.index_cache or str(Path(tmp) / "index")
+        for ra in args.rand_augment:
+            print(json.dumps(bench(root, None if ra == "none" else ra, args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""python -m data.bench runs both loaders side by side and prints one JSON line per configuration."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data.bench import main
+from data.demo import write_image_folder
+
+
+def test_bench_prints_both_loaders_and_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = write_image_folder(tmp_path / "flat", train_per_class=8, val_per_class=1, num_classes=2)
+    assert main(["--root", str(root / "train"), "--threads", "1", "--batch", "4", "--img-size", "32",
+                 "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["rand_augment"] is None and rec["dali_img_s"] > 0 and rec["torch_img_s"] > 0
+    assert rec["ratio"] == pytest.approx(rec["dali_img_s"] / rec["torch_img_s"], rel=0.01)
+    assert rec["dali_img_per_cpu_s"] > 0 and rec["torch_img_per_cpu_s"] > 0
