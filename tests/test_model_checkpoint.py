@@ -13,7 +13,14 @@ import torch
 
 import gcvit
 from gcvit.convert import main as convert_main
-from gcvit.models.checkpoint import CheckpointLoadError, detect_format, from_native, safe_load, unwrap
+from gcvit.models.checkpoint import (
+    CheckpointLoadError,
+    detect_format,
+    from_native,
+    infer_config,
+    safe_load,
+    unwrap,
+)
 
 DEBUG = dict(dim=32, depths=(2, 2, 2, 2), img_size=64, num_classes=10)
 
@@ -128,3 +135,13 @@ def test_convert_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
     lines = out.err.strip().splitlines()
     assert out.out == "" and len(lines) == 1
     assert "bad.pth is not a GC ViT checkpoint" in lines[0] and not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("fmt", ["native", "timm", "official"])
+def test_architecture_is_inferred_from_any_format(fmt: str) -> None:
+    """What the converter rebuilds: shapes, depths, heads and the geometry (here a custom window)."""
+    kw = dict(dim=32, depths=(2, 2, 4, 2), num_heads=(1, 2, 4, 8), img_size=64, window_size=(4, 2, 2, 2),
+              mlp_ratio=2.0, layer_scale=1e-5, num_classes=7)
+    model = gcvit.create_model("gcvit_tiny", **kw)
+    cfg = infer_config(from_native(model.state_dict(), fmt))
+    assert {k: cfg[k] for k in kw} == kw

@@ -152,6 +152,9 @@ def to_native(sd: Mapping[str, torch.Tensor], model: nn.Module,
 
 # --------------------------------------------------------------------------------------- shape inspection
 _BLOCK = re.compile(r"(?:stages|levels)\.(\d+)\.blocks\.(\d+)\.")
+# The stage-0 global query generator in each format; its number of MBConvs gives the image size.
+_QUERY0 = re.compile(r"(?:stages|levels)\.0\.(?:global_query\.convs\.|global_block\.blocks\.conv|"
+                     r"(?:q_global_gen\.)?to_q_global\.)(\d+)\.")
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -168,12 +171,14 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             if k.endswith("relative_position_bias_table"):
                 heads[s], windows[s] = v.shape[1], (math.isqrt(v.shape[0]) + 1) // 2
     n = len(depths)
+    pools = len({m[1] for m in map(_QUERY0.match, sd) if m})  # each but a lone one halves the map
+    img_size = 4 * windows[0] * 2 ** pools if pools > 1 else 32 * windows[0]  # else: the default geometry
     head = next((sd[k] for k in ("head.weight", "head.fc.weight") if k in sd), None)
     fc1 = next(v for k, v in sd.items() if k.endswith("blocks.0.mlp.fc1.weight"))
     return dict(dim=stem.shape[0], in_chans=stem.shape[1], depths=tuple(depths[i] for i in range(n)),
                 num_heads=tuple(heads[i] for i in range(n)), mlp_ratio=fc1.shape[0] / fc1.shape[1],
                 layer_scale=1e-5 if any("gamma" in k for k in sd) else None,
-                window_size=tuple(windows[i] for i in range(n)), img_size=32 * windows[0],
+                window_size=tuple(windows[i] for i in range(n)), img_size=img_size,
                 num_classes=0 if head is None else head.shape[0])
 
 
