@@ -74,6 +74,13 @@ def trainer_pids(run_dir: Path) -> list[int]:
     return sorted(pid for pid, ppid in found.items() if ppid not in found)
 
 
+def rank_pid(run_dir: Path, env_entry: str) -> int:
+    """The rank of `run_dir` whose environment holds `env_entry` (e.g. SLURM_PROCID=1)."""
+    entry = env_entry.encode()
+    return next(pid for pid in trainer_pids(run_dir)
+                if entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+
+
 def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
     """Block until rank 0 has logged optimizer step `step`."""
     deadline = time.monotonic() + timeout
@@ -156,6 +163,21 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Pat
 
 
 @pytest.mark.slurm
+def test_a_killed_rank_ends_the_job_without_requeue(slurm_cluster: str, tmp_path: Path) -> None:
+    """SIGKILL on rank 1: rank 0 does not hang, the job fails at once and is not requeued (no signal)."""
+    run = tmp_path / "run"
+    res = sbatch(tmp_path, "debug=tiny", "trainer.max_steps=1000", f"trainer.output_dir={run}")
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    wait_for_step(run, 1)
+    victim = rank_pid(run, "SLURM_PROCID=1")
+    os.kill(victim, signal.SIGKILL)
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=90) == "FAILED"
+    assert job_field(job, "Restarts") == "0" and not trainer_pids(run)
+    assert "requeueing" not in (tmp_path / f"slurm-{job}.out").read_text()
+
+
+@pytest.mark.slurm
 def test_submitit_sweep_runs_each_member_in_its_own_run_dir(slurm_cluster: str, tmp_path: Path) -> None:
     """`train.py -m hydra/launcher=slurm` with two learning rates: two SLURM jobs, two finished run dirs."""
     sweep = tmp_path / "sweep"
@@ -189,7 +211,7 @@ def test_torchrun_restarts_the_group_after_a_worker_is_sigkilled(tmp_path: Path)
         # Freeze both so the kill lands mid-run however fast this machine is; kill rank 1, release rank 0.
         for pid in ranks:
             os.kill(pid, signal.SIGSTOP)
-        victim = next(p for p in ranks if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"))
+        victim = rank_pid(run, "RANK=1")
         os.kill(victim, signal.SIGKILL)
         for pid in ranks:
             if pid != victim:
