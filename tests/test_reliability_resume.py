@@ -156,8 +156,8 @@ def ddp(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> dict
     one, two = (*root, *ONE), (*root, *TWO)
     ref = start(tmp / "ref", *two, nproc=2)
     run = tmp / "run"
-    r1 = start(run, *two, nproc=2, env={STEP_PAUSE_ENV: f"{K}:0"})
-    r1.wait_for(STEP_PAUSE_MARKER)  # both ranks inside step K, before its first backward
+    r1 = start(run, *two, nproc=2, env={STEP_PAUSE_ENV: f"{K}:1"})
+    r1.wait_for(STEP_PAUSE_MARKER)  # both ranks in step K, micro-batch 0's gradients accumulated locally
     r1.kill()
     trim_audit(run)
     resized = copy_run(run, tmp / "resized")
