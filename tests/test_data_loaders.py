@@ -64,14 +64,15 @@ def test_resume_mid_epoch_is_bitwise_identical(root: Path, kind: str, ra: str | 
 
 
 def test_augmentation_depends_on_the_sample_not_on_rank_or_batch(root: Path) -> None:
-    """1 rank x 4 and 2 ranks x 2 give bitwise equal images per id; 2 ranks resume a 1-rank state."""
+    """1 rank x 4 (1 thread) and 2 ranks x 2 (2 threads) give bitwise equal images per id; 2 ranks resume
+    a 1-rank state."""
     one = _loader(root, "dali", batch=4, ra=RA)
     one.set_epoch(0)
     ref = {int(i): (x, y) for b in _take(one) for i, x, y in zip(b.ids, b.images, b.labels)}
     assert len(ref) == 52 - 52 % 4
     state = {"epoch": 0, "position": 8, "seed": 7, "num_samples": 52}
     for rank in range(2):
-        two = _loader(root, "dali", batch=2, rank=rank, world=2, ra=RA)
+        two = _loader(root, "dali", batch=2, rank=rank, world=2, ra=RA, workers=2)  # 2 DALI threads
         two.set_epoch(0)
         two.load_state_dict(state)
         for b in _take(two):
