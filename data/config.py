@@ -10,6 +10,15 @@ DALI_DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 
+def checked_interpolation(name: str) -> str:
+    """`name` when it is a supported resize filter, else a one-line error."""
+    if name not in INTERPOLATIONS:
+        from data.index import DataError
+
+        raise DataError(f"data.interpolation={name!r} is not one of {', '.join(INTERPOLATIONS)}")
+    return name
+
+
 @dataclass
 class DataConfig:
     """Where the images are and how they are read."""

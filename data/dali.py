@@ -21,7 +21,7 @@ from PIL import Image
 
 from data import dali_augment
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
-from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
+from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
 from data.index import DataError, Index, bad_image
 from data.loaders import Batch, Loader
 from data.sampler import GlobalSampler, sample_rng
@@ -154,7 +154,7 @@ class DaliLoader(Loader):
         kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
                   device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
                   prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
-                  decoder="mixed" if gpu else "cpu", interp=self.data.interpolation)
+                  decoder="mixed" if gpu else "cpu", interp=checked_interpolation(self.data.interpolation))
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
         return pipe

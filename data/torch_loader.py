@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
-from data.config import IMAGENET_MEAN, AugConfig, DataConfig
+from data.config import IMAGENET_MEAN, AugConfig, DataConfig, checked_interpolation
 from data.index import BadImage, Index, bad_image
 from data.sampler import GlobalSampler, sample_rng
 
@@ -49,7 +49,7 @@ class ImageDataset(Dataset):
                  interpolation: str) -> None:
         self.index, self.aug, self.img_size, self.crop_pct, self.seed = index, aug, img_size, crop_pct, seed
         self.interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-                       "nearest": InterpolationMode.NEAREST}[interpolation]
+                       "nearest": InterpolationMode.NEAREST}[checked_interpolation(interpolation)]
         self.rand_augment = (timm_rand_augment(aug.rand_augment, img_size, interpolation)
                              if aug is not None and aug.rand_augment else None)
         if aug is not None and aug.rand_augment:

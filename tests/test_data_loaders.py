@@ -144,6 +144,10 @@ def test_bad_roots_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "r" / "val").mkdir()
     with pytest.raises(DataError, match=r"n01 holds no images"):
         _loader(tmp_path / "r", "dali")
+    bad = DataConfig(root=str(tmp_path / "r"), loader="torch", interpolation="cubic")
+    (tmp_path / "r" / "train" / "n01" / "a.JPEG").write_bytes(b"")
+    with pytest.raises(DataError, match="data.interpolation='cubic' is not one of bicubic"):
+        build_loader(bad, AugConfig(), split="train", img_size=8, seed=0, rank=0, world_size=1, device=CPU)
     with pytest.raises(DataError, match="data.root is not set"):
         build_loader(DataConfig(root=None), AugConfig(), split="train", img_size=8, seed=0, rank=0,
                      world_size=1, device=CPU)
