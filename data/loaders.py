@@ -79,6 +79,14 @@ class Loader:
                 f.write(json.dumps({"epoch": epoch, "position": entry[1], "ids": ids}) + "\n")
 
 
+def trim_audit(audit_dir: Path | str, epoch: int, position: int) -> None:
+    """Drop every rank's train audit records from (epoch, position) on: a resume hands them out again."""
+    for path in Path(audit_dir).glob("train-rank*.jsonl"):
+        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [r for r in records if (r["epoch"], r["position"]) < (epoch, position)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def normalize_on(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 NCHW (any device) to ImageNet-normalized float32 on `device`."""
     x = images.to(device, non_blocking=True).float()
