@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gcvit
-from data.loaders import build_loader
+from data.loaders import AUDIT_ENV, build_loader, trim_audit
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim
 from gcvit.engine.checkpoint import CheckpointManager
@@ -206,6 +207,8 @@ def train(cfg: Config, env: DistEnv) -> int:
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
     data = resolve_data(cfg, env)
+    if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
+        os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
     p = build(cfg, env, data)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
@@ -220,6 +223,10 @@ def train(cfg: Config, env: DistEnv) -> int:
         state = ckpt.load(Path(latest))
         progress, loader_state = restore(p, state, wandb, env), state["loader"]
         writer.truncate_after(progress.step)
+        if t.audit:
+            if env.is_main:
+                trim_audit(os.environ[AUDIT_ENV], loader_state["epoch"], loader_state["position"])
+            distributed.broadcast_object(None)  # no rank appends before the trim is done
         if env.is_main:
             print(f"resumed from {latest} at step {progress.step} (epoch {progress.epoch})", flush=True)
     if progress.step >= target:
