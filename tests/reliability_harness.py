@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from data.loaders import AUDIT_ENV
 from gcvit.engine.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +88,7 @@ def start(run_dir: Path, *overrides: str, nproc: int = 1, env: dict[str, str] | 
     """Launch `python train.py overrides... trainer.output_dir=run_dir` as `nproc` ranks (torchrun env)."""
     logs = logs or run_dir.parent / f"{run_dir.name}-logs-{time.monotonic_ns()}"
     logs.mkdir(parents=True)
-    base = {**os.environ, "OMP_NUM_THREADS": "1", AUDIT_ENV: str(run_dir / "audit"), **(env or {})}
+    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc))
     cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"trainer.output_dir={run_dir}", *LOADER]
@@ -176,21 +175,8 @@ def _audit_entries(run_dir: Path) -> dict[Path, list[dict[str, Any]]]:
             for p in sorted((run_dir / "audit").glob("train-rank*.jsonl"))}
 
 
-def trim_audit(run_dir: Path) -> None:
-    """Drop audit records of micro-batches after the checkpoint a restart will resume from.
-
-    A killed process handed those batches out but never committed a step with them; the restart hands
-    them out again. The cut is the loader position saved in the newest loadable checkpoint.
-    """
-    loader = state(run_dir)["loader"]
-    cut = (loader["epoch"], loader["position"])
-    for path, entries in _audit_entries(run_dir).items():
-        kept = [e for e in entries if (e["epoch"], e["position"]) < cut]
-        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
-
-
 def audit_ids(run_dir: Path) -> dict[int, list[int]]:
-    """epoch -> every train sample id any rank of any launch consumed in it (duplicates kept)."""
+    """epoch -> every train sample id in RUN_DIR/audit (all ranks and launches; duplicates kept)."""
     out: dict[int, list[int]] = {}
     for entries in _audit_entries(run_dir).values():
         for e in entries:

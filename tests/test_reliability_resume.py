@@ -20,7 +20,6 @@ from reliability_harness import (
     start,
     state,
     steps_per_epoch,
-    trim_audit,
 )
 
 from gcvit.engine.checkpoint import PAUSE_ENV as SAVE_PAUSE_ENV
@@ -83,7 +82,6 @@ def single(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> d
     r1.wait_for(SAVE_PAUSE_MARKER)
     out["tmp_files"] = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".last.pt.tmp")]
     r1.kill()
-    trim_audit(run)
     out["losses_before_kill"] = losses(run)
     mgr = CheckpointManager(run / "checkpoints")
     out["latest_after_kill"] = mgr.latest()
@@ -96,7 +94,6 @@ def single(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> d
     r2 = start(run, *one, env={STEP_PAUSE_ENV: f"{K}:1"})
     r2.wait_for(STEP_PAUSE_MARKER)
     r2.kill()
-    trim_audit(run)
     out["r2"] = r2
     # Negative control: resume as a trainer that does not restore the loader would (the epoch starts over).
     neg = out["neg"] = copy_run(run, tmp / "neg")
@@ -159,7 +156,6 @@ def ddp(root: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory) -> dict
     r1 = start(run, *two, nproc=2, env={STEP_PAUSE_ENV: f"{K}:1"})
     r1.wait_for(STEP_PAUSE_MARKER)  # both ranks in step K, micro-batch 0's gradients accumulated locally
     r1.kill()
-    trim_audit(run)
     resized = copy_run(run, tmp / "resized")
     # Same global batch 16 on one rank: 8 per micro-batch x 2 micro-batches.
     r2, r3 = start(run, *two, nproc=2), start(resized, *one)
