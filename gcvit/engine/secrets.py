@@ -55,23 +55,26 @@ def redact_text(text: str, values: list[str] | None = None) -> str:
 
 
 def redact(obj: T, values: list[str] | None = None) -> T:
-    """A copy of nested dicts/lists/tuples/strs with secrets hidden; other leaves (tensors) are kept."""
+    """`obj` with secrets hidden in nested dicts/lists/tuples/strs; parts holding none come back as is."""
     values = secret_values() if values is None else values
     if isinstance(obj, str):
         return redact_text(obj, values)  # type: ignore[return-value]
     if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if isinstance(k, str) and is_secret_name(k) and isinstance(v, str) and v:
-                out[k] = REDACTED
-            else:
-                out[k] = redact(v, values)
+        out = {k: REDACTED if isinstance(k, str) and is_secret_name(k) and isinstance(v, str) and v
+               else redact(v, values) for k, v in obj.items()}
+        if all(_same(out[k], v) for k, v in obj.items()):
+            return obj  # keeps state dicts' identity and their _metadata (module versions)
         return type(obj)(out) if type(obj) is not dict and _rebuildable(obj) else out  # type: ignore[return-value]
-    if isinstance(obj, list):
-        return [redact(v, values) for v in obj]  # type: ignore[return-value]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(redact(v, values) for v in obj)  # type: ignore[return-value]
+    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
+        seq = [redact(v, values) for v in obj]
+        if all(_same(a, b) for a, b in zip(seq, obj)):
+            return obj
+        return tuple(seq) if isinstance(obj, tuple) else seq  # type: ignore[return-value]
     return obj
+
+
+def _same(new: object, old: object) -> bool:
+    return new is old or (type(new) is str and new == old)
 
 
 def _rebuildable(obj: Mapping) -> bool:
