@@ -82,3 +82,11 @@ def test_redacted_argv_is_restored(monkeypatch) -> None:
     with redacted_argv():
         assert sys.argv == ["train.py", "name=x", f"+logger.wandb.api_key={REDACTED}"]
     assert sys.argv is argv
+
+
+def test_structures_without_secrets_come_back_unchanged(monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    sd = torch.nn.Linear(2, 2).state_dict()
+    state = {"model": sd, "rng": [(3, (1, 2), None)], "note": "fine"}
+    out = redact(state)
+    assert out is state and out["model"]._metadata is sd._metadata  # module versions survive a save
