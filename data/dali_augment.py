@@ -6,6 +6,8 @@ the sample alone. Magnitudes are quantized to 0.1 on timm's 0..10 scale (NUM_BIN
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
@@ -59,6 +61,37 @@ def _color(data: DataNode, factor: DataNode) -> DataNode:
     return fn.cast_like(dmath.clamp(gray + (fn.cast(data, dtype=types.FLOAT) - gray) * factor, 0, 255), data)
 
 
+def _rotate_matrix(img_size: int) -> Callable[[float], np.ndarray]:
+    """PIL Image.rotate(deg) as a dst->src matrix: about the centre, counter-clockwise for deg > 0."""
+    def matrix(deg: float) -> np.ndarray:
+        a, c = -np.deg2rad(float(deg)), img_size / 2
+        m = np.array([[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0], [0, 0, 1]], np.float32)
+        m[:2, 2] = [c - m[0, 0] * c - m[0, 1] * c, c - m[1, 0] * c - m[1, 1] * c]
+        return m
+    return matrix
+
+
+def _shear_matrix(axis: int) -> Callable[[float], np.ndarray]:
+    """timm's shear: PIL AFFINE (1, s, 0, 0, 1, 0) for x, (1, 0, 0, s, 1, 0) for y, as a dst->src matrix."""
+    def matrix(s: float) -> np.ndarray:
+        m = np.eye(3, dtype=np.float32)
+        m[axis, 1 - axis] = s
+        return m
+    return matrix
+
+
+def _warp(name: str, mags: np.ndarray, to_matrix: Callable[[float], np.ndarray],
+          fill: list[int]) -> a._Augmentation:
+    """An affine op as PIL does it (bicubic, dst->src, pixel corners at integers, timm's fill colour):
+    DALI's warp_perspective, which on the CPU is 2.5x faster bicubic than warp_affine is bilinear."""
+    def warp(data: DataNode, matrix: DataNode) -> DataNode:
+        return fn.experimental.warp_perspective(data, matrix, fill_value=fill, interp_type=types.INTERP_CUBIC,
+                                                inverse_map=True, pixel_origin="corner")
+
+    return augmentation(warp, mag_range=mags, randomly_negate=True, mag_to_param=to_matrix,
+                        param_device="auto", name=name)
+
+
 def _translate(axis: int, img_size: int, fill: list[int]) -> a._Augmentation:
     """timm TranslateXRel/YRel as a padded slice, offsets rounded to whole pixels (a warp costs 15x more)."""
     def offset(m: float) -> np.ndarray:
@@ -92,7 +125,7 @@ def _suite(img_size: int, increasing: bool) -> dict[str, a._Augmentation]:
         "AutoContrast": a.auto_contrast,
         "Equalize": _equalize,
         "Invert": a.invert,
-        "Rotate": a.rotate.augmentation(mag_range=mags(30 * _FRAC)),
+        "Rotate": _warp("rotate", mags(30 * _FRAC), _rotate_matrix(img_size), fill),
         "Posterize": a.posterize.augmentation(mag_range=mags(np.maximum(posterize_bits, 1))),
         "Solarize": _solarize.augmentation(mag_range=mags(256 - solarize if increasing else solarize)),
         "SolarizeAdd": _solarize_add.augmentation(mag_range=mags(np.floor(110 * _FRAC))),
@@ -100,8 +133,8 @@ def _suite(img_size: int, increasing: bool) -> dict[str, a._Augmentation]:
         "Contrast": a.contrast.augmentation(mag_range=enhance, **enhance_kw),
         "Brightness": a.brightness.augmentation(mag_range=enhance, **enhance_kw),
         "Sharpness": _sharpness.augmentation(mag_range=enhance, **sharp_kw),
-        "ShearX": a.shear_x.augmentation(mag_range=mags(0.3 * _FRAC)),
-        "ShearY": a.shear_y.augmentation(mag_range=mags(0.3 * _FRAC)),
+        "ShearX": _warp("shear_x", mags(0.3 * _FRAC), _shear_matrix(0), fill),
+        "ShearY": _warp("shear_y", mags(0.3 * _FRAC), _shear_matrix(1), fill),
         "TranslateXRel": _translate(1, img_size, fill),
         "TranslateYRel": _translate(0, img_size, fill),
     }
@@ -134,8 +167,7 @@ def rand_augment(images: DataNode, ops: DataNode, bins: DataNode, signs: DataNod
     # when each op is called; only select()'s `if`s need it.
     chosen = [do_not_convert(suite[name.removesuffix("Increasing")].__call__) for name in ops_for(spec)]
     chosen.append(do_not_convert(a.identity.__call__))
-    fill = sum(round(255 * m) for m in IMAGENET_MEAN) / 3  # warp_affine takes one value for all channels
     for layer in range(spec.num_layers):
         images = select(chosen, ops[layer], data=images, magnitude_bin=signed_bin(bins[layer], signs[layer]),
-                        num_magnitude_bins=NUM_BINS, fill_value=fill, interp_type=types.INTERP_LINEAR)
+                        num_magnitude_bins=NUM_BINS)
     return images
