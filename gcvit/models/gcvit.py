@@ -142,19 +142,19 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table.index_select(0, self.rel_index)
         bias = bias.view(w * w, w * w, heads).permute(2, 0, 1)
         dropout = self.attn_drop if self.training else 0.0
-        # qkv on the whole map, then ONE copy into (n, B, heads, windows, tokens, head_dim)
-        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, d).permute(5, 0, 6, 1, 3, 2, 4, 7)
-        qkv = qkv.reshape(n, B, heads, nh * nw, w * w, d)
+        # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) for
+        # local blocks, (n, B, heads, windows * tokens, head_dim) for the shared-query GEMM of global ones
+        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global:
-            q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in qkv.unbind(0))  # (B * windows, heads, N, d)
-            out = _attention(q, k, v, bias, dropout)
+            qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
+            out = _attention(*qkv.unbind(0), bias, dropout)
             out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
-        elif nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-            k, v = qkv[:, :, :, 0].unbind(0)
-            out = _attention(q_global, k, v, bias, dropout)
-            out = out.view(B, heads, 1, w, 1, w, d).permute(0, 2, 3, 4, 5, 1, 6)
         else:
-            out = _shared_query_attention(q_global, *qkv.unbind(0), bias, dropout)
+            k, v = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d).unbind(0)
+            if nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
+                out = _attention(q_global, k[:, :, 0], v[:, :, 0], bias, dropout)
+            else:
+                out = _shared_query_attention(q_global, k, v, bias, dropout)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
         return self.proj_drop(self.proj(out.reshape(B, H, W, C)))
