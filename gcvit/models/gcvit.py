@@ -171,8 +171,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     if q.device.type != "cpu":  # 4-D mask: the fused kernels accept a broadcast (stride 0) batch
         mask = bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias
-    return F.dropout(attn.softmax(-1), dropout, training=dropout > 0) @ v
+    batch, heads, N, d = q.shape
+    # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores
+    attn = torch.baddbmm(bias.expand(batch, heads, N, N).reshape(batch * heads, N, N), q.reshape(-1, N, d),
+                         k.reshape(-1, N, d).transpose(-1, -2), alpha=d ** -0.5)
+    attn = F.dropout(attn.softmax(-1), dropout, training=dropout > 0)
+    return (attn @ v.reshape(-1, N, d)).view(batch, heads, N, d)
 
 
 def _shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
