@@ -58,8 +58,14 @@ def test_drop_path_defaults_and_override() -> None:
     with torch.device("meta"):
         base = gcvit.create_model("gcvit_base")
         zero = gcvit.create_model("gcvit_base", drop_path_rate=0.0)
-    assert base.stages[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.5)  # published rate, last block
-    assert isinstance(zero.stages[3].blocks[-1].drop_path, torch.nn.Identity)
+    assert base.stages[3].blocks[-1].drop_path == pytest.approx(0.5)  # published rate, last block
+    assert base.stages[0].blocks[0].drop_path == 0.0 and zero.stages[3].blocks[-1].drop_path == 0.0
+    block = _debug(drop_path_rate=0.5).stages[3].blocks[-1]
+    x, y = torch.zeros(256, 1, 1, 4), torch.ones(256, 1, 1, 4)
+    kept = block._residual(x, y, None)[:, 0, 0, 0]  # each sample's branch is dropped or scaled by 1/keep
+    assert set(kept.tolist()) == {0.0, 2.0} and 64 < int((kept == 0).sum()) < 192
+    block.eval()
+    assert torch.equal(block._residual(x, y, None), y)
 
 
 def test_feature_api_shapes_and_consistency() -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -221,14 +221,21 @@ class GCViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C)."""
-        y = self.attn(self.norm1(x), q_global)
-        x = x + self.drop_path(y if self.gamma1 is None else y * self.gamma1)
-        y = self.mlp(self.norm2(x))
-        return x + self.drop_path(y if self.gamma2 is None else y * self.gamma2)
+        x = self._residual(x, self.attn(self.norm1(x), q_global), self.gamma1)
+        return self._residual(x, self.mlp(self.norm2(x)), self.gamma2)
+
+    def _residual(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        """x + drop_path(gamma * y) in one pass: the per-sample keep mask is folded into the scale."""
+        scale = gamma
+        if self.training and self.drop_path > 0:
+            keep = 1.0 - self.drop_path
+            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
+            scale = mask if gamma is None else mask * gamma
+        return x + y if scale is None else torch.addcmul(x, y, scale)
 
 
 class GCViTStage(nn.Module):
