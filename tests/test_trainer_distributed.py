@@ -22,24 +22,22 @@ def test_single_process_without_any_launcher(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(distributed.all_reduce_sum(torch.ones(2)), torch.ones(2))
 
 
+def _setenv(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_torchrun_env_wins_over_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_PROCID", "0")
+    _setenv(monkeypatch, RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", SLURM_NTASKS="2", SLURM_PROCID="0")
     assert distributed._launcher_env() == (3, 8, 1)
 
 
 def test_srun_tasks_derive_rank_and_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the nodelist parser takes over
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_PROCID", "9")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[017-018,020],login1")
+    # PATH without scontrol: the nodelist parser takes over
+    _setenv(monkeypatch, PATH="/nonexistent", SLURM_NTASKS="16", SLURM_PROCID="9", SLURM_LOCALID="1",
+            SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[017-018,020],login1")
     assert distributed._launcher_env() == (9, 16, 1)
     assert os.environ["MASTER_ADDR"] == "gpu017" and os.environ["MASTER_PORT"] == str(15000 + 4242)
 
