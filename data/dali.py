@@ -7,7 +7,6 @@ image's augmentation depends on (seed, epoch, index) only: not on the rank, the 
 from __future__ import annotations
 
 import contextlib
-import io
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -22,13 +21,14 @@ from PIL import Image
 from data import dali_augment
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
 from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
+from data.dali_resize import TorchResize, resize_center_crop, to_square
+from data.image_header import image_size
 from data.index import DataError, Index, bad_image
 from data.loaders import Batch, Loader
 from data.sampler import GlobalSampler, sample_rng
 
-INTERP = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR, "nearest": types.INTERP_NN}
 TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops", "ra_bins", "ra_signs")
-VAL_INPUTS = ("encoded", "roi_start", "roi_end", "ids", "labels")
+VAL_INPUTS = ("encoded", "geometry", "ids", "labels")
 
 
 def _normalize(images: Any, mirror: Any = 0) -> Any:
@@ -39,7 +39,8 @@ def _normalize(images: Any, mirror: Any = 0) -> Any:
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None):
+def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
+                   torch_resize: TorchResize | None):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
     inputs = fn.external_source(source=source, num_outputs=len(TRAIN_INPUTS) - (3 if spec is None else 0),
                                 batch=True)
@@ -47,31 +48,21 @@ def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: 
     images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      adjust_orientation=False, jpeg_fancy_upsampling=True)
-    images = fn.resize(images, size=[img_size, img_size], interp_type=INTERP[interp], antialias=True)
+    images = to_square(images, img_size, interp, torch_resize)
     if spec is not None:
         images = dali_augment.rand_augment(images, *inputs[6:], spec, img_size)
     return _normalize(images, flip), labels, ids
 
 
 @pipeline_def
-def val_pipeline(source: Any, decoder: str, img_size: int, interp: str):
-    """Decode, resize the crop window of timm's resize-shorter-side + center-crop, normalize."""
-    encoded, roi_start, roi_end, ids, labels = fn.external_source(
-        source=source, num_outputs=len(VAL_INPUTS), batch=True)
+def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None):
+    """Decode, timm's resize-shorter-side + center-crop, normalize."""
+    encoded, geometry, ids, labels = fn.external_source(source=source, num_outputs=len(VAL_INPUTS),
+                                                        batch=True)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True)
-    images = fn.resize(images, size=[img_size, img_size], roi_start=roi_start, roi_end=roi_end,
-                       interp_type=INTERP[interp], antialias=True)
+    images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
     return _normalize(images), labels, ids
-
-
-def image_size(encoded: np.ndarray, path: Any) -> tuple[int, int]:
-    """(width, height) from the file header, or a one-line error naming the file."""
-    try:
-        with Image.open(io.BytesIO(encoded.tobytes())) as img:
-            return img.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(bad_image(path, e)) from None
 
 
 class Feeder:
@@ -105,11 +96,12 @@ class Feeder:
     def _read(self, i: int) -> tuple[np.ndarray, int, int]:
         path = self.index.path(i)
         try:
-            encoded = np.fromfile(path, dtype=np.uint8)
+            with open(path, "rb") as f:
+                raw = f.read()
         except OSError as e:
             raise DataError(f"cannot read {path} ({e.strerror}); run python -m data.verify on the dataset "
                             "root") from None
-        return (encoded, *image_size(encoded, path))
+        return (np.frombuffer(raw, np.uint8), *image_size(raw, path))  # a view: DALI copies it once
 
     def _tail(self, i: int) -> list[np.ndarray]:
         return [np.array([i], np.int64), np.array([self.index.labels[i]], np.int64)]
@@ -125,13 +117,10 @@ class Feeder:
                 *self._tail(i), *ra]
 
     def val_sample(self, i: int) -> list[np.ndarray]:
-        """encoded, the center crop of the resized image as a ROI in source pixels (y, x), id, label."""
+        """encoded, (height, width) of the resized image and (top, left) of the crop in it, id, label."""
         encoded, w, h = self._read(i)
         rw, rh, top, left = val_geometry(w, h, self.img_size, self.crop_pct)
-        sy, sx = h / rh, w / rw
-        start = np.array([top * sy, left * sx], np.float32)
-        end = np.array([(top + self.img_size) * sy, (left + self.img_size) * sx], np.float32)
-        return [encoded, start, end, *self._tail(i)]
+        return [encoded, np.array([rh, rw, top, left], np.int32), *self._tail(i)]
 
 
 class DaliLoader(Loader):
@@ -147,6 +136,7 @@ class DaliLoader(Loader):
         self.device = device
         self.feeder = Feeder(index, aug, img_size, data.crop_pct, seed)
         self._pipe: Any = None
+        self._torch_resize = TorchResize(checked_interpolation(data.interpolation), data.workers)
         self._in_pass = False  # a pass was started and not run to its end
 
     def _pipeline(self) -> Any:
@@ -154,7 +144,8 @@ class DaliLoader(Loader):
         kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
                   device_id=(self.device.index or 0) if gpu else None, seed=self.seed,
                   prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
-                  decoder="mixed" if gpu else "cpu", interp=checked_interpolation(self.data.interpolation))
+                  decoder="mixed" if gpu else "cpu", interp=checked_interpolation(self.data.interpolation),
+                  torch_resize=None if gpu else self._torch_resize)
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
         return pipe
