@@ -51,8 +51,10 @@ def test_val_parity_on_generated_images(tmp_path: Path) -> None:
     diffs = _per_image_diff(root, 48)
     assert len(diffs) == 18
     worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= 2.0, f"{worst}: mean |diff| {diffs[worst]:.3f}/255"
-    assert np.mean(list(diffs.values())) <= 0.5  # measured 0.1-0.2; bilinear instead of bicubic gives ~0.7
+    assert diffs[worst] <= 2.0, f"{worst}: mean |diff| {diffs[worst]:.3f}/255"  # the bound
+    # Measured: 0.002 mean, 0.005 worst (torch's uint8 kernel is PIL's filter); DALI's own resize gave 0.1-0.2
+    # and bilinear instead of bicubic gives ~0.7.
+    assert np.mean(list(diffs.values())) <= 0.05
 
 
 @pytest.mark.sample
@@ -67,4 +69,4 @@ def test_val_parity_on_imagenet_sample(imagenet_sample: Path, tmp_path: Path) ->
     assert len(diffs) == len(wnids) == 63
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= 2.0, f"{worst}: mean |diff| {diffs[worst]:.3f}/255"
-    assert np.mean(list(diffs.values())) <= 0.5  # measured 0.17 over all 1000
+    assert np.mean(list(diffs.values())) <= 0.05  # measured 0.004 over all 1000 (worst 0.11)
