@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data import dali
+from data.augment import RandAugmentSpec
 from data.config import IMAGENET_STD, AugConfig, DataConfig
 from data.dali_resize import TorchResize
 from data.demo import write_image_folder
@@ -63,3 +65,15 @@ def test_val_crop_is_resize_then_center_crop() -> None:
     full = np.asarray(Image.fromarray(image).resize((75, 100), Image.Resampling.BILINEAR), int)
     assert out.shape == (64, 64, 3)
     assert np.abs(out.astype(int) - full[13:77, 5:69]).max() <= 1
+
+
+@pytest.mark.parametrize("ra", [None, "rand-m9-mstd0.5-inc1"])
+def test_gpu_pipelines_are_well_formed_without_a_gpu(ra: str | None) -> None:
+    """Defining a DALI graph checks every operator's arguments and the device of every input, no GPU needed:
+    the mixed decode, DALI's resize and crop on the GPU, RandAugment's GPU ops, normalize on the GPU."""
+    kw = dict(source=lambda: None, decoder="mixed", img_size=224, interp="bicubic", torch_resize=None,
+              batch_size=2, num_threads=1, device_id=0)
+    spec = RandAugmentSpec.parse(ra) if ra else None
+    for pipe in (dali.train_pipeline(spec=spec, **kw), dali.val_pipeline(**kw)):
+        images, labels, ids = pipe._graph_out  # the defined outputs (DALI has no public accessor)
+        assert images.device == "gpu" and labels.device == ids.device == "cpu"
