@@ -47,6 +47,18 @@ class ChannelLayerNorm(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over the channels of an NHWC map (B, H, W, C).
+
+    On CPU it runs as a 1x1 convolution of the channels_last NCHW view (both permutes are free views):
+    oneDNN's kernels are up to 1.4x faster than the BLAS GEMM of F.linear there, forward plus backward,
+    most on the 64-channel maps of the first stages. Elsewhere (cuBLAS) it is F.linear.
+    """
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation with GELU and no biases, reduction 4."""
 
@@ -73,8 +85,8 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + pw(se(gelu(dw(x))))."""
         y = self.se(F.gelu(self.conv_dw(x)))
-        # the 1x1 conv as a GEMM over channels: on channels_last maps both permutes are free
-        return x + F.linear(y.permute(0, 2, 3, 1), self.conv_pw.weight.flatten(1)).permute(0, 3, 1, 2)
+        # on channels_last maps both permutes are free
+        return x + pointwise(y.permute(0, 2, 3, 1), self.conv_pw.weight.flatten(1)).permute(0, 3, 1, 2)
 
 
 class ReduceSize(nn.Module):
@@ -144,7 +156,7 @@ class WindowAttention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) for
         # local blocks, (n, B, heads, windows * tokens, head_dim) for the shared-query GEMM of global ones
-        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, d)
+        qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global:
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
             out = _attention(*qkv.unbind(0), bias, dropout)
@@ -157,7 +169,7 @@ class WindowAttention(nn.Module):
                 out = _shared_query_attention(q_global, k, v, bias, dropout)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
-        return self.proj_drop(self.proj(out.reshape(B, H, W, C)))
+        return self.proj_drop(pointwise(out.reshape(B, H, W, C), self.proj.weight, self.proj.bias))
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -195,7 +207,7 @@ def _shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP."""
+    """Two-layer GELU MLP over an NHWC map."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -205,7 +217,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """fc2(gelu(fc1(x)))."""
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        hidden = self.drop(F.gelu(pointwise(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(pointwise(hidden, self.fc2.weight, self.fc2.bias))
 
 
 class GCViTBlock(nn.Module):
