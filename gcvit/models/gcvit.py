@@ -69,7 +69,8 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rescale channels by a gate computed from their spatial means."""
-        gate = self.fc2(F.gelu(self.fc1(x.mean((2, 3))))).sigmoid()
+        # sum, then scale the (B, C) result: mean's backward would divide a full-size gradient copy
+        gate = self.fc2(F.gelu(self.fc1(x.sum((2, 3)) / (x.shape[2] * x.shape[3])))).sigmoid()
         return x * gate[:, :, None, None]
 
 
