@@ -151,9 +151,10 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         w, heads = self.window, self.num_heads
         nh, nw, n, d = H // w, W // w, 3 - self.use_global, C // heads
-        # index_select: its backward (index_add) is several times faster on CPU than that of table[index]
-        bias = self.relative_position_bias_table.index_select(0, self.rel_index)
-        bias = bias.view(w * w, w * w, heads).permute(2, 0, 1)
+        # index_select: its backward (index_add) is several times faster on CPU than that of table[index];
+        # gathering columns of the transposed table yields (heads, N, N) directly and makes the backward
+        # add contiguous gradient rows (2x faster than rows of the permuted gradient)
+        bias = self.relative_position_bias_table.t().index_select(1, self.rel_index).view(heads, w * w, w * w)
         dropout = self.attn_drop if self.training else 0.0
         # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) for
         # local blocks, (n, B, heads, windows * tokens, head_dim) for the shared-query GEMM of global ones
