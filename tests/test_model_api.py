@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gcvit
-from gcvit.models.gcvit import GCViT, _attention
+from gcvit.models.gcvit import GCViT
+from gcvit.models.ops import attention, pointwise
 from gcvit.summary import main as summary_main
 
 OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,
@@ -156,4 +157,17 @@ def test_cpu_attention_equals_sdpa_with_the_bias_as_mask() -> None:
     q, k, v = (torch.randn(6, 2, 49, 16) for _ in range(3))
     bias = torch.randn(2, 49, 49)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(6, -1, -1, -1))
-    torch.testing.assert_close(_attention(q, k, v, bias, 0.0), sdpa, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, bias, 0.0), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_pointwise_equals_linear_with_gradients() -> None:
+    """CPU runs F.linear over NHWC channels as a oneDNN 1x1 conv; values and gradients are F.linear's."""
+    x = torch.randn(2, 7, 5, 24).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
+    ours = pointwise(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), (w, b))
+    g_ref = torch.autograd.grad(ref.square().sum(), (w, b))
+    for a, r in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)

@@ -11,6 +11,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gcvit.models.ops import attention, pointwise, shared_query_attention
+
 __all__ = ["GCViT", "VARIANTS", "stage_window_sizes"]
 
 # Official hyper-parameters (NVlabs/GCVit); drop_path is the published default rate of each variant.
@@ -45,18 +47,6 @@ class ChannelLayerNorm(nn.LayerNorm):
         """Normalize each pixel's channel vector."""
         return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                             self.eps).permute(0, 3, 1, 2)
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear over the channels of an NHWC map (B, H, W, C).
-
-    On CPU it runs as a 1x1 convolution of the channels_last NCHW view (both permutes are free views):
-    oneDNN's kernels are up to 1.4x faster than the BLAS GEMM of F.linear there, forward plus backward,
-    most on the 64-channel maps of the first stages. Elsewhere (cuBLAS) it is F.linear.
-    """
-    if x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
 
 
 class SqueezeExcite(nn.Module):
@@ -161,51 +151,17 @@ class WindowAttention(nn.Module):
         qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global:
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
-            out = _attention(*qkv.unbind(0), bias, dropout)
+            out = attention(*qkv.unbind(0), bias, dropout)
             out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
         else:
             k, v = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d).unbind(0)
             if nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-                out = _attention(q_global, k[:, :, 0], v[:, :, 0], bias, dropout)
+                out = attention(q_global, k[:, :, 0], v[:, :, 0], bias, dropout)
             else:
-                out = _shared_query_attention(q_global, k, v, bias, dropout)
+                out = shared_query_attention(q_global, k, v, bias, dropout)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
         return self.proj_drop(pointwise(out.reshape(B, H, W, C), self.proj.weight, self.proj.bias))
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-               dropout: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v for (batch, heads, N, d) tensors and a (.., heads, N, N) bias.
-
-    SDPA's fused kernels on GPU take the bias as an additive mask (with its gradient). On CPU SDPA has no
-    fused kernel for a mask that needs a gradient and its math fallback adds masking passes (all, isneginf,
-    where), so there the same math is written out (torch.compile fuses it).
-    """
-    if q.device.type != "cpu":  # 4-D mask: the fused kernels accept a broadcast (stride 0) batch
-        mask = bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    batch, heads, N, d = q.shape
-    # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores
-    attn = torch.baddbmm(bias.expand(batch, heads, N, N).reshape(batch * heads, N, N), q.reshape(-1, N, d),
-                         k.reshape(-1, N, d).transpose(-1, -2), alpha=d ** -0.5)
-    attn = F.dropout(attn.softmax(-1), dropout, training=dropout > 0)
-    return (attn @ v.reshape(-1, N, d)).view(batch, heads, N, d)
-
-
-def _shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                            dropout: float) -> torch.Tensor:
-    """Attention of one query set per image over each of its windows, without repeating the query.
-
-    q: (B, heads, N, d); k, v: (B, heads, windows, N, d); bias: (heads, N, N). The scores of all windows
-    come from ONE GEMM per (image, head) (keys of every window against the shared queries), computed
-    transposed so that the per-window softmax and the value product need no copies.
-    """
-    B, heads, nwin, N, d = k.shape
-    scores_t = (k.flatten(2, 3) @ (q * d ** -0.5).transpose(-1, -2)).view(B, heads, nwin, N, N)
-    probs_t = (scores_t + bias.transpose(-1, -2)[:, None]).softmax(dim=-2)  # softmax over keys
-    probs_t = F.dropout(probs_t, dropout, training=dropout > 0)
-    return probs_t.transpose(-1, -2) @ v
 
 
 class Mlp(nn.Module):
