@@ -28,7 +28,7 @@ class DataConfig:
     loader: str = "dali"  # dali | torch (torchvision/timm + DataLoader) | synthetic (random tensors)
     dali_device: str = "cpu"  # cpu (CPU decode, no GPU needed) | gpu (mixed nvJPEG decode)
     batch_size: int = 128  # micro-batch per device
-    workers: int = 8  # DALI CPU threads, or torch DataLoader worker processes
+    workers: int = 8  # DALI CPU threads (and as many cpu-resize threads), or torch DataLoader processes
     prefetch: int = 2  # batches DALI / each DataLoader worker prepares ahead
     crop_pct: float = 0.875  # val: resize the shorter side to img_size / crop_pct, then center crop
     interpolation: str = "bicubic"  # resize filter for train and val: bicubic | bilinear | nearest
