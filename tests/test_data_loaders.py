@@ -103,6 +103,21 @@ def test_abandoned_pass_does_not_leak_into_the_next_epoch(root: Path, kind: str)
     _assert_same(_take(a), _take(fresh))
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batches_held_by_the_caller_are_never_overwritten(root: Path, split: str) -> None:
+    """The dali loader hands out DALI's own output buffers (no copy): later batches must not reuse them."""
+    loader = _loader(root, "dali", split=split, ra=RA if split == "train" else None, workers=2)
+    held, snapshots = [], []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            held.append(batch)
+            snapshots.append([t.clone() for t in batch])
+    assert len(held) > 2 * loader.data.prefetch + 2
+    for batch, snapshot in zip(held, snapshots):
+        assert all(torch.equal(t, s) for t, s in zip(batch, snapshot))
+
+
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_val_every_image_once_over_ranks(root: Path, kind: str) -> None:
     ids, labels = [], []
