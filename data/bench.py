@@ -73,12 +73,14 @@ def children_cpu_seconds() -> float:
     return total
 
 
-def timed(stream: Endless, batches: int) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds of the main thread)."""
-    n, tic, cpu = 0, time.perf_counter(), time.thread_time()
+def timed(stream: Endless, batches: int, queued: int = 0) -> tuple[int, float, int, float]:
+    """(images, wall seconds) of `batches` batches taken after the `queued` batches the loader prepared
+    while the other one was timed (they cost no wall time now); (images, main-thread CPU seconds) of all."""
+    cpu, first = time.thread_time(), sum(len(stream.next().ids) for _ in range(queued))
+    n, tic = 0, time.perf_counter()
     for _ in range(batches):
         n += len(stream.next().ids)
-    return n, time.perf_counter() - tic, time.thread_time() - cpu
+    return n, time.perf_counter() - tic, first + n, time.thread_time() - cpu
 
 
 def background_cpu() -> tuple[float, float]:
@@ -101,12 +103,15 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
     images, cpu = {"dali": 0, "torch": 0}, {"dali": 0.0, "torch": 0.0}
     # CPU is split by who spends it, not by when: DALI's threads and the DataLoader workers keep
     # prefetching while the other loader is timed. The main thread is charged to the loader being timed.
+    # Between its rounds a loader refills its queue (DALI: prefetch batches; torch: prefetch per worker),
+    # taking CPU from the other's round; those batches are not timed, so neither gets a head start.
+    queued = {"dali": args.prefetch, "torch": args.prefetch * args.threads}
     threads0, workers0 = background_cpu()
     for _ in range(args.rounds):
         for kind, stream in streams.items():
-            n, seconds, main_cpu = timed(stream, args.batches)
+            n, seconds, n_all, main_cpu = timed(stream, args.batches, queued[kind])
             wall[kind].append(n / seconds)
-            images[kind] += n
+            images[kind] += n_all
             cpu[kind] += main_cpu
     threads1, workers1 = background_cpu()
     cpu["dali"] += threads1 - threads0
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--prefetch", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=12, help="timed batches per round and loader")
+    ap.add_argument("--batches", type=int, default=20, help="timed batches per round and loader")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rand-augment", nargs="+", default=[FULL, "none"],
