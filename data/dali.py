@@ -192,6 +192,8 @@ class DaliLoader(Loader):
             dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
             feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
             return dst
+        # A cpu pipeline has no device_id, so its buffers are pageable: a copy to CUDA has read them when
+        # .to() returns, before the shared buffer can be released.
         return torch.from_dlpack(out.as_tensor()).to(self.device, non_blocking=True)
 
     def _decode_error(self, error: RuntimeError) -> DataError:
