@@ -1,15 +1,15 @@
 """Train-loader throughput: DALI vs the torch/timm DataLoader with the same threads/workers, side by side.
 
     python -m data.bench --root ../shared/imagenet-sample --threads 2 --batch 64 --img-size 224
+    python -m data.bench --root /data/imagenet --threads 8 --batch 256 --dali-device gpu   # on a GPU
 
 ROOT is a dataset root (ROOT/train/<wnid>/) or a bare folder of class folders (the sample). Each
 configuration (with and without RandAugment) prints one JSON line with both loaders' img/s (the median of
 rounds that alternate between the loaders, so load from other processes hits both alike) and the ratio.
 Pipeline construction and warm-up batches are not timed. Besides wall-clock img/s, each loader's images
-per CPU-second (DALI: this process, all threads; torch: this process plus its DataLoader workers) is
-reported (DALI: its threads plus the main thread while DALI is timed; torch: its worker processes plus the
-main thread while torch is timed): it is what a core delivers when fully used, and unlike img/s it
-barely moves when other processes share the machine.
+per CPU-second are reported (DALI: its threads plus the main thread while DALI is timed; torch: its
+worker processes plus the main thread while torch is timed): it is what a core delivers when fully used,
+and unlike img/s it barely moves when other processes share the machine.
 """
 from __future__ import annotations
 
@@ -77,9 +77,12 @@ def timed(stream: Endless, batches: int, queued: int = 0) -> tuple[int, float, i
     """(images, wall seconds) of `batches` batches taken after the `queued` batches the loader prepared
     while the other one was timed (they cost no wall time now); (images, main-thread CPU seconds) of all."""
     cpu, first = time.thread_time(), sum(len(stream.next().ids) for _ in range(queued))
-    n, tic = 0, time.perf_counter()
+    n, tic, batch = 0, time.perf_counter(), None
     for _ in range(batches):
-        n += len(stream.next().ids)
+        batch = stream.next()
+        n += len(batch.ids)
+    if batch is not None and batch.images.is_cuda:  # the last batch is complete only when the GPU's work is
+        torch.cuda.synchronize(batch.images.device)
     return n, time.perf_counter() - tic, first + n, time.thread_time() - cpu
 
 
@@ -93,10 +96,10 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
     aug = AugConfig(rand_augment=rand_augment)
     streams = {}
     for kind in ("dali", "torch"):
-        data = DataConfig(root=str(root), loader=kind, dali_device="cpu", batch_size=args.batch,
+        data = DataConfig(root=str(root), loader=kind, dali_device=args.dali_device, batch_size=args.batch,
                           workers=args.threads, prefetch=args.prefetch, index_cache=args.index_cache)
         loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0, world_size=1,
-                              device=torch.device("cpu"))
+                              device=torch.device("cuda" if args.dali_device == "gpu" else "cpu"))
         streams[kind] = Endless(loader)
         timed(streams[kind], args.warmup)
     wall: dict[str, list[float]] = {"dali": [], "torch": []}
@@ -118,7 +121,8 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
     cpu["torch"] += workers1 - workers0
     med = {k: statistics.median(v) for k, v in wall.items()}
     cpu = {k: images[k] / cpu[k] for k in cpu}
-    return {"bench": "data.train_loader", "rand_augment": rand_augment, "img_size": args.img_size,
+    return {"bench": "data.train_loader", "dali_device": args.dali_device, "rand_augment": rand_augment,
+            "img_size": args.img_size,
             "batch": args.batch, "threads": args.threads, "dali_img_s": round(med["dali"], 1),
             "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
             "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
@@ -140,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rand-augment", nargs="+", default=[FULL, "none"],
                     help="configurations: timm RandAugment strings, or none")
     ap.add_argument("--index-cache", default=None, help="index cache dir (default: beside the data)")
+    ap.add_argument("--dali-device", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: nvJPEG decode and every op on the GPU; both loaders then deliver to cuda:0")
     args = ap.parse_args(argv)
+    if args.dali_device == "gpu" and not torch.cuda.is_available():
+        ap.error("--dali-device gpu needs a CUDA GPU, and torch sees none here")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.bench import main
 from data.demo import write_image_folder
@@ -20,3 +21,10 @@ def test_bench_prints_both_loaders_and_the_ratio(tmp_path: Path, capsys: pytest.
     assert rec["rand_augment"] is None and rec["dali_img_s"] > 0 and rec["torch_img_s"] > 0
     assert rec["ratio"] == pytest.approx(rec["dali_img_s"] / rec["torch_img_s"], rel=0.01)
     assert rec["dali_img_per_cpu_s"] > 0 and rec["torch_img_per_cpu_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_gpu_bench_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--root", "unused", "--dali-device", "gpu"])
+    assert "--dali-device gpu needs a CUDA GPU" in capsys.readouterr().err
