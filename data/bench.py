@@ -122,8 +122,8 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
     med = {k: statistics.median(v) for k, v in wall.items()}
     cpu = {k: images[k] / cpu[k] for k in cpu}
     return {"bench": "data.train_loader", "dali_device": args.dali_device, "rand_augment": rand_augment,
-            "img_size": args.img_size,
-            "batch": args.batch, "threads": args.threads, "dali_img_s": round(med["dali"], 1),
+            "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
+            "dali_img_s": round(med["dali"], 1),
             "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
             "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
             "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3), "load_avg": round(os.getloadavg()[0], 1),

@@ -136,7 +136,9 @@ class DaliLoader(Loader):
         self.device = device
         self.feeder = Feeder(index, aug, img_size, data.crop_pct, seed)
         self._pipe: Any = None
-        self._torch_resize = TorchResize(checked_interpolation(data.interpolation), data.workers)
+        self._interp = checked_interpolation(data.interpolation)
+        # the cpu pipelines resize on torch's kernels (data/dali_resize.py); the gpu ones use DALI's
+        self._torch_resize = None if data.dali_device == "gpu" else TorchResize(self._interp, data.workers)
         self._in_pass = False  # a pass was started and not run to its end
 
     def _pipeline(self) -> Any:
@@ -144,8 +146,7 @@ class DaliLoader(Loader):
         kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
                   device_id=(self.device.index or 0) if gpu else None, seed=self.seed, exec_dynamic=True,
                   prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
-                  decoder="mixed" if gpu else "cpu", interp=checked_interpolation(self.data.interpolation),
-                  torch_resize=None if gpu else self._torch_resize)
+                  decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize)
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
         return pipe
