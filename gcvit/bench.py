@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcvit.engine.metrics import peak_flops, train_flops_per_image
 from gcvit.models import canonical_name, create_model
 from gcvit.models.gcvit import VARIANTS
+
+IN1K_TRAIN_IMAGES = 1_281_167
+IN1K_EPOCHS = 310  # the recipe's 300 cosine epochs + 10 cooldown epochs
 
 
 def _sync(device: torch.device) -> None:
@@ -62,7 +69,7 @@ def _steps(model: nn.Module, args: argparse.Namespace, device: torch.device) -> 
         with torch.inference_mode(), amp:
             net(x)
 
-    return {"train": train, "infer": infer}
+    return {k: fn for k, fn in (("train", train), ("infer", infer)) if k in args.steps}
 
 
 def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
@@ -80,12 +87,18 @@ def run(args: argparse.Namespace) -> dict:
     name = canonical_name(args.model)
     impls = ["ours", *args.compare]
     torch.manual_seed(0)
-    steps = {impl: _steps(_build(impl, name, args, device), args, device) for impl in impls}
+    models = {impl: _build(impl, name, args, device) for impl in impls}
+    steps = {impl: _steps(models[impl], args, device) for impl in impls}
+    peak_mem: dict[str, float] = {}
     for impl in impls:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for fn in steps[impl].values():
             for _ in range(args.warmup):
                 fn()
-    samples: dict[str, dict[str, list[float]]] = {i: {"train": [], "infer": []} for i in impls}
+        if device.type == "cuda":  # both models' weights and optimizer states are resident: the same for both
+            peak_mem[impl] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    samples: dict[str, dict[str, list[float]]] = {i: {k: [] for k in args.steps} for i in impls}
     for r in range(args.repeats):
         for impl in impls if r % 2 == 0 else impls[::-1]:
             for kind, fn in steps[impl].items():
@@ -95,11 +108,38 @@ def run(args: argparse.Namespace) -> dict:
                         threads=torch.get_num_threads(), repeats=args.repeats, iters=args.iters)
     for impl in impls:
         result[impl] = {f"{k}_img_s": round(statistics.median(v), 2) for k, v in samples[impl].items()}
+        if impl in peak_mem:
+            result[impl]["peak_mem_gib"] = peak_mem[impl]
+    flops = train_flops_per_image(models["ours"], args.img_size, device)
+    peak = peak_flops(device, args.precision)
+    result["ours"]["train_gflop_per_image"] = round(flops / 1e9, 2)
+    if "train" in args.steps:
+        rate = result["ours"]["train_img_s"]
+        result["ours"]["mfu"] = round(rate * flops / peak, 4) if peak else None
+        # the in1k recipe on 8 such devices at this step rate (perfect scaling, the data keeping up)
+        result["in1k_hours_on_8"] = round(IN1K_EPOCHS * IN1K_TRAIN_IMAGES / (8 * rate) / 3600, 1)
     for other in args.compare:
         result[f"ratio_ours_{other}"] = {
             k: round(statistics.median(a / b for a, b in zip(samples["ours"][k], samples[other][k])), 3)
-            for k in ("train", "infer")}
+            for k in args.steps}
     return result
+
+
+def environment(device: torch.device) -> dict:
+    """Where a result was measured: device, versions, code commit (GCVIT_COMMIT where .git is absent)."""
+    commit = os.environ.get("GCVIT_COMMIT")
+    if not commit:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__))
+        commit = out.stdout.strip() or None
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    env = {"device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if cuda else None, "commit": commit}
+    with contextlib.suppress(ImportError):
+        import timm
+        env["timm"] = timm.__version__
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,15 +153,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs and weights for both")
+    p.add_argument("--steps", nargs="+", choices=["train", "infer"], default=["train", "infer"],
+                   help="what to time: a train step (fwd + bwd + AdamW) and/or an inference pass")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of each step first")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
     p.add_argument("--iters", type=int, default=2, help="calls per timed sample")
+    p.add_argument("--json-out", help="also write the result, with device and versions, to this JSON file")
     args = p.parse_args(argv)
     try:
-        print(json.dumps(run(args)), flush=True)
+        result = run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(json.dumps(result), flush=True)
+    if args.json_out:
+        record = {"benchmark": "gcvit.bench", "argv": sys.argv[1:] if argv is None else argv,
+                  **environment(torch.device(args.device)), "result": result}
+        with open(args.json_out, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
     return 0
 
 

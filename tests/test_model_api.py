@@ -9,7 +9,7 @@ import torch
 
 import gcvit
 from gcvit.models.gcvit import GCViT
-from gcvit.models.ops import attention, pointwise
+from gcvit.models.ops import MASK_ALIGN, aligned_bias, attention, pointwise
 from gcvit.summary import main as summary_main
 
 OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,
@@ -158,6 +158,31 @@ def test_cpu_attention_equals_sdpa_with_the_bias_as_mask() -> None:
     bias = torch.randn(2, 49, 49)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(6, -1, -1, -1))
     torch.testing.assert_close(attention(q, k, v, bias, 0.0), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_attention_path_gives_the_learned_bias_a_gradient_and_never_uses_cudnn() -> None:
+    """The CUDA branch, traced on meta tensors (no GPU needed): the whole model's forward and backward run
+    and every relative-position table gets a gradient. Negative control: cuDNN attention, which SDPA ranks
+    first on sm90 when a mask is given, refuses a mask that requires grad: the branch must not reach it."""
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=10, img_size=224).to("meta")
+    model(torch.zeros(2, 3, 224, 224, device="meta")).sum().backward()
+    tables = [p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert len(tables) == 12 and all(p.grad is not None and p.grad.shape == p.shape for p in tables)
+    q = torch.zeros(2, 2, 49, 32, device="meta", dtype=torch.bfloat16)
+    mask = torch.zeros(1, 2, 49, 49, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'attn_bias'"):
+        torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, mask.expand(2, -1, -1, -1), True, 0.0,
+                                                           False, False)[0].sum().backward()
+
+
+def test_aligned_bias_is_a_free_slice_of_padded_rows() -> None:
+    """Memory-efficient attention copies a mask whose row strides are not multiples of 8: the bias must
+    arrive aligned (49-token rows stored 56 apart), equal to the bias, repeated per window when asked."""
+    bias = torch.randn(3, 49, 49)
+    mask = aligned_bias(bias, torch.bfloat16, repeats=4)
+    assert mask.shape == (1, 12, 49, 49) and mask.dtype == torch.bfloat16
+    assert all(s % MASK_ALIGN == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
+    torch.testing.assert_close(mask[0].view(3, 4, 49, 49), bias.bfloat16()[:, None].expand(3, 4, 49, 49))
 
 
 def test_cpu_pointwise_equals_linear_with_gradients() -> None:

@@ -21,17 +21,54 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-               dropout: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v for (batch, heads, N, d) tensors and a (.., heads, N, N) bias.
+# Memory-efficient attention reads its additive mask with the strides it is given but pads (copies) any
+# mask whose non-last strides are not multiples of 8: N = 49 or 196 tokens would cost a full
+# (batch, heads, N, N) copy per call. The bias is therefore laid out in rows of a multiple of 8.
+MASK_ALIGN = 8
 
-    SDPA's fused kernels on GPU take the bias as an additive mask (with its gradient). On CPU SDPA has no
-    fused kernel for a mask that needs a gradient and its math fallback adds masking passes (all, isneginf,
-    where), so there the same math is written out (torch.compile fuses it).
+
+def aligned_bias(bias: torch.Tensor, dtype: torch.dtype, repeats: int = 1) -> torch.Tensor:
+    """(heads, N, N) bias -> (1, heads * repeats, N, N) in `dtype`, rows padded to MASK_ALIGN (a free slice).
+
+    `repeats` > 1 repeats each head's bias for that many consecutive windows (shared-query attention).
+    The copy made here is of the bias alone, not of the batch: the batch is a stride-0 expand.
     """
-    if q.device.type != "cpu":  # 4-D mask: the fused kernels accept a broadcast (stride 0) batch
-        mask = bias.to(q.dtype).expand(q.shape[0], -1, -1, -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    heads, N, _ = bias.shape
+    padded = F.pad(bias.to(dtype), (0, -N % MASK_ALIGN))
+    if repeats > 1:
+        padded = padded[:, None].expand(heads, repeats, N, padded.shape[-1]).reshape(heads * repeats, N, -1)
+    return padded[None, :, :, :N]
+
+
+def fused(q: torch.Tensor) -> bool:
+    """Whether attention of `q` goes through the fused kernel: off the CPU, head dims the kernel takes."""
+    return q.device.type != "cpu" and q.shape[-1] % MASK_ALIGN == 0
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    dropout: float) -> torch.Tensor:
+    """SDPA's memory-efficient kernel for (batch, heads, N, d) tensors and an aligned_bias() mask.
+
+    The backend is chosen explicitly: it is the fused kernel whose backward gives the mask its gradient
+    (the bias is learned). Flash attention takes no mask, and cuDNN attention, which SDPA ranks first on
+    sm90 when a mask is given, is not differentiable with respect to it: the first training step would fail.
+    """
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, mask.expand(q.shape[0], -1, -1, -1), True, dropout)[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+              dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for (batch, heads, N, d) tensors and a (heads, N, N) bias.
+
+    Off the CPU: SDPA's memory-efficient kernel (fused_attention). On CPU (and for head dims of reduced
+    debug models that the kernel does not take) SDPA has no fused kernel for a mask
+    that needs a gradient and its math fallback adds masking passes (all, isneginf, where), so there the same
+    math is written out (torch.compile fuses it).
+    """
+    if fused(q):
+        dtype = k.dtype  # under autocast: the low-precision type of the qkv projection
+        return fused_attention(q.to(dtype), k, v, aligned_bias(bias, dtype), dropout)
     batch, heads, N, d = q.shape
     # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores
     attn = torch.baddbmm(bias.expand(batch, heads, N, N).reshape(batch * heads, N, N), q.reshape(-1, N, d),
@@ -41,14 +78,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
 
 def shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                            dropout: float) -> torch.Tensor:
-    """Attention of one query set per image over each of its windows, without repeating the query.
+                           dropout: float) -> torch.Tensor:
+    """Attention of one query set per image over each of its windows: (B, heads, windows, N, d) out.
 
-    q: (B, heads, N, d); k, v: (B, heads, windows, N, d); bias: (heads, N, N). The scores of all windows
-    come from ONE GEMM per (image, head) (keys of every window against the shared queries), computed
-    transposed so that the per-window softmax and the value product need no copies.
+    q: (B, heads, N, d); k, v: (B, heads, windows, N, d); bias: (heads, N, N).
+    Off the CPU the windows become heads of one fused call: the query is expanded per window (a copy the
+    size of k) and everything stays in the low-precision type under autocast, where the unfused form would
+    promote the (B, heads, windows, N, N) scores to fp32. On CPU the scores of all windows come from ONE GEMM
+    per (image, head) (keys of every window against the shared queries), computed transposed so that the
+    per-window softmax and the value product need no copies.
     """
     B, heads, nwin, N, d = k.shape
+    if fused(q):
+        dtype = k.dtype
+        q_all = q.to(dtype)[:, :, None].expand(B, heads, nwin, N, d).reshape(B, heads * nwin, N, d)
+        mask = aligned_bias(bias, dtype, nwin)
+        out = fused_attention(q_all, k.flatten(1, 2), v.flatten(1, 2), mask, dropout)
+        return out.view(B, heads, nwin, N, d)
     scores_t = (k.flatten(2, 3) @ (q * d ** -0.5).transpose(-1, -2)).view(B, heads, nwin, N, N)
     probs_t = (scores_t + bias.transpose(-1, -2)[:, None]).softmax(dim=-2)  # softmax over keys
     probs_t = F.dropout(probs_t, dropout, training=dropout > 0)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one-shot GPU kit: on a bare GPU machine that has only torch and timm, install the carried wheels, run
+# the GPU test tier, then time our GC ViT against timm's (bf16, eager and compiled) and write one JSON per
+# benchmark under benchmarks/results/ (copied to OUT_DIR too). Without CUDA every GPU step says so in one line and is skipped.
+#
+#   bash benchmarks/gpu_kit.sh [OUT_DIR]        # OUT_DIR (default: benchmarks/results/kit-<date>) gets the logs
+#
+# Wheels: the machine needs hydra-core, omegaconf and antlr4-python3-runtime (the trainer tests); prepare them
+# on a machine with a package index, in the repository root (pure-Python wheels, any platform):
+#   pip download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # published as an sdist only
+# wandb is optional (W&B stays disabled). Environment: GCVIT_COMMIT names the commit where .git is absent;
+# KIT_MODELS (default gcvit_tiny) and KIT_BATCH (default 128) choose what the benchmarks time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/kit-$(date -u +%Y%m%d-%H%M)}
+RESULTS=benchmarks/results
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset HYDRA_FULL_ERROR  # the one-line-error tests read the plain messages
+STAMP=$(date -u +%Y%m%d-%H%M)
+status=0
+step() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gcvit-site .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/gcvit-site"
+fi
+python3 - <<'EOF'
+import importlib.util, torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      + (f"{torch.cuda.get_device_name()} (cuDNN {torch.backends.cudnn.version()})" if torch.cuda.is_available()
+         else "no CUDA device: the GPU steps below skip"))
+missing = [m for m in ("hydra", "omegaconf", "timm") if importlib.util.find_spec(m) is None]
+print("missing packages (the trainer tests need them): " + ", ".join(missing) if missing else "packages: ok")
+EOF
+cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+[ "$cuda" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+tier() {  # tier NAME PYTEST-ARGS...: a part of tests/gpu, its log in OUT
+    local name=$1; shift
+    step "GPU test tier: $name"
+    timeout 600 python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu-tests-$name.log" || status=1
+}
+# the model tier first (a minute): a failure there is what the benchmarks would trip on
+tier model tests/gpu --ignore tests/gpu/test_gpu_train.py
+if [ "$cuda" = 1 ]; then
+    for model in ${KIT_MODELS:-gcvit_tiny}; do
+        for mode in eager compiled; do
+            flags=(--model "$model" --compare timm --batch "${KIT_BATCH:-128}" --precision bf16 --iters 10)
+            if [ "$mode" = compiled ]; then flags+=(--compile --steps train --warmup 3 --repeats 3); fi
+            json="$RESULTS/gpu-$model-bf16-$mode-$STAMP.json"
+            step "benchmark $model bf16 $mode -> $json"
+            timeout 600 python3 -m gcvit.bench "${flags[@]}" --json-out "$json" 2>&1 | tee -a "$OUT/bench.log" \
+                || status=1
+            cp "$json" "$OUT/" 2>/dev/null
+        done
+    done
+else
+    step "benchmarks: no CUDA device, skipped (they time bf16 training on a GPU)"
+fi
+tier train tests/gpu/test_gpu_train.py
+step "done (status $status)"
+exit $status

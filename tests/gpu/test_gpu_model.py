@@ -1,0 +1,118 @@
+"""GPU tier, model: the fused attention against the written-out math (values and the bias table's gradient),
+bf16 against fp32, torch.compile against eager, and parity with timm's GC ViT on CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gcvit.models import create_model
+from gcvit.models.ops import attention, shared_query_attention
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}  # bf16 keeps 8 bits of mantissa: relative 2^-8 per value
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The definition in fp64: softmax(q k^T / sqrt(d) + bias) v."""
+    q, k, v, bias = (t.double() for t in (q, k, v, bias))
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Max error relative to the largest reference value, so the bound reads the same for every tensor."""
+    err = (actual.double() - expected.double()).abs().max() / expected.double().abs().max()
+    assert err <= TOL[dtype], f"{what}: relative max error {err:.2e} > {TOL[dtype]:.0e} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [49, 196])  # 7x7 and 14x14 windows: rows the kernel would otherwise pad
+def test_fused_attention_equals_the_math_with_the_bias_gradient(cuda, dtype, tokens) -> None:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(6, 4, tokens, 32, generator=g).to(cuda, dtype).requires_grad_() for _ in range(3))
+    table = torch.randn(4, tokens, tokens, generator=g).to(cuda).requires_grad_()  # fp32, as the model's
+    out = attention(q, k, v, table, 0.0)
+    assert out.dtype == dtype
+    grad_out = torch.randn(out.shape, generator=g).to(cuda, dtype)
+    ref = _reference(q, k, v, table)
+    _close(out, ref, dtype, "output")
+    grads = torch.autograd.grad(out, (q, k, v, table), grad_out)
+    refs = torch.autograd.grad(ref, (q, k, v, table), grad_out.double())
+    for name, a, b in zip(("q", "k", "v", "bias table"), grads, refs):
+        _close(a, b, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_query_attention_equals_per_window_attention(cuda, dtype) -> None:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    B, heads, nwin, N, d = 3, 2, 4, 49, 32
+    q = torch.randn(B, heads, N, d, generator=g).to(cuda).requires_grad_()  # the global query stays fp32
+    k, v = (torch.randn(B, heads, nwin, N, d, generator=g).to(cuda, dtype).requires_grad_() for _ in range(2))
+    table = torch.randn(heads, N, N, generator=g).to(cuda).requires_grad_()
+    out = shared_query_attention(q, k, v, table, 0.0)
+    assert out.shape == (B, heads, nwin, N, d) and out.dtype == dtype
+    ref = _reference(q[:, :, None], k, v, table[:, None])
+    grad_out = torch.randn(out.shape, generator=g).to(cuda, dtype)
+    _close(out, ref, dtype, "output")
+    grads = torch.autograd.grad(out, (q, k, table), grad_out)
+    refs = torch.autograd.grad(ref, (q, k, table), grad_out.double())
+    for name, a, b in zip(("q (shared)", "k", "bias table"), grads, refs):
+        _close(a, b, dtype, f"grad {name}")
+
+
+def _model(cuda: torch.device, name: str = "gcvit_xxtiny", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, num_classes=100, img_size=224, drop_path_rate=0.0, **kw).to(cuda)
+
+
+def _batch(n: int, g: torch.Generator, cuda: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = torch.randn(n, 3, 224, 224, generator=g), torch.randint(0, 100, (n,), generator=g)
+    return x.to(cuda), y.to(cuda)
+
+
+def _loss_and_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    return logits.float().detach(), loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def test_bf16_forward_backward_tracks_fp32(cuda) -> None:
+    """bf16 autocast against fp32 on one model: logits within 5% of their range, every parameter's gradient
+    pointing the same way (cosine >= 0.97; the relative-position tables included)."""
+    model = _model(cuda)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x, y = _batch(8, g, cuda)
+    ref_logits, ref_loss, ref_grads = _loss_and_grads(model, x, y, None)
+    logits, loss, grads = _loss_and_grads(model, x, y, torch.bfloat16)
+    err = (logits - ref_logits).abs().max() / ref_logits.abs().max()
+    assert err < 0.05, f"bf16 logits differ from fp32 by {err:.3f} of their range"
+    assert abs(loss - ref_loss) < 0.02 * ref_loss
+    worst = min((F.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0).item(), n)
+                for n in ref_grads if ref_grads[n].abs().max() > 0)
+    assert worst[0] >= 0.97, f"bf16 gradient of {worst[1]} has cosine {worst[0]:.3f} to fp32"
+
+
+def test_compiled_model_equals_eager(cuda) -> None:
+    """torch.compile(fullgraph=True) on CUDA: the same logits and gradients as eager, in fp32."""
+    model = _model(cuda)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x, y = _batch(4, g, cuda)
+    eager = _loss_and_grads(model, x, y, None)
+    compiled = _loss_and_grads(torch.compile(model, fullgraph=True), x, y, None)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-3, rtol=1e-3)
+    for n, grad in eager[2].items():
+        torch.testing.assert_close(compiled[2][n], grad, atol=1e-3, rtol=1e-2, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["gcvit_xxtiny", "gcvit_tiny"])
+def test_equals_timm_on_cuda(cuda, name) -> None:
+    """Our model with timm's weights gives timm's logits on CUDA (fp32, TF32 off)."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model(name, pretrained=False, num_classes=100, img_size=224).to(cuda).eval()
+    ours = create_model(name, num_classes=100, img_size=224, checkpoint=theirs.state_dict()).to(cuda).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator(device="cpu").manual_seed(4)).to(cuda)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x), atol=2e-4, rtol=1e-4)
