@@ -77,7 +77,7 @@ def _loss_and_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dt
     """Logits, loss and every parameter's gradient of `model`, run through `net` (e.g. compiled) if given."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-        logits = (net or model)(x)
+        logits = (model if net is None else net)(x)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     return logits.float().detach(), loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
@@ -114,8 +114,8 @@ def test_compiled_model_equals_eager(cuda) -> None:
 @pytest.mark.parametrize("name", ["gcvit_xxtiny", "gcvit_tiny"])
 def test_cuda_logits_equal_cpu_logits_and_timm(cuda, name) -> None:
     """fp32 (TF32 off): our CUDA branch (fused attention, F.linear) gives the CPU branch's logits, which the
-    CPU suite proves equal to timm's; and timm's own on CUDA for one image (older timm releases, 1.0.15 for
-    one, tile the global query across the batch instead of per image, so only a single image compares)."""
+    CPU suite proves equal to timm's; and timm's own on CUDA for one image (timm releases before 1.0.31
+    tile the global query across the batch instead of per image, so only a single image compares)."""
     timm = pytest.importorskip("timm")
     theirs = timm.create_model(name, pretrained=False, num_classes=100, img_size=224).eval()
     ours = create_model(name, num_classes=100, img_size=224, checkpoint=theirs.state_dict()).eval()
