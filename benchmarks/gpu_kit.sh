@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-shot GPU kit: on a bare GPU machine that has only torch and timm, install the carried wheels, run
 # the GPU test tier, then time our GC ViT against timm's (bf16, eager and compiled) and write one JSON per
-# benchmark under benchmarks/results/ (copied to OUT_DIR too). Without CUDA every GPU step says so in one line and is skipped.
+# benchmark under benchmarks/results/ (copied to OUT_DIR too). Without CUDA every GPU step says so in one
+# line and is skipped.
 #
 #   bash benchmarks/gpu_kit.sh [OUT_DIR]        # OUT_DIR (default: benchmarks/results/kit-<date>) gets the logs
 #
@@ -9,8 +10,16 @@
 # on a machine with a package index, in the repository root (pure-Python wheels, any platform):
 #   pip download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3     # published as an sdist only
-# wandb is optional (W&B stays disabled). Environment: GCVIT_COMMIT names the commit where .git is absent;
-# KIT_MODELS (default gcvit_tiny) and KIT_BATCH (default 128) choose what the benchmarks time.
+# wandb is optional (W&B stays disabled). DALI (optional: its GPU tests skip without it) is ~190 MB, more
+# than one transfer carries: split the wheel into numbered folders and carry one per call, back to back
+# (a warm machine keeps what earlier calls carried); the kit joins the parts in order:
+#   split -b 60M -d nvidia_dali_cuda130-*.whl part; for p in part*; do mkdir -p .dali/$p; mv $p .dali/$p/; done
+#   echo nvidia_dali_cuda130-*.whl > .dali/NAME      # the wheel's file name, carried with the last part
+# DALI's own dependencies that such a machine lacks (astunparse, gast, libcst, makefun, nvtx,
+# nvidia-libnvcomp-cu13, nvidia-nvimgcodec-cu13) go into .whl as wheels for Python 3.12 manylinux x86_64.
+# Environment: GCVIT_COMMIT names the commit where .git is absent;
+# KIT_MODELS (default gcvit_tiny), KIT_BATCH (default 128) and KIT_COMPILE (default 1) choose what the
+# benchmarks time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/kit-$(date -u +%Y%m%d-%H%M)}
@@ -25,6 +34,13 @@ step() { echo "=== $(date -u +%H:%M:%S) $*"; }
 if compgen -G ".whl/*.whl" >/dev/null; then
     step "installing carried wheels: $(ls .whl | tr '\n' ' ')"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gcvit-site .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/gcvit-site"
+fi
+if [ -f .dali/NAME ]; then
+    wheel=/tmp/$(cat .dali/NAME)
+    cat .dali/part*/part* > "$wheel"
+    step "installing DALI from $(ls -d .dali/part* | wc -l) carried parts: $(basename "$wheel")"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gcvit-site "$wheel" || status=1
     export PYTHONPATH="$PYTHONPATH:/tmp/gcvit-site"
 fi
 python3 - <<'EOF'
@@ -43,11 +59,14 @@ tier() {  # tier NAME PYTEST-ARGS...: a part of tests/gpu, its log in OUT
     step "GPU test tier: $name"
     timeout 600 python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu-tests-$name.log" || status=1
 }
-# the model tier first (a minute): a failure there is what the benchmarks would trip on
-tier model tests/gpu --ignore tests/gpu/test_gpu_train.py
+# The tests first (about 2 + 2 minutes on an H200), then the eager benchmark (1 minute), then the compiled
+# one (about 5 minutes, mostly compiling both models: KIT_COMPILE=0 leaves it out on a short lease).
+tier main tests/gpu --ignore tests/gpu/test_gpu_train.py
+tier train tests/gpu/test_gpu_train.py
 if [ "$cuda" = 1 ]; then
+    modes="eager"; [ "${KIT_COMPILE:-1}" = 1 ] && modes="eager compiled"
     for model in ${KIT_MODELS:-gcvit_tiny}; do
-        for mode in eager compiled; do
+        for mode in $modes; do
             flags=(--model "$model" --compare timm --batch "${KIT_BATCH:-128}" --precision bf16 --iters 10)
             if [ "$mode" = compiled ]; then flags+=(--compile --steps train --warmup 3 --repeats 3); fi
             json="$RESULTS/gpu-$model-bf16-$mode-$STAMP.json"
@@ -60,6 +79,5 @@ if [ "$cuda" = 1 ]; then
 else
     step "benchmarks: no CUDA device, skipped (they time bf16 training on a GPU)"
 fi
-tier train tests/gpu/test_gpu_train.py
 step "done (status $status)"
 exit $status

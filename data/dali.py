@@ -31,16 +31,17 @@ TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops",
 VAL_INPUTS = ("encoded", "geometry", "ids", "labels")
 
 
-def _normalize(images: Any, mirror: Any = 0) -> Any:
-    """Flip, ImageNet mean/std, HWC uint8 -> CHW float (one fused DALI op)."""
+def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
+    """Flip, ImageNet mean/std, uint8 -> float16/32 (one fused DALI op), kept HWC: each batch is the NHWC
+    memory of the channels_last NCHW tensor the model runs on, so no layout or dtype copy follows."""
     mean, std = [255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW", mean=mean,
-                                    std=std)
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT16 if half else types.FLOAT,
+                                    output_layout="HWC", mean=mean, std=std)
 
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
-                   torch_resize: TorchResize | None):
+                   torch_resize: TorchResize | None, half: bool):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
     inputs = fn.external_source(source=source, num_outputs=len(TRAIN_INPUTS) - (3 if spec is None else 0),
                                 batch=True)
@@ -51,18 +52,19 @@ def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: 
     images = to_square(images, img_size, interp, torch_resize)
     if spec is not None:
         images = dali_augment.rand_augment(images, *inputs[6:], spec, img_size)
-    return _normalize(images, flip), labels, ids
+    return _normalize(images, half, flip), labels, ids
 
 
 @pipeline_def
-def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None):
+def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
+                 half: bool):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
     encoded, geometry, ids, labels = fn.external_source(source=source, num_outputs=len(VAL_INPUTS),
                                                         batch=True)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True)
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
-    return _normalize(images), labels, ids
+    return _normalize(images, half), labels, ids
 
 
 class Feeder:
@@ -127,13 +129,14 @@ class DaliLoader(Loader):
     """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next."""
 
     def __init__(self, index: Index, data: DataConfig, aug: AugConfig | None, sampler: GlobalSampler, *,
-                 img_size: int, seed: int, device: torch.device, split: str, audit: bool) -> None:
+                 img_size: int, seed: int, device: torch.device, dtype: torch.dtype, split: str,
+                 audit: bool) -> None:
         super().__init__(sampler, len(index.classes), split, audit)
         if data.dali_device == "gpu" and device.type != "cuda":
             raise DataError(f"data.dali_device=gpu needs a CUDA training device, got {device}; "
                             "use data.dali_device=cpu")
         self.index, self.data, self.aug, self.img_size, self.seed = index, data, aug, img_size, seed
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.feeder = Feeder(index, aug, img_size, data.crop_pct, seed)
         self._pipe: Any = None
         self._interp = checked_interpolation(data.interpolation)
@@ -146,7 +149,8 @@ class DaliLoader(Loader):
         kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
                   device_id=(self.device.index or 0) if gpu else None, seed=self.seed, exec_dynamic=True,
                   prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
-                  decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize)
+                  decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize,
+                  half=self.dtype == torch.float16)
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
         return pipe
@@ -177,7 +181,7 @@ class DaliLoader(Loader):
             except RuntimeError as e:
                 self._pipe, self._in_pass = None, False  # a failed pipeline is not reused
                 raise self._decode_error(e) from None
-            yield Batch(self._to_torch(images), self._to_torch(labels).view(-1),
+            yield Batch(self._to_torch(images).permute(0, 3, 1, 2), self._to_torch(labels).view(-1),
                         torch.from_dlpack(ids.as_tensor()).view(-1))
 
     def _to_torch(self, out: Any) -> torch.Tensor:
@@ -190,7 +194,7 @@ class DaliLoader(Loader):
         """
         if isinstance(out, TensorListGPU):
             t = out.as_tensor()
-            dst = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            dst = torch.empty(t.shape(), dtype=self.dtype, device=self.device)  # only images run on GPU
             feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
             return dst
         # A cpu pipeline has no device_id, so its buffers are pageable: a copy to CUDA has read them when

@@ -17,8 +17,15 @@ AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed
 SYNTHETIC_VAL_SAMPLES = 50000
 
 
+def image_dtype(precision: str) -> torch.dtype:
+    """What the images leave the loader as: half precision for bf16/fp16 steps (DALI has no bfloat16; the
+    model's first convolution converts under autocast, as it would convert float32), float32 otherwise."""
+    return torch.float16 if precision in ("bf16", "fp16") else torch.float32
+
+
 class Batch(NamedTuple):
-    """One micro-batch: normalized float NCHW images and int64 labels on the device, int64 ids on CPU."""
+    """One micro-batch: normalized NCHW images in channels_last memory (the layout the model runs in) of
+    image_dtype(precision), int64 labels on the device; int64 ids on CPU."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -87,22 +94,23 @@ def trim_audit(audit_dir: Path | str, epoch: int, position: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def normalize_on(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW (any device) to ImageNet-normalized float32 on `device`."""
-    x = images.to(device, non_blocking=True).float()
+def normalize_on(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 NCHW (any device) to ImageNet-normalized `dtype` on `device`, channels_last."""
+    x = images.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
+    return ((x - mean) / std).to(dtype)
 
 
 class SyntheticLoader(Loader):
     """Fixed random images already on the device: measures the model and the loop without input costs."""
 
     def __init__(self, sampler: GlobalSampler, num_classes: int, img_size: int, seed: int,
-                 device: torch.device, split: str, audit: bool) -> None:
+                 device: torch.device, dtype: torch.dtype, split: str, audit: bool) -> None:
         super().__init__(sampler, num_classes, split, audit)
         g = torch.Generator(device="cpu").manual_seed(seed)
-        self.images = torch.randn(sampler.batch_size, 3, img_size, img_size, generator=g).to(device)
+        images = torch.randn(sampler.batch_size, 3, img_size, img_size, generator=g)
+        self.images = images.to(device, dtype).contiguous(memory_format=torch.channels_last)
         self.device = device
 
     def _produce(self) -> Iterator[Batch]:
@@ -116,33 +124,35 @@ class TorchLoader(Loader):
     """PIL/torchvision/timm transforms in DataLoader workers; normalization on the device."""
 
     def __init__(self, sampler: GlobalSampler, batches: Any, num_classes: int, device: torch.device,
-                 split: str, audit: bool) -> None:
+                 dtype: torch.dtype, split: str, audit: bool) -> None:
         super().__init__(sampler, num_classes, split, audit)
-        self.batches, self.device = batches, device
+        self.batches, self.device, self.dtype = batches, device, dtype
 
     def _produce(self) -> Iterator[Batch]:
         try:
             for images, labels, ids in self.batches:
                 labels = labels.to(self.device, non_blocking=True).long()
-                yield Batch(normalize_on(images, self.device), labels, ids.long())
+                yield Batch(normalize_on(images, self.device, self.dtype), labels, ids.long())
         except BadImage as e:  # re-raised by the DataLoader with the worker's traceback around our line
             raise DataError(str(e).rsplit("BadImage: ", 1)[-1].strip()) from None
 
 
 def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,
-                 world_size: int, device: torch.device, audit: bool = False) -> Loader:
-    """The loader of one split for this rank (see data.sampler for the sharding and resume guarantees)."""
+                 world_size: int, device: torch.device, audit: bool = False,
+                 precision: str = "fp32") -> Loader:
+    """The loader of one split for this rank (see data.sampler for the sharding and resume guarantees);
+    `precision` is the step's (trainer.precision): it sets the images' dtype (image_dtype)."""
     if data.loader not in LOADERS:
         raise DataError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
     if split not in ("train", "val"):
         raise DataError(f"split={split!r} must be train or val")
     train = split == "train"
-    device = torch.device(device)
+    device, dtype = torch.device(device), image_dtype(precision)
     if data.loader == "synthetic":
         n = data.synthetic_samples if train else SYNTHETIC_VAL_SAMPLES
         sampler = GlobalSampler(n, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                                 train=train)
-        return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, split, audit)
+        return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, dtype, split, audit)
     if not data.root:
         raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
                         "ROOT/val/<wnid>/*.JPEG) or use data=demo")
@@ -153,10 +163,10 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
         from data.torch_loader import torch_batches
 
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
-        return TorchLoader(sampler, batches, len(index.classes), device, split, audit)
+        return TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
     if data.dali_device not in DALI_DEVICES:
         raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
     from data.dali import DaliLoader
 
     return DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
-                      device=device, split=split, audit=audit)
+                      device=device, dtype=dtype, split=split, audit=audit)

@@ -72,7 +72,7 @@ def test_gpu_pipelines_are_well_formed_without_a_gpu(ra: str | None) -> None:
     """Defining a DALI graph checks every operator's arguments and the device of every input, no GPU needed:
     the mixed decode, DALI's resize and crop on the GPU, RandAugment's GPU ops, normalize on the GPU."""
     kw = dict(source=lambda: None, decoder="mixed", img_size=224, interp="bicubic", torch_resize=None,
-              batch_size=2, num_threads=1, device_id=0)
+              half=True, batch_size=2, num_threads=1, device_id=0)
     spec = RandAugmentSpec.parse(ra) if ra else None
     for pipe in (dali.train_pipeline(spec=spec, **kw), dali.val_pipeline(**kw)):
         images, labels, ids = pipe._graph_out  # the defined outputs (DALI has no public accessor)

@@ -24,10 +24,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _loader(root: Path, kind: str, *, split: str = "train", batch: int = 4, rank: int = 0, world: int = 1,
-            ra: str | None = None, workers: int = 1):
+            ra: str | None = None, workers: int = 1, precision: str = "fp32"):
     data = DataConfig(root=str(root), loader=kind, batch_size=batch, workers=workers, prefetch=2)
     return build_loader(data, AugConfig(rand_augment=ra), split=split, img_size=24, seed=7, rank=rank,
-                        world_size=world, device=CPU)
+                        world_size=world, device=CPU, precision=precision)
 
 
 def _take(loader, n: int | None = None) -> list[Batch]:
@@ -188,3 +188,16 @@ def test_timm_posterize_at_magnitude_10_is_clamped_to_one_bit() -> None:
     op.prob = 1.0
     img = Image.effect_noise((32, 32), 60).convert("RGB")
     assert op(img).tobytes() == ImageOps.posterize(img, 1).tobytes()
+
+
+@pytest.mark.parametrize("kind", ["dali", "torch", "synthetic"])
+def test_images_leave_the_loader_in_the_model_s_form(root: Path, kind: str) -> None:
+    """channels_last NCHW (the model's layout: no copy before the stem), float16 for bf16/fp16 steps and
+    float32 otherwise; the half batch is the float one rounded to float16 (the same pixels and labels)."""
+    full, half = (_take(_loader(root, kind, split="val", precision=p), 2) for p in ("fp32", "bf16"))
+    for a, b in zip(full, half):
+        assert a.images.dtype == torch.float32 and b.images.dtype == torch.float16
+        for x in (a.images, b.images):
+            assert x.shape[1] == 3 and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(b.images.float(), a.images, atol=2e-3, rtol=1e-3)

@@ -43,7 +43,8 @@ def evaluate(model: nn.Module, loader: Any, env: DistEnv, precision: str) -> dic
 def evaluate_only(cfg: Config, env: DistEnv) -> int:
     """mode=eval: load `checkpoint` (official, timm or ours) and print exact top-1/top-5 on the val split."""
     loader = build_loader(resolve_data(cfg, env), cfg.aug, split="val", img_size=cfg.model.img_size,
-                          seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, device=env.device)
+                          seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, device=env.device,
+                          precision=cfg.trainer.precision)
     path = cfg.checkpoint or CheckpointManager(run_dir_for(cfg) / "checkpoints").latest()
     if path is None:
         raise SystemExit("config error: checkpoint is not set and the run dir holds no checkpoint; "

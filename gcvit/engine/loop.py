@@ -86,7 +86,7 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
     """Loaders, model, EMA and the recipe, all derived from the global batch and the world size."""
     t, aug = cfg.trainer, cfg.aug
     common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                  device=env.device, audit=t.audit)
+                  device=env.device, audit=t.audit, precision=t.precision)
     train_loader = build_loader(data, aug, split="train", **common)
     val_loader = build_loader(data, aug, split="val", **common)
     accum = optim.accumulation_steps(t.global_batch_size, data.batch_size, env.world_size)
