@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -69,14 +70,14 @@ def config_row(cfg: Config, overrides: list[str]) -> Row:
 def merge(per_rank: list[list[Row]], hosts: list[str]) -> list[Row]:
     """One row per check: rank 0's, unless another rank saw worse, then the worst one and where it was."""
     merged = []
-    for i, row in enumerate(per_rank[0]):
-        worst = max(range(len(per_rank)), key=lambda r: (SEVERITY[per_rank[r][i].status], -r))
-        if SEVERITY[per_rank[worst][i].status] > SEVERITY[row.status]:
-            bad = per_rank[worst][i]
-            n = sum(rows[i].status == bad.status for rows in per_rank)
-            row = Row(bad.check, bad.status, f"rank {worst} on {hosts[worst]} ({n} of {len(per_rank)} "
-                      f"ranks): {bad.detail}", bad.values)
-        merged.append(row)
+    for name in dict.fromkeys(r.check for rows in per_rank for r in rows):
+        seen = [(rank, r) for rank, rows in enumerate(per_rank) for r in rows if r.check == name]
+        rank, worst = max(seen, key=lambda s: (SEVERITY[s[1].status], -s[0]))  # ties: the lowest rank
+        if rank != 0:
+            n = sum(r.status == worst.status for _, r in seen)
+            worst = Row(name, worst.status, f"rank {rank} on {hosts[rank]} ({n} of {len(per_rank)} ranks): "
+                        f"{worst.detail}", worst.values)
+        merged.append(worst)
     return merged
 
 
@@ -113,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run every check, print the table on rank 0, write --json; returns the exit code (all ranks agree)."""
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
-    env = distributed.init("cpu" if cfg.trainer.device == "cpu" else "auto", timeout_min=5)
+    try:
+        env = distributed.init("cpu" if cfg.trainer.device == "cpu" else "auto", timeout_min=5)
+    except RuntimeError as e:  # torch's rendezvous and NCCL errors (DistNetworkError, DistStoreError, ...)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        print(f"doctor: FAIL launcher: cannot join the process group at {where}: "
+              f"{str(e).strip().splitlines()[0]}; check that every rank was started and the address is "
+              "reachable from all nodes", file=sys.stderr)
+        return 1
     started = time.time()
     local, facts = doctor_rows.node_rows(cfg, env, args)
     local.insert(0, config_row(cfg, overrides))

@@ -7,6 +7,7 @@ import argparse
 import glob
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from gcvit import cluster, doctor_checks
 from gcvit.config import Config
-from gcvit.doctor_checks import OK, WARN, Row, human_bytes
+from gcvit.doctor_checks import FAIL, OK, WARN, Row, human_bytes
 from gcvit.engine.distributed import DistEnv
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -31,31 +32,52 @@ class Facts:
     train_files: int = 0
     classes: int | None = None  # None: no dataset index (synthetic loader, or it failed)
     read: dict[str, float] | None = None  # timed_read() of this rank's sample
+    jpeg: Path | None = None  # a JPEG of the dataset for the DALI decode check
+
+
+def guarded(check: str, fn: Callable[..., Row | list[Row]], *args: Any) -> list[Row]:
+    """The rows of fn(*args), or one FAIL row when the check itself breaks: a broken node must show up as a
+    row, not as a traceback on one rank while the others wait for it."""
+    try:
+        out = fn(*args)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        return [Row(check, FAIL, f"the check raised {type(e).__name__}" + (f": {lines[0]}" if lines else ""))]
+    return out if isinstance(out, list) else [out]
+
+
+def _dataset(cfg: Config, env: DistEnv, args: argparse.Namespace, facts: Facts) -> Row:
+    """The index loads and a sample of it is read; fills `facts` for rank 0's projections."""
+    from gcvit.engine.setup import resolve_data
+
+    data = cfg.data
+    if data.loader == "synthetic":
+        facts.classes = data.synthetic_classes
+        return Row("data-index", OK, "data.loader=synthetic: random tensors, no files read")
+    if data.root or data.demo:
+        data = resolve_data(cfg, env)  # the demo dataset is generated once by rank 0, as train.py does
+    row, index = doctor_checks.dataset_index(data.root, data.index_cache, data.index_dir)
+    if index is not None:
+        facts.train_files, facts.classes = len(index), len(index.classes)
+        try:
+            facts.read = doctor_checks.timed_read(index, args.sample_files, data.workers, seed=env.rank)
+        except OSError as e:
+            return Row("data-index", FAIL, f"cannot read {e.filename} ({e.strerror}); run python -m "
+                       f"data.verify {data.root} --write-index DIR and train on that clean index "
+                       "(data.index_dir=DIR)")
+        facts.jpeg = next((index.path(i) for i in range(min(len(index), 100))
+                           if index.files[i].lower().endswith((".jpeg", ".jpg"))), None)
+    return row
 
 
 def node_rows(cfg: Config, env: DistEnv, args: argparse.Namespace) -> tuple[list[Row], Facts]:
     """This rank's node: software, GPUs, the dataset (index and a timed read), DALI, the launcher."""
-    from gcvit.engine.setup import resolve_data
-
-    rows = doctor_checks.software()
-    rows.append(doctor_checks.gpus(cfg.trainer.device, cfg.trainer.precision))
-    facts, jpeg = Facts(), None
-    data = cfg.data
-    if data.loader == "synthetic":
-        rows.append(Row("data-index", OK, "data.loader=synthetic: random tensors, no files read"))
-        facts.classes = data.synthetic_classes
-    else:
-        if data.root or data.demo:
-            data = resolve_data(cfg, env)  # the demo dataset is generated once by rank 0, as train.py does
-        row, index = doctor_checks.dataset_index(data.root, data.index_cache, data.index_dir)
-        rows.append(row)
-        if index is not None:
-            facts.train_files, facts.classes = len(index), len(index.classes)
-            facts.read = doctor_checks.timed_read(index, args.sample_files, data.workers, seed=env.rank)
-            jpeg = next((index.path(i) for i in range(min(len(index), 100))
-                         if index.files[i].lower().endswith((".jpeg", ".jpg"))), None)
-    rows.append(doctor_checks.dali_decode(jpeg))
-    rows.append(doctor_checks.launcher(env.rank, env.world_size, env.local_rank))
+    facts = Facts()
+    rows = guarded("cuda", doctor_checks.software)
+    rows += guarded("gpus", doctor_checks.gpus, cfg.trainer.device, cfg.trainer.precision)
+    rows += guarded("data-index", _dataset, cfg, env, args, facts)
+    rows += guarded("dali", doctor_checks.dali_decode, facts.jpeg)
+    rows += guarded("launcher", doctor_checks.launcher, env.rank, env.world_size, env.local_rank)
     return rows, facts
 
 

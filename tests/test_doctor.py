@@ -70,6 +70,15 @@ def test_missing_data_root_is_a_fail_row_and_one_line(tmp_path: Path, capsys) ->
     assert "data-read" not in table  # nothing to time without an index
 
 
+def test_an_unreadable_file_is_a_fail_row_naming_it(tmp_path: Path, capsys) -> None:
+    data = write_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1, num_classes=2, seed=2)
+    gone = data / "train" / "00_circle" / "lost.JPEG"
+    gone.symlink_to(tmp_path / "unmounted" / "lost.JPEG")  # a link into storage that is not there
+    code, _, err, table = _run([*TINY, f"data.root={data}", f"trainer.output_dir={tmp_path}"], capsys)
+    assert code == 1 and table["data-index"] == FAIL
+    assert err.startswith(f"doctor: FAIL data-index: cannot read {gone} (No such file or directory)")
+
+
 def test_unset_root_fails_the_config_and_the_data(tmp_path: Path, capsys) -> None:
     code, _, err, table = _run(["data=imagenet", f"trainer.output_dir={tmp_path}"], capsys)
     assert code == 1 and table["config"] == FAIL and table["data-index"] == FAIL
