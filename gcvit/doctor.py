@@ -134,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = merge([r for _, r, _ in gathered], hosts)
         all_facts = [f for _, _, f in gathered]
         rate, source = doctor_rows.target_rate(cfg.model.name, args.target_img_s)
-        params = doctor_rows.model_bytes(cfg, all_facts[0].classes or 1000)[0]
-        rows += doctor_rows.cluster_rows(cfg, env, nodes, measured, params, rate)
-        rows += doctor_rows.data_rows(cfg, env, all_facts, rate, source)
-        rows.append(doctor_rows.disk_row(cfg, all_facts[0].classes))
-        rows.append(doctor_checks.wandb_row(cfg.logger.wandb.mode))
+        classes = all_facts[0].classes
+        for check, fn, *fn_args in (
+                ("interconnect", doctor_rows.cluster_rows, env, nodes, measured),
+                ("grad-sync", doctor_rows.grad_sync_row, cfg, measured, classes, rate),
+                ("data-epoch", doctor_rows.data_rows, cfg, env, all_facts, rate, source),
+                ("disk", doctor_rows.disk_row, cfg, classes),
+                ("wandb", doctor_checks.wandb_row, cfg.logger.wandb.mode)):
+            rows += doctor_rows.guarded(check, fn, *fn_args)
         rows.sort(key=lambda r: ORDER.index(r.check))
         header = (f"gcvit.doctor: {env.world_size} rank(s) on {len(set(hosts))} node(s), "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}")

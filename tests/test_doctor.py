@@ -85,6 +85,14 @@ def test_unset_root_fails_the_config_and_the_data(tmp_path: Path, capsys) -> Non
     assert "data.root is unset; pass data.root=ROOT" in err
 
 
+def test_an_unknown_model_fails_its_rows_without_a_traceback(root: Path, tmp_path: Path, capsys) -> None:
+    code, out, err, table = _run([*TINY, "model.name=gcvit_huge", f"data.root={root}",
+                                  f"trainer.output_dir={tmp_path}"], capsys)
+    assert code == 1 and table["config"] == FAIL and "model.name='gcvit_huge' is invalid" in err
+    assert table["disk"] == FAIL and table["data-read"] == OK  # the checks that need no model still run
+    assert "Traceback" not in out + err
+
+
 def test_full_disk_is_a_fail_row(root: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     real = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(doctor_checks.shutil, "disk_usage",
