@@ -88,7 +88,7 @@ def table(rows: list[Row], header: str) -> str:
     width = max(len(r.check) for r in rows)
     lines = [header, f"{'CHECK'.ljust(width)}  STATUS  DETAIL"]
     for r in rows:
-        wrapped = textwrap.wrap(r.detail, 110 - width - 10) or [""]
+        wrapped = textwrap.wrap(r.detail, 110 - width - 10, break_on_hyphens=False) or [""]
         lines.append(f"{r.check.ljust(width)}  {r.status.ljust(6)}  {wrapped[0]}")
         lines += [" " * (width + 10) + w for w in wrapped[1:]]
     return "\n".join(lines)
