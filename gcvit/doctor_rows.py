@@ -179,7 +179,7 @@ def data_rows(cfg: Config, env: DistEnv, facts: list[Facts], rate: float, rate_s
     nbytes = sum(r["bytes"] for r in reads)
     seconds = max(r["seconds"] for r in reads)  # the ranks read at the same time
     files_s, mb_s = files / seconds, nbytes / 1e6 / seconds
-    procs = f"{len(reads)} rank(s) x {cfg.data.workers} threads"
+    procs = f"{len(reads)} rank(s) x {cfg.data.workers} thread(s)"
     rows = [Row("data-read", OK, f"{files} files ({human_bytes(nbytes / files)} each) by {procs}, page cache "
                 f"dropped: {files_s:,.0f} files/s, {mb_s:,.1f} MB/s", {"files": files, "bytes": nbytes,
                 "seconds": seconds, "files_per_s": files_s, "mb_per_s": mb_s})]

@@ -183,6 +183,22 @@ def test_torchrun_two_ranks_measure_the_allreduce_and_rank_0_prints(root: Path, 
     assert "rank 0 of 2" in res.stdout and "torchrun" in res.stdout
 
 
+@pytest.mark.slow
+def test_srun_tasks_are_ranks(slurm_cluster: str, root: Path, tmp_path: Path) -> None:
+    """Two srun tasks on the local one-node cluster (launch/local_slurm.sh) join one gloo group."""
+    out = tmp_path / "doctor.json"
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    cmd = ["srun", "--ntasks=2", "--time=5", sys.executable, "-m", "gcvit.doctor", *TINY, f"data.root={root}",
+           f"trainer.output_dir={tmp_path}", "--json", str(out), "--allreduce-mb", "4"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("gcvit.doctor: 2 rank(s)") == 1
+    values = {r["check"]: r["values"] for r in json.loads(out.read_text())["rows"]}
+    assert values["launcher"]["kind"] == "srun" and values["launcher"]["SLURM_NTASKS"] == "2"
+    assert values["allreduce"]["ranks"] == 2 and len(values["allreduce"]["rank_seconds"]) == 2
+
+
 def test_busbw_follows_nccl_tests() -> None:
     m = cluster.AllReduce(ranks=8, megabytes=1000.0, rank_seconds=[0.5, 1.0], backend="nccl")
     assert m.algbw == pytest.approx(1.0) and m.busbw == pytest.approx(1.75)
