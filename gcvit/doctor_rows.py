@@ -197,8 +197,9 @@ def data_rows(cfg: Config, env: DistEnv, facts: list[Facts], rate: float, rate_s
     values = {"train_files": n, "epoch_bytes": epoch_bytes, "read_seconds": read_s, "train_seconds": train_s,
               "needed_img_s": need, "target_img_s_per_gpu": rate, "gpus": gpus}
     if files_s < need:
-        advice = ("copy the dataset to node-local NVMe, or raise data.workers" if env.distributed else
-                  "launch under torchrun/srun with the job's ranks to measure concurrent reads")
+        advice = ("fewer processes read than will train: launch under torchrun/srun with the job's ranks to "
+                  "measure concurrent reads" if gpus > len(reads) else
+                  "copy the dataset to node-local NVMe, or raise data.workers")
         rows.append(Row("data-epoch", WARN, f"{detail}: storage is the bottleneck; {advice}{cache}", values))
     else:
         rows.append(Row("data-epoch", OK, detail, values))

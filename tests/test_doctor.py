@@ -151,6 +151,18 @@ def test_json_report(root: Path, tmp_path: Path, capsys) -> None:
     assert values["data-epoch"]["train_files"] == 24
 
 
+def test_storage_slower_than_the_training_warns(root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "doctor.json"
+    code, _, _, table = _run([*TINY, f"data.root={root}", f"trainer.output_dir={tmp_path}",
+                              "--json", str(out), "--target-img-s", "1e9"], capsys)
+    assert code == 0 and table["data-epoch"] == WARN
+    row = next(r for r in json.loads(out.read_text())["rows"] if r["check"] == "data-epoch")
+    assert "storage is the bottleneck" in row["detail"]
+    epoch = row["values"]
+    assert epoch["needed_img_s"] == 1e9 * max(1, torch.cuda.device_count())
+    assert epoch["read_seconds"] > epoch["train_seconds"]
+
+
 def test_bad_arguments_exit_2_with_one_line(capsys) -> None:
     cases = ((["data.rot=1"], "the overrides do not compose"), (["foo"], "'foo' is not an override"))
     for args, message in cases:
