@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
     try:
-        env = distributed.init("cpu" if cfg.trainer.device == "cpu" else "auto", timeout_min=5)
+        # train.py's 30-minute collective timeout: the first scan of a large dataset on a cold shared
+        # filesystem can keep one rank busy for minutes while the others wait in the gather.
+        env = distributed.init("cpu" if cfg.trainer.device == "cpu" else "auto")
     except RuntimeError as e:  # torch's rendezvous and NCCL errors (DistNetworkError, DistStoreError, ...)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         print(f"doctor: FAIL launcher: cannot join the process group at {where}: "
