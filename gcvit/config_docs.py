@@ -48,18 +48,19 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def keys(cls: type = Config, prefix: str = "") -> list[Key]:
-    """Every leaf key of a config dataclass, depth first, in declaration order."""
+def keys(cls: type = Config, prefix: str = "", strict: bool = True) -> list[Key]:
+    """Every leaf key of a config dataclass, depth first, in declaration order; `strict`: a field without
+    its one-line comment is an error (docs/config.md), else it reads "undocumented" (--help must work)."""
     hints, docs, out = typing.get_type_hints(cls), _field_docs(cls), []
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hints[f.name]):
-            out += keys(hints[f.name], f"{name}.")
+            out += keys(hints[f.name], f"{name}.", strict)
             continue
-        if not docs.get(f.name):
+        if strict and not docs.get(f.name):
             raise ValueError(f"{cls.__name__}.{f.name} has no one-line doc comment; add `# what it means`")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-        out.append(Key(name, str(f.type), default, docs[f.name]))
+        out.append(Key(name, str(f.type), default, docs.get(f.name, "undocumented")))
     return out
 
 
@@ -80,8 +81,10 @@ def _described(path: Path) -> str:
 
 
 def _defaults() -> dict[str, str]:
-    """group -> its default option in conf/config.yaml."""
-    out = {}
+    """group -> its default option in conf/config.yaml (none without a checkout's conf/)."""
+    out: dict[str, str] = {}
+    if not (CONF / "config.yaml").is_file():
+        return out
     for line in (CONF / "config.yaml").read_text().splitlines():
         m = re.match(r"\s+- (?:override )?([\w/]+): (\w+)", line)
         if m:
@@ -124,7 +127,7 @@ def help_template() -> str:
         lines.append(f"{group} (default: {_group_default(group, defaults)})")
         lines += [f"  {opt:<22} {_short(desc)}" for opt, desc in options]
     lines += ["", "== Keys (key=value; type = schema default; presets change some defaults) =="]
-    for k in keys():
+    for k in keys(strict=False):
         lines.append(f"{k.name} ({k.type} = {_show(k.default)})")
         lines.append(f"    {k.doc}")
     lines += ["", "Hydra's own flags: --cfg job|hydra|all, -m (multirun), --info, --hydra-help."]
