@@ -35,6 +35,8 @@ class Batch(NamedTuple):
 class Loader:
     """Sampler bookkeeping shared by all loaders; subclasses turn index batches into Batch objects."""
 
+    classes: list[str] | None = None  # class names (label i is classes[i]); None for synthetic data
+
     def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
         self.sampler, self.num_classes, self.split = sampler, num_classes, split
         self.audit_log: list[tuple[int, int, list[int]]] = []  # (epoch, position before, ids) when auditing
@@ -163,10 +165,13 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
         from data.torch_loader import torch_batches
 
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
-        return TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
-    if data.dali_device not in DALI_DEVICES:
-        raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
-    from data.dali import DaliLoader
+        loader: Loader = TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
+    else:
+        if data.dali_device not in DALI_DEVICES:
+            raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
+        from data.dali import DaliLoader
 
-    return DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
-                      device=device, dtype=dtype, split=split, audit=audit)
+        loader = DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
+                            device=device, dtype=dtype, split=split, audit=audit)
+    loader.classes = index.classes
+    return loader

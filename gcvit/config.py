@@ -20,6 +20,9 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
+    pretrained: str | None = None  # starting weights (official NVlabs, timm or gcvit-train); not a resume
+    pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
+    head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
 
 
 @dataclass
@@ -93,7 +96,7 @@ class Config:
 
     name: str = "demo"  # experiment name; names the run directory
     mode: str = "train"  # train | eval
-    checkpoint: str | None = None  # eval: weights to evaluate; train: weights to start from
+    checkpoint: str | None = None  # mode=eval: the weights to evaluate (train: see model.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
     data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (data.config)
     aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (data.config)
@@ -129,6 +132,13 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(cfg.model.img_size > 0, "model.img_size", cfg.model.img_size, "a positive integer")
     dpr = cfg.model.drop_path_rate
     _check(dpr is None or 0.0 <= dpr < 1.0, "model.drop_path_rate", dpr, "null or a float in [0, 1)")
+    _check(cfg.mode == "eval" or cfg.checkpoint is None, "checkpoint", cfg.checkpoint,
+           "null in mode=train (it names the weights of mode=eval); to start training from a checkpoint "
+           "use model.pretrained=PATH (an initialisation: optimizer, schedule and data start fresh; a run "
+           "resumes from its own run dir by itself)")
+    _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
+    _check(cfg.model.head_init_scale > 0, "model.head_init_scale", cfg.model.head_init_scale,
+           "a positive float")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")
     _check(cfg.optim.lr_batch_size > 0, "optim.lr_batch_size", cfg.optim.lr_batch_size, "a positive integer")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "a float >= 0")

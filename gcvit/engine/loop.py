@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, metrics, optim
+from gcvit.engine import distributed, metrics, optim, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.evaluation import evaluate, evaluate_only
@@ -80,10 +80,12 @@ class Parts:
     accum: int  # micro-batches per optimizer step on each rank
     steps_per_epoch: int
     total_steps: int  # schedule length incl. cooldown
+    start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
 
 
-def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
-    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size."""
+def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Parts:
+    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size;
+    `init_weights`: apply model.pretrained (not when the run resumes from its own checkpoint)."""
     t, aug = cfg.trainer, cfg.aug
     common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
                   device=env.device, audit=t.audit, precision=t.precision)
@@ -97,7 +99,11 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
                                img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
-                               checkpoint=cfg.checkpoint, **cfg.model.overrides).to(env.device)
+                               **cfg.model.overrides)
+    start = None
+    if init_weights:  # before .to(device): the file is read onto the CPU
+        start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main)
+    model = model.to(env.device)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     net: nn.Module = model
@@ -131,7 +137,7 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
         erasing=RandomErasing(aug.reprob, mode=aug.remode, device=str(env.device)) if aug.reprob else None,
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
-        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start)
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
@@ -184,7 +190,8 @@ def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, c
             "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
             "schedule": p.schedule.state_dict(), "guard": p.guard.state_dict(), "wandb": wandb.state_dict(),
             "progress": asdict(progress), "loader": p.train_loader.state_dict(),
-            "rng": distributed.gather_object(rng_state()), "config": redact(to_container(cfg))}
+            "rng": distributed.gather_object(rng_state()), "config": redact(to_container(cfg)),
+            "classes": p.train_loader.classes}
 
 
 def restore(p: Parts, state: dict[str, Any], wandb: metrics.WandbLogger, env: DistEnv) -> Progress:
@@ -209,16 +216,15 @@ def train(cfg: Config, env: DistEnv) -> int:
     data = resolve_data(cfg, env)
     if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
         os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
-    p = build(cfg, env, data)
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
+    # auto-resume from the run dir's newest loadable checkpoint takes precedence over model.pretrained
+    latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
+    p = build(cfg, env, data, init_weights=not latest)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
     wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
                                 run_dir, env.is_main)
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
-
-    # ---- auto-resume from the newest loadable checkpoint of this run dir
     progress, loader_state = Progress(), None
-    latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
     if latest:
         state = ckpt.load(Path(latest))
         progress, loader_state = restore(p, state, wandb, env), state["loader"]
@@ -239,7 +245,8 @@ def train(cfg: Config, env: DistEnv) -> int:
         n_params = sum(q.numel() for q in p.model.parameters())
         info = metrics.run_info(env.world_size, env.device, {
             "run_dir": str(run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
-            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target})
+            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target,
+            "pretrained": p.start, "classes": p.train_loader.classes})
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"run dir: {run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; global "
               f"batch {t.global_batch_size} = {data.batch_size} x {env.world_size} ranks x {p.accum} "

@@ -1,0 +1,92 @@
+"""Fine-tuning through train.py: a run checkpoint starts a run on another ImageFolder (other class names and
+count) at another resolution; the run records it, stores its class names, and resumes from its own
+checkpoints (not the starting weights) when restarted; `checkpoint=` in train mode is one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.demo import ensure_demo_dataset
+from gcvit.engine.checkpoint import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Arbitrary folder names (not wnids), each backed by one demo class: a 3-class task with its own names.
+FOLDERS = {"apple pie": "00_circle", "Bolt-2": "03_cross", "zebra_stripes": "05_hstripes"}
+
+
+def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "train.py"), "debug=tiny", f"trainer.output_dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str, str] = FOLDERS) -> Path:
+    """ROOT/{train,val}/<name>/ linking the first images of the demo class behind each name."""
+    demo = ensure_demo_dataset()
+    for split, n in per_class.items():
+        for name, src in folders.items():
+            (root / split / name).mkdir(parents=True)
+            for f in sorted((demo / split / src).iterdir())[:n]:
+                (root / split / name / f.name).symlink_to(f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("source")
+    res = train(run_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_fine_tune_from_a_run_checkpoint_on_other_classes_and_resolution(pretrained_run, tmp_path) -> None:
+    root = make_folder_dataset(tmp_path / "data", {"train": 12, "val": 4})
+    src = CheckpointManager(pretrained_run / "checkpoints").path("last")
+    run_dir = tmp_path / "ft"
+    # 64 px with windows doubled (debug=tiny runs at 32 px with windows 4, 4, 2, 1)
+    args = (f"data.root={root}", "data.loader=torch", f"model.pretrained={src}", "model.img_size=64",
+            "model.overrides.window_size=[8,8,4,2]")
+    res = train(run_dir, *args, "trainer.max_steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout.splitlines()
+    assert (f"pretrained: {src} (native format, ema weights); an initialisation: optimizer, schedule and "
+            "data start fresh") in out
+    assert "head re-initialised: checkpoint has 10 classes, this dataset has 3" in out
+    assert ("resolution: 8 relative-position tables resampled (bicubic) from windows (4, 4, 2, 1) to "
+            "(8, 8, 4, 2) for 64 px") in out
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["pretrained"]["path"] == str(src) and info["pretrained"]["weights"] == "ema"
+    assert info["classes"] == sorted(FOLDERS)
+    mgr = CheckpointManager(run_dir / "checkpoints")
+    state = mgr.load(mgr.latest())
+    assert state["classes"] == sorted(FOLDERS) and state["progress"]["step"] == 2
+    # the source's EMA backbone is where training started: the stem moved only by two small steps
+    stem = torch.load(src, weights_only=True)["ema"]["stem.weight"]
+    assert (state["model"]["stem.weight"] - stem).abs().max() < 0.05
+
+    again = train(run_dir, *args, "trainer.max_steps=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {mgr.path('last')} at step 2" in again.stdout
+    assert "pretrained:" not in again.stdout  # the run's own checkpoint takes precedence
+
+
+def test_checkpoint_in_train_mode_points_to_model_pretrained(tmp_path) -> None:
+    res = train(tmp_path / "run", "checkpoint=/some/weights.pth")
+    assert res.returncode != 0
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("config error: checkpoint='/some/weights.pth' is invalid")
+    assert "model.pretrained=PATH" in line
+
+
+def test_missing_pretrained_file_is_one_line(tmp_path) -> None:
+    res = train(tmp_path / "run", f"model.pretrained={tmp_path / 'nope.pth'}")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"error: model.pretrained={tmp_path / 'nope.pth'}: no such file; pass an official NVlabs, timm or "
+        "gcvit-train checkpoint (.pth/.pt/.safetensors)")
