@@ -45,14 +45,21 @@ def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_fine_tune_from_a_run_checkpoint_on_other_classes_and_resolution(pretrained_run, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def finetuned(pretrained_run, tmp_path_factory: pytest.TempPathFactory):
+    """Two steps from the source's last checkpoint on a 3-class folder dataset at 64 px."""
+    tmp_path = tmp_path_factory.mktemp("finetune")
     root = make_folder_dataset(tmp_path / "data", {"train": 12, "val": 4})
     src = CheckpointManager(pretrained_run / "checkpoints").path("last")
-    run_dir = tmp_path / "ft"
     # 64 px with windows doubled (debug=tiny runs at 32 px with windows 4, 4, 2, 1)
     args = (f"data.root={root}", "data.loader=torch", f"model.pretrained={src}", "model.img_size=64",
             "model.overrides.window_size=[8,8,4,2]")
-    res = train(run_dir, *args, "trainer.max_steps=2")
+    run_dir = tmp_path / "ft"
+    return run_dir, src, args, train(run_dir, *args, "trainer.max_steps=2")
+
+
+def test_fine_tune_from_a_run_checkpoint_on_other_classes_and_resolution(finetuned) -> None:
+    run_dir, src, args, res = finetuned
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout.splitlines()
     assert (f"pretrained: {src} (native format, ema weights); an initialisation: optimizer, schedule and "
@@ -90,3 +97,20 @@ def test_missing_pretrained_file_is_one_line(tmp_path) -> None:
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: model.pretrained={tmp_path / 'nope.pth'}: no such file; pass an official NVlabs, timm or "
         "gcvit-train checkpoint (.pth/.pt/.safetensors)")
+
+
+def test_eval_names_the_classes_and_refuses_another_class_set(finetuned, pretrained_run) -> None:
+    run_dir, _, args, _ = finetuned
+    ckpt = CheckpointManager(run_dir / "checkpoints").path("last")
+    res = train(run_dir, *args, "mode=eval", f"checkpoint={ckpt}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("  lowest top1 by class (model): ")]
+    names = [part.rsplit(" ", 2)[0] for part in line.split(": ", 1)[1].split(", ")]
+    assert sorted(names) == sorted(FOLDERS)  # 3 classes with val images: all listed, by their folder names
+    assert all(part.endswith("(4)") for part in line.split(": ", 1)[1].split(", "))
+    other = train(pretrained_run, "mode=eval", "data.loader=torch", "model.img_size=64",
+                  "model.overrides.window_size=[8,8,4,2]", f"checkpoint={ckpt}")
+    assert other.returncode != 0
+    (err,) = other.stderr.strip().splitlines()
+    assert err.startswith(f"config error: {ckpt} was trained on 3 classes that are not ")
+    assert "(class 0: 'Bolt-2' vs '00_circle')" in err and "model.pretrained" in err
