@@ -36,6 +36,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW denominator epsilon
     clip_grad: float | None = 5.0  # max global grad L2 norm; null disables clipping
     impl: str = "torch"  # torch (fused kernels on CUDA) | apex (FusedAdam)
+    layer_decay: float | None = None  # layer-wise lr decay: layer i of n gets lr x this^(n-1-i); null = off
 
 
 @dataclass
@@ -147,6 +148,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     clip = cfg.optim.clip_grad
     _check(clip is None or clip > 0, "optim.clip_grad", clip, "null or a positive float")
     _one_of("optim.impl", cfg.optim.impl, ("torch", "apex"))
+    ld = cfg.optim.layer_decay
+    _check(ld is None or 0 < ld <= 1, "optim.layer_decay", ld, "null or a float in (0, 1]")
     _check(cfg.sched.epochs > 0, "sched.epochs", cfg.sched.epochs, "a positive integer")
     _check(0 <= cfg.sched.warmup_epochs <= cfg.sched.epochs, "sched.warmup_epochs", cfg.sched.warmup_epochs,
            f"a number in [0, sched.epochs={cfg.sched.epochs}]")

@@ -127,7 +127,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
         optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
-                                        device=env.device),
+                                        device=env.device, layer_decay=cfg.optim.layer_decay),
         schedule=schedule, scaler=torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
         guard=NonFiniteGuard(t.nonfinite_policy, t.nonfinite_max_consecutive,
                              scaler_handles_overflow=t.precision == "fp16", verbose=env.is_main),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +283,13 @@ class GCViT(nn.Module):
                 if p.ndim <= 1 or name.endswith("relative_position_bias_table")}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """Depth order of each parameter for timm (layer-wise lr decay, grouping): the stem first, then each
+        block of each stage (coarse: each stage) in order, the downsampler with the stage it ends, as in the
+        official layout (its stage's last block), and the final norm with the head last."""
+        return partial(_depth_ordinal, coarse=coarse)
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each transformer block in backward instead of storing its activations."""
         for stage in self.stages:
@@ -336,6 +345,26 @@ class GCViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> logits."""
         return self.forward_head(self.forward_features(x))
+
+
+# timm's group_with_matcher merges an ordinal ending in this into the group sorted before it
+_MATCH_PREV_GROUP = 99999
+_STAGE_PART = re.compile(r"stages\.(\d+)\.(downsample|global_query|blocks)(?:\.(\d+))?")
+
+
+def _depth_ordinal(name: str, coarse: bool) -> tuple[float, ...]:
+    """Sortable position of parameter `name` in the network's depth (see GCViT.group_matcher)."""
+    if name.startswith(("stem.", "stem_reduce.")):
+        return (0,)
+    m = _STAGE_PART.match(name)
+    if m is None:
+        return (math.inf,)  # norm and head
+    stage, part = int(m[1]), m[2]
+    if part == "downsample":
+        return (1, stage - 1, _MATCH_PREV_GROUP)
+    if coarse:
+        return (1, stage)
+    return (1, stage, int(m[3]) if part == "blocks" else 0)  # the query generator feeds block 0 first
 
 
 def _init_weights(m: nn.Module) -> None:
