@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
+from gcvit.engine.param_groups import FREEZE
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ModelConfig:
     pretrained: str | None = None  # starting weights (official NVlabs, timm or gcvit-train); not a resume
     pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
     head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
+    freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
 
 
 @dataclass
@@ -138,6 +140,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
            "use model.pretrained=PATH (an initialisation: optimizer, schedule and data start fresh; a run "
            "resumes from its own run dir by itself)")
     _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
+    _check(cfg.model.freeze in (None, *FREEZE), "model.freeze", cfg.model.freeze,
+           "null | " + " | ".join(FREEZE))
     _check(cfg.model.head_init_scale > 0, "model.head_init_scale", cfg.model.head_init_scale,
            "a positive float")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")

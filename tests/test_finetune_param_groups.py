@@ -7,7 +7,7 @@ import torch
 from timm.models import group_parameters
 
 import gcvit
-from gcvit.engine import optim
+from gcvit.engine import optim, param_groups
 
 # depths (1, 2, 3, 1): stage 0 and 3 have one block and no global query generator
 SMALL = dict(dim=16, depths=(1, 2, 3, 1), num_heads=(1, 1, 2, 2), img_size=32, window_size=(4, 4, 2, 1),
@@ -87,4 +87,37 @@ def test_bad_layer_decay_is_one_line() -> None:
     cfg.optim.layer_decay = 1.5
     with pytest.raises(SystemExit, match=r"^config error: optim.layer_decay=1.5 is invalid; allowed: null or "
                                          r"a float in \(0, 1\]$"):
+        validate(cfg, gcvit.list_models)
+
+
+@pytest.mark.parametrize(("what", "prefixes"), [
+    ("stem", ("stem.", "stem_reduce.")),
+    ("stage1", ("stem.", "stem_reduce.", "stages.0.", "stages.1.downsample.")),
+    ("stage3", ("stem.", "stem_reduce.", "stages.0.", "stages.1.", "stages.2.", "stages.3.downsample.")),
+    ("stage4", ("stem.", "stem_reduce.", "stages.")),
+    ("backbone", ("stem.", "stem_reduce.", "stages.", "norm.")),
+])
+def test_freeze_takes_a_prefix_out_of_every_optimizer(what: str, prefixes: tuple[str, ...]) -> None:
+    model = gcvit.create_model("gcvit_xxtiny", **{**SMALL, "drop_path_rate": 0.3})
+    line = param_groups.freeze(model, what)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    assert line.startswith(f"frozen ({what}): ") and "\n" not in line
+    for layer_decay in (None, 0.75):
+        opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
+                                    impl="torch", device=torch.device("cpu"), layer_decay=layer_decay)
+        trained = set(_per_param(opt, model, "weight_decay"))
+        assert trained == {n for n, _ in model.named_parameters()} - frozen
+    for i, stage in enumerate(model.stages):  # stochastic depth only where blocks learn
+        off = what == "backbone" or (what != "stem" and i < int(what[-1]))
+        assert all((b.drop_path == 0.0) == off for b in stage.blocks[1:]), (what, i)
+
+
+def test_bad_freeze_is_one_line() -> None:
+    from gcvit.config import Config, validate
+
+    cfg = Config()
+    cfg.model.freeze = "stage5"
+    with pytest.raises(SystemExit, match=r"^config error: model.freeze='stage5' is invalid; allowed: null \| "
+                                         r"stem \| stage1 \| stage2 \| stage3 \| stage4 \| backbone$"):
         validate(cfg, gcvit.list_models)

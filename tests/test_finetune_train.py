@@ -114,3 +114,39 @@ def test_eval_names_the_classes_and_refuses_another_class_set(finetuned, pretrai
     (err,) = other.stderr.strip().splitlines()
     assert err.startswith(f"config error: {ckpt} was trained on 3 classes that are not ")
     assert "(class 0: 'Bolt-2' vs '00_circle')" in err and "model.pretrained" in err
+
+
+def _assert_frozen_bitwise(run_dir: Path, src: Path, frozen: tuple[str, ...]) -> dict:
+    """The run's model and EMA equal the starting EMA weights bit for bit on `frozen`, and moved elsewhere."""
+    start = torch.load(src, weights_only=True)["ema"]
+    mgr = CheckpointManager(run_dir / "checkpoints")
+    state = mgr.load(mgr.latest())
+    names = [k for k in start if k.startswith(frozen)]
+    assert names and all(torch.equal(state[w][k], start[k]) for w in ("model", "ema") for k in names)
+    assert any(not torch.equal(state["model"][k], start[k]) for k in start if not k.startswith(frozen))
+    return state
+
+
+def test_frozen_prefix_stays_bitwise_over_training(pretrained_run, tmp_path) -> None:
+    src = CheckpointManager(pretrained_run / "checkpoints").path("last")
+    res = train(tmp_path / "frozen", f"model.pretrained={src}", "model.freeze=stage2", "trainer.max_steps=3",
+                "optim.layer_decay=0.8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any(ln.startswith("frozen (stage2): ") for ln in res.stdout.splitlines())
+    frozen = ("stem.", "stem_reduce.", "stages.0.", "stages.1.", "stages.2.downsample.")
+    state = _assert_frozen_bitwise(tmp_path / "frozen", src, frozen)
+    trainable = [k for k in state["model"] if not k.startswith(frozen)]
+    assert len(state["optimizer"]["state"]) == len(trainable)  # AdamW holds moments for trained tensors only
+
+
+@pytest.mark.slow
+def test_linear_probe_under_ddp_keeps_the_backbone_bitwise(pretrained_run, tmp_path) -> None:
+    src = CheckpointManager(pretrained_run / "checkpoints").path("last")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), "debug=tiny", f"trainer.output_dir={tmp_path / 'probe'}",
+           f"model.pretrained={src}", "model.freeze=backbone", "trainer.max_steps=2"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "get no gradient" not in res.stdout  # frozen tensors are not DDP's unused parameters
+    state = _assert_frozen_bitwise(tmp_path / "probe", src, ("stem.", "stem_reduce.", "stages.", "norm."))
+    assert len(state["optimizer"]["state"]) == 2  # head weight and bias

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, metrics, optim, pretrained
+from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.evaluation import evaluate, evaluate_only
@@ -103,6 +103,9 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
     start = None
     if init_weights:  # before .to(device): the file is read onto the CPU
         start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main)
+    frozen = param_groups.freeze(model, cfg.model.freeze)  # before DDP and the optimizer: both skip them
+    if frozen and env.is_main:
+        print(frozen, flush=True)
     model = model.to(env.device)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
