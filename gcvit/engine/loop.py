@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
+from data.split import describe as describe_split
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
@@ -223,6 +224,8 @@ def train(cfg: Config, env: DistEnv) -> int:
     # auto-resume from the run dir's newest loadable checkpoint takes precedence over model.pretrained
     latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
     p = build(cfg, env, data, init_weights=not latest)
+    if p.val_loader.split_record and env.is_main:
+        print(describe_split(p.val_loader.split_record, data.root), flush=True)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
     wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
@@ -249,7 +252,7 @@ def train(cfg: Config, env: DistEnv) -> int:
         info = metrics.run_info(env.world_size, env.device, {
             "run_dir": str(run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
             "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target,
-            "pretrained": p.start, "classes": p.train_loader.classes})
+            "pretrained": p.start, "classes": p.train_loader.classes, "val_split": p.val_loader.split_record})
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"run dir: {run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; global "
               f"batch {t.global_batch_size} = {data.batch_size} x {env.world_size} ranks x {p.accum} "
