@@ -47,20 +47,22 @@ class Pretrained:
     format: str  # official | timm | native
     weights: str  # ema | model | plain (a bare state dict)
     classes: list[str] | None = None  # class names, when the file is one of our run checkpoints
+    config: dict | None = None  # the run's resolved config, likewise
     notes: list[str] = field(default_factory=list)  # lines worth printing about the choice
 
 
-def read(path: str | Path, weights: str = "ema") -> Pretrained:
-    """The model weights in `path`: EMA (when present and `weights` is ema) or raw model weights."""
+def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained") -> Pretrained:
+    """The model weights in `path`: EMA (when present and `weights` is ema) or raw model weights; `what`
+    names the setting in error messages."""
     if weights not in WEIGHTS:
-        raise CheckpointLoadError(f"model.pretrained_weights={weights!r} is invalid; allowed: ema | model")
+        raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: ema | model")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CheckpointLoadError(f"model.pretrained={path}: no such file; pass an official NVlabs, timm or "
+        raise CheckpointLoadError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
                                   "gcvit-train checkpoint (.pth/.pt/.safetensors)")
     obj = safe_load(p)
     if not isinstance(obj, Mapping):
-        raise CheckpointLoadError(f"model.pretrained={path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointLoadError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
     found = {w: next((k for k in _KEYS[w] if isinstance(obj.get(k), Mapping)), None) for w in WEIGHTS}
     notes = []
     if found["ema"] is None and found["model"] is None:
@@ -73,7 +75,8 @@ def read(path: str | Path, weights: str = "ema") -> Pretrained:
         chosen, which = obj[found["model"] or found["ema"]], "model" if found["model"] else "ema"
     state = unwrap(chosen)
     classes = obj.get("classes") if isinstance(obj.get("classes"), list) else None
-    return Pretrained(str(p), state, detect_format(state, f"model.pretrained={p}"), which, classes, notes)
+    config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else None
+    return Pretrained(str(p), state, detect_format(state, f"{what}={p}"), which, classes, config, notes)
 
 
 def stage_windows(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
