@@ -121,3 +121,9 @@ def test_bad_freeze_is_one_line() -> None:
     with pytest.raises(SystemExit, match=r"^config error: model.freeze='stage5' is invalid; allowed: null \| "
                                          r"stem \| stage1 \| stage2 \| stage3 \| stage4 \| backbone$"):
         validate(cfg, gcvit.list_models)
+
+
+def test_layer_decay_line_counts_the_layers() -> None:
+    assert param_groups.describe_layer_decay(_small(), 0.5) == (
+        "layer decay 0.5: 9 layers (stem, each block, head); lr x 0.00391 at the stem rising to x 1 at the "
+        "head")

@@ -111,6 +111,8 @@ def test_frozen_prefix_stays_bitwise_over_training(pretrained_run, tmp_path) -> 
                 "optim.layer_decay=0.8")
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(ln.startswith("frozen (stage2): ") for ln in res.stdout.splitlines())
+    assert ("layer decay 0.8: 10 layers (stem, each block, head); lr x 0.134 at the stem rising to x 1 at "
+            "the head") in res.stdout.splitlines()
     frozen = ("stem.", "stem_reduce.", "stages.0.", "stages.1.", "stages.2.downsample.")
     state = _assert_frozen_bitwise(tmp_path / "frozen", src, frozen)
     trainable = [k for k in state["model"] if not k.startswith(frozen)]

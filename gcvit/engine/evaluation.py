@@ -8,6 +8,7 @@ from torch import nn
 
 import gcvit
 from data.loaders import build_loader
+from data.split import describe as describe_split
 from gcvit.config import Config
 from gcvit.engine import distributed
 from gcvit.engine.checkpoint import CheckpointManager
@@ -59,6 +60,8 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     loader = build_loader(data, cfg.aug, split="val", img_size=cfg.model.img_size,
                           seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, device=env.device,
                           precision=cfg.trainer.precision)
+    if loader.split_record and env.is_main:
+        print(describe_split(loader.split_record, data.root), flush=True)
     path = cfg.checkpoint or CheckpointManager(run_dir_for(cfg) / "checkpoints").latest()
     if path is None:
         raise SystemExit("config error: checkpoint is not set and the run dir holds no checkpoint; "

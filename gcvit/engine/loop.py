@@ -123,6 +123,8 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
         warmup_epochs=cfg.sched.warmup_epochs, cooldown_epochs=cfg.sched.cooldown_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr)
+    if cfg.optim.layer_decay is not None and env.is_main:
+        print(param_groups.describe_layer_decay(model, cfg.optim.layer_decay), flush=True)
     mixing = aug.mixup > 0 or aug.cutmix > 0
     smoothing = aug.label_smoothing
     return Parts(

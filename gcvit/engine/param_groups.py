@@ -2,6 +2,7 @@
 through timm, over the depth order the model's group_matcher() defines."""
 from __future__ import annotations
 
+from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
@@ -12,6 +13,13 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=sorted(no_decay),
                                     layer_decay=layer_decay)
+
+
+def describe_layer_decay(model: nn.Module, layer_decay: float) -> str:
+    """The one line a run prints about optim.layer_decay."""
+    layers = max(group_parameters(model, model.group_matcher(), reverse=True).values()) + 1
+    return (f"layer decay {layer_decay}: {layers} layers (stem, each block, head); lr x "
+            f"{layer_decay ** (layers - 1):.3g} at the stem rising to x 1 at the head")
 
 
 FREEZE = ("stem", "stage1", "stage2", "stage3", "stage4", "backbone")
