@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
+from gcvit.engine.param_groups import FREEZE
 
 
 @dataclass
@@ -20,6 +21,10 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
+    pretrained: str | None = None  # starting weights (official NVlabs, timm or gcvit-train); not a resume
+    pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
+    head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
+    freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW denominator epsilon
     clip_grad: float | None = 5.0  # max global grad L2 norm; null disables clipping
     impl: str = "torch"  # torch (fused kernels on CUDA) | apex (FusedAdam)
+    layer_decay: float | None = None  # layer-wise lr decay: layer i of n gets lr x this^(n-1-i); null = off
 
 
 @dataclass
@@ -94,7 +100,7 @@ class Config:
 
     name: str = "${model.name}"  # experiment name; names the run directory (default: the model name)
     mode: str = "train"  # train | eval
-    checkpoint: str | None = None  # eval: weights to evaluate; train: weights to start from
+    checkpoint: str | None = None  # mode=eval: the weights to evaluate (train: see model.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
     data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (data.config)
     aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (data.config)
@@ -153,6 +159,15 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(cfg.model.img_size > 0, "model.img_size", cfg.model.img_size, "a positive integer")
     dpr = cfg.model.drop_path_rate
     _check(dpr is None or 0.0 <= dpr < 1.0, "model.drop_path_rate", dpr, "null or a float in [0, 1)")
+    _check(cfg.mode == "eval" or cfg.checkpoint is None, "checkpoint", cfg.checkpoint,
+           "null in mode=train (it names the weights of mode=eval); to start training from a checkpoint "
+           "use model.pretrained=PATH (an initialisation: optimizer, schedule and data start fresh; a run "
+           "resumes from its own run dir by itself)")
+    _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
+    _check(cfg.model.freeze in (None, *FREEZE), "model.freeze", cfg.model.freeze,
+           "null | " + " | ".join(FREEZE))
+    _check(cfg.model.head_init_scale > 0, "model.head_init_scale", cfg.model.head_init_scale,
+           "a positive float")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")
     _check(cfg.optim.lr_batch_size > 0, "optim.lr_batch_size", cfg.optim.lr_batch_size, "a positive integer")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "a float >= 0")
@@ -161,6 +176,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     clip = cfg.optim.clip_grad
     _check(clip is None or clip > 0, "optim.clip_grad", clip, "null or a positive float")
     _one_of("optim.impl", cfg.optim.impl, ("torch", "apex"))
+    ld = cfg.optim.layer_decay
+    _check(ld is None or 0 < ld <= 1, "optim.layer_decay", ld, "null or a float in (0, 1]")
     _check(cfg.sched.epochs > 0, "sched.epochs", cfg.sched.epochs, "a positive integer")
     _check(0 <= cfg.sched.warmup_epochs <= cfg.sched.epochs, "sched.warmup_epochs", cfg.sched.warmup_epochs,
            f"a number in [0, sched.epochs={cfg.sched.epochs}]")
@@ -193,6 +210,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _one_of("data.dali_device", d.dali_device, DALI_DEVICES)
     _one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+    _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
+           "null or a fraction in (0, 1) of ROOT/train to hold out as val")
     _check(d.loader == "synthetic" or bool(d.root) or d.demo, "data.root", d.root,
            "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
