@@ -49,6 +49,13 @@ def _lines(page: Path) -> list[str]:
 COMMANDS = [(page.relative_to(REPO).as_posix(), line) for page in PAGES for line in _lines(page)]
 
 
+def _unlaunched(argv: list[str]) -> list[str]:
+    """`torchrun|srun [options] -m MODULE ...` as the `python -m MODULE ...` each rank runs."""
+    if argv[0] in ("torchrun", "srun") and "-m" in argv:
+        return ["python", *argv[argv.index("-m"):]]
+    return argv
+
+
 def _kind(argv: list[str]) -> str:
     """What a command is, hence how it is checked."""
     if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1] == "train.py":
@@ -57,6 +64,8 @@ def _kind(argv: list[str]) -> str:
         return "train"
     if argv[:3] == ["python", "-m", "pytest"]:
         return "pytest"
+    if argv[:2] == ["python", "-c"]:
+        return "snippet"
     if argv[:2] == ["python", "-m"]:
         return "module"
     if argv[0] == "python" and argv[1].endswith(".py"):
@@ -217,7 +226,7 @@ def _check_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("page", "line"), COMMANDS, ids=[f"{p}:{i}" for i, (p, _) in enumerate(COMMANDS)])
 def test_documented_command_works(page: str, line: str, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for argv in _parts(line):
+    for argv in map(_unlaunched, _parts(line)):
         kind = _kind(argv)
         if kind == "train":
             _check_train(argv)
@@ -225,6 +234,8 @@ def test_documented_command_works(page: str, line: str, tmp_path: Path,
             _check_plot(tmp_path, monkeypatch)
         elif kind in ("module", "script"):
             _check_options(argv, _python_help(argv))
+        elif kind == "snippet":  # may download weights (the user's machine has a network): compiled only
+            compile(argv[2], f"{page} python -c", "exec")
         elif kind == "bash":
             script = REPO / argv[1]
             assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, f"{script} syntax"

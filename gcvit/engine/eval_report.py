@@ -30,10 +30,10 @@ def build(rows: list[dict[str, Any]], *, checkpoint: Path | str, model: str, img
           interpolation: str, precision: str, world_size: int, device: Any) -> dict[str, Any]:
     """Everything needed to reproduce and compare the rows: what was evaluated, how, and where."""
     env = environment(device)
-    return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint), "model": model,
-            "img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation, "precision": precision,
-            "world_size": world_size, "commit": env["commit"], "device": env["device_name"],
-            "torch": env["torch"], "results": rows}
+    return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": sha256(checkpoint),
+            "model": model, "img_size": img_size, "crop_pct": crop_pct, "interpolation": interpolation,
+            "precision": precision, "world_size": world_size, "commit": env["commit"],
+            "device": env["device_name"], "torch": env["torch"], "results": rows}
 
 
 def write(report: dict[str, Any], path: Path) -> None:
