@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from reliability_harness import assert_states_equal, losses, state, steps_per_epoch
+from reliability_harness import assert_states_equal, child_env, losses, state, steps_per_epoch
 
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
 
@@ -31,8 +31,7 @@ pytestmark = pytest.mark.slow
 def job_env() -> dict[str, str]:
     """The environment sbatch exports to the job: this venv's python, this checkout, one thread."""
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # also without `pip -e`
-    return {**os.environ, "GCVIT_PYTHON": sys.executable, "GCVIT_REPO": str(REPO), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": path}
+    return child_env(GCVIT_PYTHON=sys.executable, GCVIT_REPO=str(REPO), PYTHONPATH=path)
 
 
 def sbatch(out_dir: Path, *args: str, wait: bool = False) -> subprocess.CompletedProcess:
