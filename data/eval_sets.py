@@ -37,10 +37,16 @@ class EvalSet:
     """One set, ready for a loader: its images, and how its predictions are scored."""
 
     name: str
-    index: Index  # labels are indices into the model's 1000 classes (real: the original val label)
+    index: Index | None  # labels index the model's classes (real: the val label); None: synthetic images
     protocol: str  # one line, copied into the results
     subset: list[int] | None = None  # class indices the logits are restricted to (a, r)
     real: list[list[int]] | None = None  # per sample of `index`: its ReaL label set (real)
+    size: int = 0  # images in the set (len(index) where there is one)
+    classes: list[str] | None = None  # the model's class names, for per-class results
+
+    def __post_init__(self) -> None:
+        if self.index is not None:
+            self.size, self.classes = len(self.index), self.classes or self.index.classes
 
 
 def timm_info(name: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 
 from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
-from data.index import BadImage, DataError, load_index
+from data.index import BadImage, DataError, Index, load_index
 from data.sampler import GlobalSampler
 from data.split import held_out
 
@@ -37,6 +37,7 @@ class Loader:
     """Sampler bookkeeping shared by all loaders; subclasses turn index batches into Batch objects."""
 
     classes: list[str] | None = None  # class names (label i is classes[i]); None for synthetic data
+    index: Index | None = None  # the images it reads; None for synthetic data
     split_record: dict | None = None  # what data.val_split held out (data.split.held_out), else None
 
     def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
@@ -143,25 +144,29 @@ class TorchLoader(Loader):
 
 def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,
                  world_size: int, device: torch.device, audit: bool = False,
-                 precision: str = "fp32") -> Loader:
+                 precision: str = "fp32", index: Index | None = None) -> Loader:
     """The loader of one split for this rank (see data.sampler for the sharding and resume guarantees);
-    `precision` is the step's (trainer.precision): it sets the images' dtype (image_dtype)."""
+    `precision` is the step's (trainer.precision): it sets the images' dtype (image_dtype). `index` (an
+    eval set's images, data.eval_sets) is read with the val transform instead of data.root's split."""
     if data.loader not in LOADERS:
         raise DataError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
     if split not in ("train", "val"):
         raise DataError(f"split={split!r} must be train or val")
     train = split == "train"
     device, dtype = torch.device(device), image_dtype(precision)
-    if data.loader == "synthetic":
+    if data.loader == "synthetic" and index is None:
         n = data.synthetic_samples if train else SYNTHETIC_VAL_SAMPLES
         sampler = GlobalSampler(n, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                                 train=train)
         return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, dtype, split, audit)
-    if not data.root:
+    if index is None and not data.root:
         raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
                         "ROOT/val/<wnid>/*.JPEG) or use data=demo")
     record = None
-    if data.val_split:
+    if index is not None:
+        if train:
+            raise DataError("an eval set's index is read with the val transform only (split='val')")
+    elif data.val_split:
         train_index = load_index(data.root, "train", index_cache=data.index_cache, index_dir=data.index_dir)
         parts = held_out(train_index, data.val_split, data.val_split_seed)
         index, record = parts[0 if train else 1], parts[2]
@@ -169,7 +174,7 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
         index = load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
     sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
                             seed=seed, train=train)
-    if data.loader == "torch":
+    if data.loader in ("torch", "synthetic"):  # synthetic runs given real images: the torch reader
         from data.torch_loader import torch_batches
 
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
@@ -181,5 +186,5 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
 
         loader = DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
                             device=device, dtype=dtype, split=split, audit=audit)
-    loader.classes, loader.split_record = index.classes, record
+    loader.classes, loader.split_record, loader.index = index.classes, record, index
     return loader

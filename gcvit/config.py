@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
+from data.eval_sets import SETS as EVAL_SETS
 from gcvit.engine.param_groups import FREEZE
 
 
@@ -95,6 +96,19 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """mode=eval: which sets to score (their rules: data/eval_sets.py), where they are, where results go."""
+
+    sets: list[str] = field(default_factory=lambda: ["val"])  # any of val real v2 a r sketch
+    real_labels: str | None = None  # ImageNet-ReaL label file (real.json); null = the copy timm ships
+    v2_root: str | None = None  # ImageNetV2 folder: class-index folders 0..999
+    a_root: str | None = None  # ImageNet-A folder: wnid folders of its 200 classes
+    r_root: str | None = None  # ImageNet-R folder: wnid folders of its 200 classes
+    sketch_root: str | None = None  # ImageNet-Sketch folder: wnid folders of the 1000 classes
+    results_file: str | None = None  # results JSON; null = RUN_DIR/eval/<checkpoint file stem>.json
+
+
+@dataclass
 class Config:
     """One run."""
 
@@ -108,6 +122,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)  # lr schedule
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logging
+    eval: EvalConfig = field(default_factory=EvalConfig)  # mode=eval: sets and results file
 
 
 DEMO_DEFAULT = "experiment=demo"
@@ -212,7 +227,14 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
     _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
            "null or a fraction in (0, 1) of ROOT/train to hold out as val")
-    _check(d.loader == "synthetic" or bool(d.root) or d.demo, "data.root", d.root,
+    for name in cfg.eval.sets:
+        _one_of("eval.sets", name, EVAL_SETS)
+    for name in ("v2", "a", "r", "sketch"):
+        root = getattr(cfg.eval, f"{name}_root")
+        _check(name not in cfg.eval.sets or bool(root), f"eval.{name}_root", root,
+               f"the {name} set's folder (eval.sets names {name})")
+    external_only = cfg.mode == "eval" and not {"val", "real"} & set(cfg.eval.sets)
+    _check(d.loader == "synthetic" or bool(d.root) or d.demo or external_only, "data.root", d.root,
            "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,

@@ -130,5 +130,5 @@ def test_val_reports_per_class_accuracy_and_ece() -> None:
 
     es = EvalSet("val", Index(Path("."), ["n1", "n2"], ["a", "b", "c"], [0, 1, 1]), "val")
     res = score(es, _preds([[0, 1], [0, 1], [1, 0]], [0, 1, 1], [0.9, 0.8, 0.7]))
-    assert res["per_class_top1"] == {"n1": 100.0, "n2": 50.0}
+    assert res["per_class"] == {"n1": {"top1": 100.0, "count": 1}, "n2": {"top1": 50.0, "count": 2}}
     assert res["top1"] == pytest.approx(200 / 3) and 0.0 <= res["ece"] <= 1.0

@@ -37,10 +37,11 @@ def predict(model: nn.Module, loader: Any, env: DistEnv, precision: str,
         with autocast(env.device, precision):
             logits = model(batch.images)
         logits = logits.float() if keep is None else logits.float()[:, keep]
-        prob, top = logits.softmax(-1).topk(min(5, logits.shape[-1]), dim=-1)
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # ranked on logits, as in training
+        conf = logits.softmax(-1).gather(1, top[:, :1]).squeeze(1)
         if keep is not None:
             top = keep[top]  # back to indices of the model's classes
-        parts.append((batch.ids, top.cpu(), prob[:, 0].cpu(), batch.labels.cpu()))
+        parts.append((batch.ids, top.cpu(), conf.cpu(), batch.labels.cpu()))
     model.train(was_training)
     gathered = distributed.gather_object(parts)
     if gathered is None:
@@ -66,7 +67,7 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
 
 def score(eset: EvalSet, preds: Predictions) -> dict[str, Any]:
     """Top-1/top-5 under the set's rule, the image count, and (val) calibration and per-class accuracy."""
-    n_index = len(eset.index)
+    n_index = eset.size
     if preds.ids.numel() != n_index or not torch.equal(preds.ids, torch.arange(n_index)):
         raise RuntimeError(f"eval set {eset.name}: the loaders yielded {preds.ids.numel()} images "
                            f"({preds.ids.unique().numel()} distinct) for {n_index} in the set; every image "
@@ -88,9 +89,15 @@ def score(eset: EvalSet, preds: Predictions) -> dict[str, Any]:
     if eset.name == "val":
         correct = preds.top5[:, 0] == preds.labels
         out["ece"] = expected_calibration_error(preds.confidence, correct)
-        classes = eset.index.classes
+        classes = eset.classes or [str(c) for c in range(int(preds.labels.max()) + 1)]
         per = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, preds.labels, correct.double())
         seen = torch.bincount(preds.labels, minlength=len(classes)).double()
-        out["per_class_top1"] = {classes[c]: 100.0 * float(per[c] / seen[c]) for c in range(len(classes))
-                                 if seen[c] > 0}
+        out["per_class"] = {classes[c]: {"top1": 100.0 * float(per[c] / seen[c]), "count": int(seen[c])}
+                            for c in range(len(classes)) if seen[c] > 0}
     return out
+
+
+def lowest_classes(per_class: dict[str, dict[str, float]], n: int = 5) -> str:
+    """'name top1% (images), ...' for the n classes with the lowest top-1 (ties: in class order)."""
+    worst = sorted(per_class.items(), key=lambda kv: kv[1]["top1"])[:n]
+    return ", ".join(f"{name} {r['top1']:.1f}% ({int(r['count'])})" for name, r in worst)

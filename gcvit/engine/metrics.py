@@ -178,6 +178,13 @@ class WandbLogger:
         if self._run is not None:
             self._run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log rows as one W&B table (the eval summary)."""
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Table(columns=columns, data=rows)})
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (a preempted run stays resumable)."""
         if self._run is not None:
