@@ -49,12 +49,23 @@ def _lines(page: Path) -> list[str]:
 COMMANDS = [(page.relative_to(REPO).as_posix(), line) for page in PAGES for line in _lines(page)]
 
 
+def _unlaunched(argv: list[str]) -> list[str]:
+    """A command without its `srun [opts]` or `torchrun [opts] -m` prefix (`python -m MOD ...` remains)."""
+    if argv[0] == "srun":
+        return argv[next(i for i, a in enumerate(argv) if i and not a.startswith("-")):]
+    if argv[0] == "torchrun" and "-m" in argv:
+        return ["python", *argv[argv.index("-m"):]]
+    return argv
+
+
 def _kind(argv: list[str]) -> str:
     """What a command is, hence how it is checked."""
     if argv[0] in ("python", "python3") and len(argv) > 1 and argv[1] == "train.py":
         return "train"
     if argv[0] == "torchrun" or argv[0] == "launch/torchrun.sh" or argv[0] == "sbatch":
         return "train"
+    if argv[:2] == ["python", "-c"]:
+        return "snippet"
     if argv[:3] == ["python", "-m", "pytest"]:
         return "pytest"
     if argv[:2] == ["python", "-m"]:
@@ -172,11 +183,12 @@ def _bash_help(script: str) -> str:
 
 def _python_help(argv: list[str]) -> str:
     """--help of `python -m MOD ...` or `python SCRIPT ...`, run in this process (imports are shared)."""
-    leading = []  # positional words before the first option: sub-commands, paths
+    leading = []  # positional words before the first option: sub-commands, paths (not overrides)
     for a in argv[2 if argv[1] != "-m" else 3:]:
         if a.startswith("-"):
             break
-        leading.append(a)
+        if "=" not in a:
+            leading.append(a)
     target = argv[2] if argv[1] == "-m" else str(REPO / argv[1])
     out, old_argv = io.StringIO(), sys.argv
     sys.argv = [target, *leading, "--help"]
@@ -217,7 +229,7 @@ def _check_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("page", "line"), COMMANDS, ids=[f"{p}:{i}" for i, (p, _) in enumerate(COMMANDS)])
 def test_documented_command_works(page: str, line: str, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for argv in _parts(line):
+    for argv in map(_unlaunched, _parts(line)):
         kind = _kind(argv)
         if kind == "train":
             _check_train(argv)
@@ -225,6 +237,11 @@ def test_documented_command_works(page: str, line: str, tmp_path: Path,
             _check_plot(tmp_path, monkeypatch)
         elif kind in ("module", "script"):
             _check_options(argv, _python_help(argv))
+            overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+            if overrides:  # a tool that takes train.py's overrides (gcvit.doctor): they compose the same way
+                _check_train(["python", "train.py", *overrides])
+        elif kind == "snippet":
+            compile(argv[2], f"{page}: python -c", "exec")  # runs nothing (downloads, files it lacks)
         elif kind == "bash":
             script = REPO / argv[1]
             assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, f"{script} syntax"
