@@ -77,7 +77,8 @@ def _described(path: Path) -> str:
     """The first comment sentence of a preset file."""
     lines = [ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")]
     text = " ".join(ln for ln in lines if not ln.startswith("@package") and not ln.startswith("Run:"))
-    return text.split(". ")[0].rstrip(".") + "." if text else ""
+    first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", text)[0]  # the first sentence; "e.g. x" does not end it
+    return first.rstrip(".") + "." if text else ""
 
 
 def _defaults() -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gcvit import doctor_checks, doctor_rows
-from gcvit.config import Config, register, validate
+from gcvit.config import Config, register, validate, with_demo_default
 from gcvit.doctor_checks import FAIL, OK, SEVERITY, WARN, Row
 from gcvit.engine import distributed
 
@@ -33,7 +33,8 @@ ORDER = ("config", "torch", "cuda", "gpus", "dali", "launcher", "interconnect", 
 
 
 def compose(overrides: list[str]) -> Config:
-    """conf/config.yaml with train.py's overrides applied, as the typed Config (not yet validated)."""
+    """conf/config.yaml with train.py's overrides applied as train.py applies them (the demo when nothing is
+    named), as the typed Config (not yet validated)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -42,7 +43,7 @@ def compose(overrides: list[str]) -> Config:
     register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="doctor"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=with_demo_default(overrides))
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as e:
         usage(f"the overrides do not compose: {str(e).strip().splitlines()[0]}")

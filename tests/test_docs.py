@@ -50,8 +50,10 @@ COMMANDS = [(page.relative_to(REPO).as_posix(), line) for page in PAGES for line
 
 
 def _unlaunched(argv: list[str]) -> list[str]:
-    """`torchrun|srun [options] -m MODULE ...` as the `python -m MODULE ...` each rank runs."""
-    if argv[0] in ("torchrun", "srun") and "-m" in argv:
+    """A command without its `srun [opts]` or `torchrun [opts] -m` prefix (`python -m MOD ...` remains)."""
+    if argv[0] == "srun":
+        return argv[next(i for i, a in enumerate(argv) if i and not a.startswith("-")):]
+    if argv[0] == "torchrun" and "-m" in argv:
         return ["python", *argv[argv.index("-m"):]]
     return argv
 
@@ -62,10 +64,10 @@ def _kind(argv: list[str]) -> str:
         return "train"
     if argv[0] == "torchrun" or argv[0] == "launch/torchrun.sh" or argv[0] == "sbatch":
         return "train"
-    if argv[:3] == ["python", "-m", "pytest"]:
-        return "pytest"
     if argv[:2] == ["python", "-c"]:
         return "snippet"
+    if argv[:3] == ["python", "-m", "pytest"]:
+        return "pytest"
     if argv[:2] == ["python", "-m"]:
         return "module"
     if argv[0] == "python" and argv[1].endswith(".py"):
@@ -181,11 +183,12 @@ def _bash_help(script: str) -> str:
 
 def _python_help(argv: list[str]) -> str:
     """--help of `python -m MOD ...` or `python SCRIPT ...`, run in this process (imports are shared)."""
-    leading = []  # positional words before the first option: sub-commands, paths
+    leading = []  # positional words before the first option: sub-commands, paths (not overrides)
     for a in argv[2 if argv[1] != "-m" else 3:]:
         if a.startswith("-"):
             break
-        leading.append(a)
+        if "=" not in a:
+            leading.append(a)
     target = argv[2] if argv[1] == "-m" else str(REPO / argv[1])
     out, old_argv = io.StringIO(), sys.argv
     sys.argv = [target, *leading, "--help"]
@@ -234,8 +237,11 @@ def test_documented_command_works(page: str, line: str, tmp_path: Path,
             _check_plot(tmp_path, monkeypatch)
         elif kind in ("module", "script"):
             _check_options(argv, _python_help(argv))
-        elif kind == "snippet":  # may download weights (the user's machine has a network): compiled only
-            compile(argv[2], f"{page} python -c", "exec")
+            overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+            if overrides:  # a tool that takes train.py's overrides (gcvit.doctor): they compose the same way
+                _check_train(["python", "train.py", *overrides])
+        elif kind == "snippet":
+            compile(argv[2], f"{page}: python -c", "exec")  # runs nothing (downloads, files it lacks)
         elif kind == "bash":
             script = REPO / argv[1]
             assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0, f"{script} syntax"
