@@ -54,6 +54,19 @@ EOF
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 [ "$cuda" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
+# The preflight check first (under a minute): versions, GPUs, DALI's GPU decode, the interconnect and an
+# all-reduce over every GPU of the machine, the demo data read, disk, W&B. Table in OUT, JSON in RESULTS
+# (in OUT only without CUDA: a CPU dry run records nothing).
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+doctor=(python3)
+[ "$ngpu" -gt 1 ] && doctor=(python3 -m torch.distributed.run --standalone --nproc_per_node="$ngpu")
+report="$OUT/doctor.json"
+[ "$cuda" = 1 ] && report="$RESULTS/gpu-doctor-$STAMP.json"
+step "doctor on $ngpu GPU(s) -> $report"
+timeout 300 "${doctor[@]}" -m gcvit.doctor trainer.device=auto trainer.precision=bf16 \
+    trainer.output_dir=/tmp/gcvit-doctor-run --json "$report" 2>&1 | tee "$OUT/doctor.log" || status=1
+[ "$cuda" = 1 ] && cp "$report" "$OUT/"
+
 tier() {  # tier NAME PYTEST-ARGS...: a part of tests/gpu, its log in OUT
     local name=$1; shift
     step "GPU test tier: $name"

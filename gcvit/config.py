@@ -63,9 +63,10 @@ class TrainerConfig:
     global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)
     ckpt_every_steps: int = 1000  # save `last` this often (and at every epoch end); 0 = epoch ends only
     keep_checkpoints: int = 3  # step-tagged checkpoints kept besides `last` and `best`
-    seed: int = 0  # base seed; rank r seeds with seed + r
+    seed: int = 0  # base seed; every optimizer step reseeds each rank from (seed, rank, step)
     deterministic: bool = False  # deterministic kernels, so a resumed run repeats bit for bit
     output_dir: str | None = None  # run directory; null = runs/<name>[-<SLURM_JOB_ID>]
+    resume: str = "auto"  # auto: resume only the recorded recipe (docs/training.md) | force: resume anyway
     audit: bool = False  # loaders record every sample id, to check exactly-once coverage
     log_every_steps: int = 50  # metrics.jsonl / W&B train record interval
     eval_every_epochs: int = 1  # validate every N epochs (and after the last)
@@ -97,7 +98,7 @@ class LoggerConfig:
 class Config:
     """One run."""
 
-    name: str = "demo"  # experiment name; names the run directory
+    name: str = "${model.name}"  # experiment name; names the run directory (default: the model name)
     mode: str = "train"  # train | eval
     checkpoint: str | None = None  # mode=eval: the weights to evaluate (train: see model.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
@@ -109,9 +110,32 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logging
 
 
+DEMO_DEFAULT = "experiment=demo"
+# Overrides that choose what is trained; any of them means the paper's recipe, not the demo.
+_CHOOSERS = ("experiment", "debug", "model", "data", "model.name", "data.root")
+
+
 def register() -> None:
-    """Make the schema available to conf/config.yaml as `base_config`."""
+    """Make the schema available to conf/config.yaml as `base_config`, and `--help` as hydra/help=gcvit."""
+    from gcvit.config_docs import help_template  # it reads this module's dataclasses
+
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(group="hydra/help", name="gcvit", node={"template": help_template()})
+
+
+def with_demo_default(args: list[str]) -> list[str]:
+    """train.py's arguments, with `experiment=demo` added when none names a model, data set or preset.
+
+    The demo pins a reduced model, CPU and fp32; as the default of an empty choice (not an entry of
+    conf/config.yaml's defaults) it can never leak into a run that chose its model or data.
+    """
+    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    keys = {args[i].split("=", 1)[0].lstrip("+~") for i in overrides}
+    other_config = any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd")) for a in args)
+    if keys & set(_CHOOSERS) or other_config:
+        return list(args)
+    at = overrides[0] if overrides else len(args)  # beside the other overrides: Hydra's parser wants them so
+    return [*args[:at], DEMO_DEFAULT, *args[at:]]
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -176,6 +200,7 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     ema = t.ema_decay
     _check(ema is None or 0 < ema < 1, "trainer.ema_decay", ema, "null or a float in (0, 1)")
     _check(t.threads is None or t.threads > 0, "trainer.threads", t.threads, "null or a positive integer")
+    _one_of("trainer.resume", t.resume, ("auto", "force"))
     _one_of("trainer.nonfinite_policy", t.nonfinite_policy, ("skip", "stop"))
     _check(t.nonfinite_max_consecutive >= 1, "trainer.nonfinite_max_consecutive", t.nonfinite_max_consecutive,
            "an integer >= 1")

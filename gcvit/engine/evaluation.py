@@ -13,7 +13,7 @@ from gcvit.config import Config
 from gcvit.engine import distributed
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.setup import autocast, resolve_data, run_dir_for
+from gcvit.engine.setup import autocast, resolve_data, trained_run_dir
 
 
 @torch.no_grad()
@@ -62,10 +62,11 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
                           precision=cfg.trainer.precision)
     if loader.split_record and env.is_main:
         print(describe_split(loader.split_record, data.root), flush=True)
-    path = cfg.checkpoint or CheckpointManager(run_dir_for(cfg) / "checkpoints").latest()
+    run_dir = trained_run_dir(cfg) if cfg.checkpoint is None else None
+    path = cfg.checkpoint or CheckpointManager(run_dir / "checkpoints").latest()
     if path is None:
-        raise SystemExit("config error: checkpoint is not set and the run dir holds no checkpoint; "
-                         "pass checkpoint=PATH")
+        raise SystemExit(f"config error: checkpoint is not set and {run_dir} holds no checkpoint; "
+                         "pass checkpoint=PATH or trainer.output_dir=RUN_DIR")
     model = gcvit.create_model(cfg.model.name, num_classes=loader.num_classes, img_size=cfg.model.img_size,
                                **cfg.model.overrides)
     state = gcvit.models.checkpoint.safe_load(str(path))

@@ -245,7 +245,9 @@ def train(cfg: Config, env: DistEnv) -> int:
             print(f"resumed from {latest} at step {progress.step} (epoch {progress.epoch})", flush=True)
     if progress.step >= target:
         if env.is_main:
-            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do")
+            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do (to "
+                  "train on: raise trainer.max_steps, or sched.cooldown_epochs/sched.epochs with "
+                  "trainer.resume=force)")
         return 0
 
     base_lr = p.schedule.base_lr
