@@ -38,6 +38,8 @@ class DataConfig:
     synthetic_classes: int = 1000  # synthetic loader: number of classes
     val_split: float | None = None  # hold out this fraction of each class of ROOT/train as val (no ROOT/val)
     val_split_seed: int = 0  # which images data.val_split holds out
+    train_list: str | None = None  # CSV/TSV of `path,label` rows instead of ROOT/train (data.file_list)
+    val_list: str | None = None  # likewise for val (else data.val_split of the train list)
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Any, NamedTuple
 import torch
 
 from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
-from data.index import BadImage, DataError, Index, load_index
+from data.index import BadImage, DataError, Index
 from data.sampler import GlobalSampler
-from data.split import held_out
+from data.split import split_index
 
 AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
 SYNTHETIC_VAL_SAMPLES = 50000
@@ -159,19 +159,15 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
         sampler = GlobalSampler(n, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                                 train=train)
         return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, dtype, split, audit)
-    if index is None and not data.root:
-        raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
-                        "ROOT/val/<wnid>/*.JPEG) or use data=demo")
     record = None
     if index is not None:
         if train:
             raise DataError("an eval set's index is read with the val transform only (split='val')")
-    elif data.val_split:
-        train_index = load_index(data.root, "train", index_cache=data.index_cache, index_dir=data.index_dir)
-        parts = held_out(train_index, data.val_split, data.val_split_seed)
-        index, record = parts[0 if train else 1], parts[2]
+    elif not data.root and not data.train_list:
+        raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
+                        "ROOT/val/<wnid>/*.JPEG) or use data=demo")
     else:
-        index = load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
+        index, record = split_index(data, train)
     sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
                             seed=seed, train=train)
     if data.loader in ("torch", "synthetic"):  # synthetic runs given real images: the torch reader

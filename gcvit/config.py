@@ -227,6 +227,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
     _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
            "null or a fraction in (0, 1) of ROOT/train to hold out as val")
+    _check(not (d.val_split and d.val_list), "data.val_split", d.val_split,
+           f"null while data.val_list={d.val_list} gives the val images (one source of val images)")
     for name in cfg.eval.sets:
         _one_of("eval.sets", name, EVAL_SETS)
     for name in ("v2", "a", "r", "sketch"):
@@ -234,7 +236,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
         _check(name not in cfg.eval.sets or bool(root), f"eval.{name}_root", root,
                f"the {name} set's folder (eval.sets names {name})")
     external_only = cfg.mode == "eval" and not {"val", "real"} & set(cfg.eval.sets)
-    _check(d.loader == "synthetic" or bool(d.root) or d.demo or external_only, "data.root", d.root,
+    _check(d.loader == "synthetic" or bool(d.root) or bool(d.train_list) or d.demo or external_only, "data.root",
+           d.root,
            "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,

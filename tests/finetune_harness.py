@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from data.demo import ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,12 +22,18 @@ def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str, str] = FOLDERS) -> Path:
-    """ROOT/{train,val}/<name>/ linking the first images of the demo class behind each name."""
+def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str, str] = FOLDERS,
+                        gray: bool = False) -> Path:
+    """ROOT/{train,val}/<name>/ with the first images of the demo class behind each name: links, or grayscale
+    copies (`gray`: the demo's classes also differ in hue, which a grayscale task leaves to the shapes)."""
     demo = ensure_demo_dataset()
     for split, n in per_class.items():
         for name, src in folders.items():
             (root / split / name).mkdir(parents=True)
             for f in sorted((demo / split / src).iterdir())[:n]:
-                (root / split / name / f.name).symlink_to(f)
+                if gray:
+                    with Image.open(f) as img:
+                        img.convert("L").convert("RGB").save(root / split / name / f.name, quality=95)
+                else:
+                    (root / split / name / f.name).symlink_to(f)
     return root

@@ -100,7 +100,7 @@ def _write_run_dir(cfg: Config, run_dir: Path) -> str | None:
 def resolve_data(cfg: Config, env: DistEnv) -> Any:
     """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""
     data = cfg.data
-    if data.loader == "synthetic" or data.root:  # validate() made sure one of the three is set
+    if data.loader == "synthetic" or data.root or data.train_list:  # validate() made sure one is set
         return data
     if data.loader == "dali" and importlib.util.find_spec("nvidia.dali") is None:
         # The demo must run on a fresh machine: without DALI (an optional extra) it reads through torch.
