@@ -108,14 +108,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on at least one rank; every rank gets the same answer."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not _active():
@@ -145,7 +137,11 @@ def scatter_object(objs: list[Any] | None) -> Any:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; handlers only record the request, the loop acts at a step boundary."""
+    """Set by SIGUSR1/SIGTERM; handlers only record the request, the loop acts at a step boundary.
+
+    The request reaches the other ranks inside the non-finite guard's per-step packet (tensor()), so all
+    ranks learn it from the same all-reduce and save at the same step.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -153,6 +149,7 @@ class StopFlag:
         self.requested = False
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pinned: torch.Tensor | None = None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving from inside a signal handler would race the step in progress.
@@ -171,6 +168,13 @@ class StopFlag:
             signal.signal(sig, prev)
         self._previous.clear()
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled (a collective: call it on all ranks together)."""
-        return any_rank(self.requested, device)
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The request as a 0/1 float64 scalar on `device`, queued without waiting for the device."""
+        if device.type != "cuda":
+            return torch.tensor(float(self.requested), dtype=torch.float64)
+        if self._pinned is None:
+            self._pinned = torch.zeros((), dtype=torch.float64, pin_memory=True)
+        # A copy from pageable memory would wait for the GPU; from this pinned buffer it is queued. Writing
+        # while an earlier copy is in flight can only show a request one step early: the flag never clears.
+        self._pinned.fill_(float(self.requested))
+        return self._pinned.to(device, non_blocking=True)
