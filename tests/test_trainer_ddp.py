@@ -1,5 +1,6 @@
 """Real 2-process gloo DDP through train.py: global batch B split over two ranks reaches the same parameters
-as one process with batch B, and as one process accumulating two micro-batches of B/2."""
+as one process with batch B, and as one process accumulating two micro-batches of B/2; the DDP wrapper's
+settings."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from reliability_harness import child_env
 
+import gcvit
+from gcvit.engine import distributed
 from gcvit.engine.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +68,29 @@ def test_ddp_two_ranks_equals_one_process_with_and_without_accumulation(tmp_path
     assert all(int(s["step"]) == 3 for s in ddp["optimizer"]["state"].values())
     assert sum(float(s["exp_avg"].abs().sum()) for s in ddp["optimizer"]["state"].values()) > 0
 
+
+def test_ddp_wrapper_settings_and_what_justifies_them(tmp_path: Path) -> None:
+    """Bucket-view gradients always; static graph only without no_sync accumulation or unused parameters; no
+    per-forward buffer broadcast, since no variant has a buffer worth broadcasting (only the constant
+    rel-pos indices, outside the state_dict)."""
+    for name in gcvit.list_models():
+        with torch.device("meta"):
+            model = gcvit.create_model(name)
+        buffers = dict(model.named_buffers())
+        assert all(n.endswith(".rel_index") for n in buffers)
+        assert not buffers.keys() & model.state_dict().keys()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        model = gcvit.create_model("gcvit_xxtiny", num_classes=4, img_size=32, window_size=[4, 4, 2, 1],
+                                   dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+        net = distributed.wrap_ddp(model, cpu, [], accum=1)
+        assert net.gradient_as_bucket_view and net.static_graph and not net.broadcast_buffers
+        assert not distributed.wrap_ddp(model, cpu, [], accum=2).static_graph
+        assert not distributed.wrap_ddp(model, cpu, ["head.weight"], accum=1).static_graph
+        for _ in range(2):  # after the first step DDP points every gradient into its buckets
+            net(torch.randn(2, 3, 32, 32)).sum().backward()
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+        assert len(storages) <= 2, f"{len(storages)} gradient storages: not views of DDP's (1-2) buckets"
+    finally:
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 # Exit code of a run that saved a checkpoint because it was told to stop; launchers requeue on it.
 PREEMPTED_EXIT_CODE = 75
@@ -106,6 +109,26 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, unused: list[str],
+             accum: int) -> DistributedDataParallel:
+    """The model under DDP as the step uses it; `unused`: parameters no forward reaches, `accum`:
+    micro-batches per optimizer step (all but the last run under no_sync)."""
+    # torch 2.14 renamed broadcast_buffers (and warns on the old name); earlier releases know only that one
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers": False}
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(unused),
+        # Gradients live in the all-reduce buckets: no copy into and out of them, one gradient's memory less.
+        gradient_as_bucket_view=True,
+        # The same graph every step lets DDP fix its bucket order after the first; no_sync steps and
+        # unused parameters break that promise.
+        static_graph=not unused and accum == 1,
+        # The only buffers are the constant rel-pos indices (persistent=False, rebuilt by the official
+        # converter): nothing to broadcast before every forward.
+        **no_buffer_sync)
 
 
 def broadcast_object(obj: Any) -> Any:

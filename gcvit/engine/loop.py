@@ -20,7 +20,6 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
@@ -106,8 +105,7 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
         if unused and env.is_main:
             print(f"{len(unused)} parameter tensors get no gradient (e.g. {unused[0]}); DDP looks for unused "
                   "parameters every step", flush=True)
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused))
+        net = distributed.wrap_ddp(model, env.device, unused, accum)
     base_lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch_size, t.global_batch_size)
     schedule, total_steps = optim.build_schedule(
         base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
