@@ -24,7 +24,7 @@ from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, chec
 from data.dali_resize import TorchResize, resize_center_crop, to_square
 from data.image_header import image_size
 from data.index import DataError, Index, bad_image
-from data.loaders import Batch, Loader
+from data.loaders import Batch, Loader, labels_on
 from data.sampler import GlobalSampler, sample_rng
 
 TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops", "ra_bins", "ra_signs")
@@ -181,7 +181,9 @@ class DaliLoader(Loader):
             except RuntimeError as e:
                 self._pipe, self._in_pass = None, False  # a failed pipeline is not reused
                 raise self._decode_error(e) from None
-            yield Batch(self._to_torch(images).permute(0, 3, 1, 2), self._to_torch(labels).view(-1),
+            # labels are always a cpu output: labels_on copies them out of DALI's buffer safely
+            yield Batch(self._to_torch(images).permute(0, 3, 1, 2),
+                        labels_on(torch.from_dlpack(labels.as_tensor()).view(-1), self.device),
                         torch.from_dlpack(ids.as_tensor()).view(-1))
 
     def _to_torch(self, out: Any) -> torch.Tensor:

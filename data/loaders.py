@@ -1,6 +1,7 @@
 """build_loader: the one entry point of the trainer into the input pipeline (dali | torch | synthetic)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -99,11 +100,31 @@ def trim_audit(audit_dir: Path | str, epoch: int, position: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def labels_on(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64 labels on `device` without waiting for it.
+
+    Towards CUDA they go through a pinned copy torch owns: torch keeps that block until the asynchronous
+    copy has read it, which it cannot do for a loader's own (e.g. DALI's recycled) buffer; a copy from
+    pageable memory would wait for the GPU instead. 1 KB per batch.
+    """
+    labels = labels.long()
+    if device.type != "cuda":
+        return labels.to(device)
+    return labels.pin_memory().to(device, non_blocking=True)
+
+
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std in uint8 units on `device`, made once (each new copy would wait for a GPU)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return mean.to(device), std.to(device)
+
+
 def normalize_on(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 NCHW (any device) to ImageNet-normalized `dtype` on `device`, channels_last."""
     x = images.to(device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(device)
     return ((x - mean) / std).to(dtype)
 
 
@@ -121,8 +142,7 @@ class SyntheticLoader(Loader):
     def _produce(self) -> Iterator[Batch]:
         for ids in self.sampler.batches():
             ids_t = torch.from_numpy(ids).long()
-            labels = (ids_t % self.num_classes).to(self.device)
-            yield Batch(self.images[:len(ids_t)], labels, ids_t)
+            yield Batch(self.images[:len(ids_t)], labels_on(ids_t % self.num_classes, self.device), ids_t)
 
 
 class TorchLoader(Loader):
@@ -136,8 +156,8 @@ class TorchLoader(Loader):
     def _produce(self) -> Iterator[Batch]:
         try:
             for images, labels, ids in self.batches:
-                labels = labels.to(self.device, non_blocking=True).long()
-                yield Batch(normalize_on(images, self.device, self.dtype), labels, ids.long())
+                yield Batch(normalize_on(images, self.device, self.dtype), labels_on(labels, self.device),
+                            ids.long())
         except BadImage as e:  # re-raised by the DataLoader with the worker's traceback around our line
             raise DataError(str(e).rsplit("BadImage: ", 1)[-1].strip()) from None
 

@@ -236,8 +236,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
         _check(name not in cfg.eval.sets or bool(root), f"eval.{name}_root", root,
                f"the {name} set's folder (eval.sets names {name})")
     external_only = cfg.mode == "eval" and not {"val", "real"} & set(cfg.eval.sets)
-    _check(d.loader == "synthetic" or bool(d.root) or bool(d.train_list) or d.demo or external_only, "data.root",
-           d.root,
+    has_images = d.loader == "synthetic" or bool(d.root) or bool(d.train_list) or d.demo
+    _check(has_images or external_only, "data.root", d.root,
            "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
     _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size", cfg.data.batch_size,

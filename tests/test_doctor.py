@@ -124,8 +124,7 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> N
     size = cfg.model.img_size
     model = gcvit.create_model(cfg.model.name, num_classes=3, img_size=size, **cfg.model.overrides)
     ema = ModelEmaV3(model, decay=0.9)
-    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch",
-                                device=torch.device("cpu"))
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch")
     model(torch.randn(2, 3, size, size)).sum().backward()
     opt.step()
     buf = io.BytesIO()

@@ -39,7 +39,7 @@ def _per_param(opt: torch.optim.Optimizer, model: torch.nn.Module, key: str) -> 
 def test_layer_decay_scales_match_the_hand_table_and_keep_the_no_decay_set() -> None:
     model = _small()
     opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch",
-                                device=torch.device("cpu"), layer_decay=0.75)
+                                layer_decay=0.75)
     scales = _per_param(opt, model, "lr_scale")
     decays = _per_param(opt, model, "weight_decay")
     names = [n for n, _ in model.named_parameters()]
@@ -61,8 +61,7 @@ def test_layer_decay_scales_match_the_hand_table_and_keep_the_no_decay_set() -> 
 
 def test_without_layer_decay_the_two_plain_groups_stay() -> None:
     model = _small()
-    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch",
-                                device=torch.device("cpu"))
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch")
     assert len(opt.param_groups) == 2 and all("lr_scale" not in g for g in opt.param_groups)
 
 
@@ -105,7 +104,7 @@ def test_freeze_takes_a_prefix_out_of_every_optimizer(what: str, prefixes: tuple
     assert line.startswith(f"frozen ({what}): ") and "\n" not in line
     for layer_decay in (None, 0.75):
         opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8,
-                                    impl="torch", device=torch.device("cpu"), layer_decay=layer_decay)
+                                    impl="torch", layer_decay=layer_decay)
         trained = set(_per_param(opt, model, "weight_decay"))
         assert trained == {n for n, _ in model.named_parameters()} - frozen
     for i, stage in enumerate(model.stages):  # stochastic depth only where blocks learn

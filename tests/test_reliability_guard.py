@@ -1,4 +1,5 @@
-"""NonFiniteGuard: skip/stop policies, one verdict for all ranks, weights never touched by NaN/Inf."""
+"""NonFiniteGuard: skip/stop policies, one verdict for all ranks, weights never touched by NaN/Inf; the
+verdict reaches the optimizer as a tensor (the trainer's fused AdamW), the host reads it in settle()."""
 from __future__ import annotations
 
 import copy
@@ -12,23 +13,32 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gcvit.engine.guard import INJECT_ENV, NonFiniteError, NonFiniteGuard
+from gcvit.engine.optim import step_unless
+
+
+def _verdict(guard: NonFiniteGuard, loss: float, norm: float, stop: float = 0.0) -> tuple[bool, bool]:
+    """One step's verdict read at once: (the step may be applied, a stop was requested on some rank)."""
+    found_inf = guard.check(torch.tensor(loss), torch.tensor(norm), torch.tensor(stop))
+    stopping = guard.settle()
+    return not found_inf.item(), stopping
 
 
 def _train(guard: NonFiniteGuard, steps: int) -> list[tuple[bool, dict, dict]]:
     """A real model/AdamW/clip loop in the trainer's order; per step: (stepped, weights, optimizer state)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     out = []
     for _ in range(steps):
         x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
         loss = guard.inject(nn.functional.cross_entropy(model(x), y))
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        ok = guard.step_ok(loss.detach(), norm)
-        if ok:
-            opt.step()
+        found_inf = guard.check(loss.detach(), norm)
+        step_unless(opt, found_inf)  # the optimizer skips a bad step by itself
         opt.zero_grad(set_to_none=True)
+        guard.settle()
+        ok = not found_inf.item()
         out.append((ok, copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])))
     return out
 
@@ -65,19 +75,19 @@ def test_stop_policy_names_step_and_value_after_k_in_a_row(monkeypatch) -> None:
 
 def test_state_dict_resumes_the_count_and_inf_grad_norm_is_caught() -> None:
     guard = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
-    assert not guard.step_ok(torch.tensor(1.0), torch.tensor(math.inf))
+    assert _verdict(guard, 1.0, math.inf) == (False, False)
     resumed = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
     resumed.load_state_dict(guard.state_dict())
     with pytest.raises(NonFiniteError, match="step 2: loss=1.0 grad_norm=inf"):
-        resumed.step_ok(torch.tensor(1.0), torch.tensor(math.inf))
+        _verdict(resumed, 1.0, math.inf)
 
 
 def test_fp16_scaler_overflow_is_skipped_but_not_counted() -> None:
     guard = NonFiniteGuard(policy="stop", max_consecutive=1, scaler_handles_overflow=True, verbose=False)
     for _ in range(3):  # the GradScaler lowers its scale; the loss itself is fine
-        assert not guard.step_ok(torch.tensor(2.0), torch.tensor(math.inf))
+        assert _verdict(guard, 2.0, math.inf) == (False, False)
     with pytest.raises(NonFiniteError):
-        guard.step_ok(torch.tensor(math.nan), torch.tensor(math.inf))
+        _verdict(guard, math.nan, math.inf)
 
 
 def test_bad_arguments_fail_with_one_line() -> None:
@@ -92,11 +102,12 @@ def _ddp_worker(rank: int, init_file: str, results: dict) -> None:
     try:
         guard = NonFiniteGuard(policy="stop", max_consecutive=2, verbose=False)
         verdicts = []
-        # Step 1: only rank 1's loss is NaN; 2: all finite; 3: only rank 0's is inf; 4: NaN again -> stop.
-        for bad in ({1: math.nan}, {}, {0: math.inf}):
-            verdicts.append(guard.step_ok(torch.tensor(bad.get(rank, 1.0 + rank)), torch.tensor(0.5)))
+        # Step 1: only rank 1's loss is NaN; 2: all finite and rank 1 was signalled; 3: only rank 0's is
+        # inf; 4: NaN again -> stop.
+        for bad, signalled in (({1: math.nan}, None), ({}, 1), ({0: math.inf}, None)):
+            verdicts.append(_verdict(guard, bad.get(rank, 1.0 + rank), 0.5, float(rank == signalled)))
         try:
-            guard.step_ok(torch.tensor(math.nan if rank == 1 else 1.0), torch.tensor(0.5))
+            _verdict(guard, math.nan if rank == 1 else 1.0, 0.5)
             verdicts.append("no stop")
         except NonFiniteError as e:
             verdicts.append(str(e).split(";")[0])
@@ -114,5 +125,5 @@ def test_all_ranks_reach_the_same_verdict_in_ddp(tmp_path: Path) -> None:
                            start_method="fork")
         results = dict(results)
     assert results[0] == results[1]
-    assert results[0][:3] == [False, True, False]
+    assert results[0][:3] == [(False, False), (True, True), (False, False)]
     assert results[0][3] == "non-finite values at step 4: loss=nan grad_norm=0.5"

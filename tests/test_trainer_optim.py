@@ -57,14 +57,37 @@ class _Net(nn.Module):
 
 def test_param_groups_exclude_norms_biases_and_named_tables() -> None:
     net = _Net()
-    opt = optim.build_optimizer(net, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch",
-                                device=torch.device("cpu"))
+    opt = optim.build_optimizer(net, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch")
     decay, plain = opt.param_groups
     assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(net.fc.weight)}
     assert {id(p) for p in plain["params"]} == {id(net.fc.bias), id(net.norm.weight), id(net.norm.bias),
                                                 id(net.table)}
-    assert isinstance(opt, torch.optim.AdamW)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"]
+
+
+def test_step_unless_skips_on_the_device_leaving_weights_moments_and_count() -> None:
+    """The fused AdamW reads the verdict itself: a flagged step changes nothing, not even its step count."""
+    net = _Net()
+    opt = optim.build_optimizer(net, lr=1e-2, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="torch")
+
+    def snapshot() -> list[torch.Tensor]:
+        return [t.clone() for t in net.state_dict().values()] + [
+            t.clone() for s in opt.state.values() for t in s.values()]
+
+    for flag, changes in ((0.0, True), (1.0, False), (0.0, True)):
+        (net.norm(net.fc(torch.randn(3, 4))).sum() + net.table.sum()).backward()
+        if flag:  # what a bad step brings: NaN gradients, which must not reach weights or moments
+            for q in net.parameters():
+                q.grad.fill_(float("nan"))
+        before = snapshot()
+        optim.step_unless(opt, torch.tensor(flag))
+        opt.zero_grad(set_to_none=True)
+        after = snapshot()
+        assert all(torch.isfinite(t).all() for t in after)
+        same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+        assert same != changes, f"found_inf={flag}"
+    assert all(int(s["step"]) == 2 for s in opt.state.values())
 
 
 def test_lr_scaling_and_accumulation() -> None:
@@ -80,7 +103,6 @@ def test_apex_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "apex", None)  # import apex -> ImportError even where it is installed
     monkeypatch.setitem(sys.modules, "apex.optimizers", None)
     with pytest.raises(SystemExit) as err:
-        optim.build_optimizer(_Net(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="apex",
-                              device=torch.device("cpu"))
+        optim.build_optimizer(_Net(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, impl="apex")
     msg = str(err.value)
     assert "optim.impl=apex" in msg and "optim.impl=torch" in msg and "\n" not in msg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 # Exit code of a run that saved a checkpoint because it was told to stop; launchers requeue on it.
 PREEMPTED_EXIT_CODE = 75
@@ -108,12 +111,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on at least one rank; every rank gets the same answer."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def wrap_ddp(model: nn.Module, device: torch.device, unused: list[str],
+             accum: int) -> DistributedDataParallel:
+    """The model under DDP as the step uses it; `unused`: parameters no forward reaches, `accum`:
+    micro-batches per optimizer step (all but the last run under no_sync)."""
+    # torch 2.14 renamed broadcast_buffers (and warns on the old name); earlier releases know only that one
+    no_buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in
+                      inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers": False}
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(unused),
+        # Gradients live in the all-reduce buckets: no copy into and out of them, one gradient's memory less.
+        gradient_as_bucket_view=True,
+        # The same graph every step lets DDP fix its bucket order after the first; no_sync steps and
+        # unused parameters break that promise.
+        static_graph=not unused and accum == 1,
+        # The only buffers are the constant rel-pos indices (persistent=False, rebuilt by the official
+        # converter): nothing to broadcast before every forward.
+        **no_buffer_sync)
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -145,7 +160,11 @@ def scatter_object(objs: list[Any] | None) -> Any:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; handlers only record the request, the loop acts at a step boundary."""
+    """Set by SIGUSR1/SIGTERM; handlers only record the request, the loop acts at a step boundary.
+
+    The request reaches the other ranks inside the non-finite guard's per-step packet (tensor()), so all
+    ranks learn it from the same all-reduce and save at the same step.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -153,6 +172,7 @@ class StopFlag:
         self.requested = False
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pinned: torch.Tensor | None = None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: saving from inside a signal handler would race the step in progress.
@@ -171,6 +191,13 @@ class StopFlag:
             signal.signal(sig, prev)
         self._previous.clear()
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank was signalled (a collective: call it on all ranks together)."""
-        return any_rank(self.requested, device)
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        """The request as a 0/1 float64 scalar on `device`, queued without waiting for the device."""
+        if device.type != "cuda":
+            return torch.tensor(float(self.requested), dtype=torch.float64)
+        if self._pinned is None:
+            self._pinned = torch.zeros((), dtype=torch.float64, pin_memory=True)
+        # A copy from pageable memory would wait for the GPU; from this pinned buffer it is queued. Writing
+        # while an earlier copy is in flight can only show a request one step early: the flag never clears.
+        self._pinned.fill_(float(self.requested))
+        return self._pinned.to(device, non_blocking=True)

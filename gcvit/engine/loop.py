@@ -20,7 +20,6 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
@@ -117,8 +116,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         if unused and env.is_main:
             print(f"{len(unused)} parameter tensors get no gradient (e.g. {unused[0]}); DDP looks for unused "
                   "parameters every step", flush=True)
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused))
+        net = distributed.wrap_ddp(model, env.device, unused, accum)
     base_lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch_size, t.global_batch_size)
     schedule, total_steps = optim.build_schedule(
         base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
@@ -134,7 +132,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
         optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
-                                        device=env.device, layer_decay=cfg.optim.layer_decay),
+                                        layer_decay=cfg.optim.layer_decay),
         schedule=schedule, scaler=torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
         guard=NonFiniteGuard(t.nonfinite_policy, t.nonfinite_max_consecutive,
                              scaler_handles_overflow=t.precision == "fp16", verbose=env.is_main),
@@ -158,8 +156,12 @@ def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> 
     return unused
 
 
-def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config) -> dict[str, Any]:
-    """One optimizer step over `accum` micro-batches: forward/backward, clip, guard, AdamW, EMA."""
+def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Tensor) -> dict[str, Any]:
+    """One optimizer step over `accum` micro-batches: forward/backward, clip, guard, AdamW, EMA.
+
+    Nothing here waits for the device: the guard's verdict (and the stop request `stop`, 0/1 on the
+    device) travel in one all-reduce and the optimizer applies the verdict itself; the loop reads them later.
+    """
     lr = p.schedule.apply(p.optimizer)
     loss_sum, wait = torch.zeros((), device=env.device), 0.0
     for micro in range(p.accum):
@@ -180,15 +182,16 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config) -> dict[str, A
         loss_sum += loss.detach().float()
     p.scaler.unscale_(p.optimizer)
     grad_norm = nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.clip_grad or float("inf"))
-    applied = p.guard.step_ok(loss_sum, grad_norm)  # a collective: every rank gets the same verdict
-    if applied:
-        p.scaler.step(p.optimizer)
+    found_inf = p.guard.check(loss_sum, grad_norm, stop)  # a collective: every rank gets the same verdict
+    # Not scaler.step(): it would replace the verdict with its own overflow flag (which the guard's grad
+    # norm already covers); update() reads the flag unscale_() recorded.
+    optim.step_unless(p.optimizer, found_inf)
     p.scaler.update()
     p.optimizer.zero_grad(set_to_none=True)
     p.schedule.step += 1
     if p.ema is not None:
         p.ema.update(p.model, step=p.schedule.step)
-    return {"loss": loss_sum / p.accum, "lr": lr, "grad_norm": grad_norm, "wait": wait, "applied": applied}
+    return {"loss": loss_sum / p.accum, "lr": lr, "grad_norm": grad_norm, "wait": wait}
 
 
 def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, cfg: Config) -> dict[str, Any]:
@@ -268,6 +271,7 @@ def train(cfg: Config, env: DistEnv) -> int:
     peak = metrics.peak_flops(env.device, t.precision)
 
     def save(*tags: str) -> None:
+        p.guard.settle()  # the counters saved include every step so far (a stop policy may still raise)
         state = checkpoint_state(p, progress, wandb, cfg)
         if env.is_main:
             ckpt.save(state, tag=tags)  # written once, the other tags are hard links
@@ -288,10 +292,17 @@ def train(cfg: Config, env: DistEnv) -> int:
             window = metrics.Window(env.device)
             while progress.step < epoch_end:
                 seed_step(t.seed, env.rank, progress.step)
-                out = train_step(p, batches, env, cfg)
+                out = train_step(p, batches, env, cfg, stop.tensor(env.device))
                 progress.step += 1
                 window.add(out["loss"], out["wait"])
-                if progress.step % t.log_every_steps == 0 or progress.step == epoch_end:
+                log_now = progress.step % t.log_every_steps == 0 or progress.step == epoch_end
+                # the epoch end saves anyway
+                periodic = bool(t.ckpt_every_steps) and progress.step % t.ckpt_every_steps == 0 \
+                    and progress.step < epoch_end
+                # Steady state reads the previous step's verdicts while the device runs this one; log and
+                # checkpoint steps wait for this one too.
+                stopping = p.guard.settle(keep_last=not (log_now or periodic))
+                if log_now:
                     rec = window.record(step=progress.step, epoch=epoch, lr=out["lr"],
                                         grad_norm=float(out["grad_norm"]), global_batch=t.global_batch_size,
                                         world_size=env.world_size, flops_per_image=flops, peak=peak)
@@ -300,15 +311,14 @@ def train(cfg: Config, env: DistEnv) -> int:
                     bar.show(rec)
 
                 # step boundary: a stop signal on any rank makes all ranks save once and exit together
-                if stop.agreed(env.device):
+                if stopping:
                     save("last")
                     if env.is_main:
                         bar.write(f"signal {stop.signum}: saved step {progress.step} in {ckpt.run_dir}; "
                                   f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
                     exit_code = PREEMPTED_EXIT_CODE
                     return exit_code
-                periodic = t.ckpt_every_steps and progress.step % t.ckpt_every_steps == 0
-                if periodic and progress.step < epoch_end:  # the epoch end saves anyway
+                if periodic:
                     save("last", f"step{progress.step:09d}")
 
             # ---- epoch end: evaluate model and EMA; `last` always, `best` by (EMA) top-1

@@ -45,10 +45,9 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] 
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, impl: str, device: torch.device,
-                    layer_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (or layer_decay_groups with `layer_decay`): torch's (fused kernels on CUDA)
-    or apex's FusedAdam."""
+                    eps: float, impl: str, layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (or layer_decay_groups with `layer_decay`): torch's fused kernels (CPU and
+    CUDA) or apex's FusedAdam."""
     if layer_decay is not None:
         groups = layer_decay_groups(model, weight_decay, layer_decay)
     else:
@@ -63,8 +62,23 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: 
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
     if impl != "torch":
         raise SystemExit(f"optim.impl={impl!r} is not one of: torch, apex")
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    # Fused on CPU too: 3.5x faster than the foreach kernels on gcvit_tiny's parameters
+    # (benchmarks/optim_step_cpu.py), and it skips a bad step on its own (step_unless).
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step() unless `found_inf` (float32 0/1 on the device) is 1.
+
+    torch's fused optimizers take the flag as GradScaler hands it to them and decide on the device: a
+    flagged step leaves weights, moments and step counts as they were, and the host never waits for the
+    verdict. Others (apex) need it on the host, which on a GPU costs a sync per step.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+        optimizer.step()
+    elif not found_inf.item():
+        optimizer.step()
 
 
 @dataclass

@@ -1,0 +1,42 @@
+"""GPU tier, step: steady-state training steps never make the CPU wait for the GPU. The trainer's own step
+(train_step, then the loop's one-step-late read of the verdict) runs under
+torch.cuda.set_sync_debug_mode("error"), which raises on every synchronizing call (.item(), blocking copies,
+stream syncs). Log and checkpoint steps, which read this step's values on purpose, are not part of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer_step_sync import step_parts
+
+from gcvit.engine.distributed import StopFlag
+from gcvit.engine.guard import INJECT_ENV
+from gcvit.engine.loop import train_step
+from gcvit.engine.setup import seed_step
+
+WARMUP, STEADY = 3, 6  # the first steps allocate the optimizer's moments and pick cuDNN kernels
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_steady_steps_never_sync_even_when_a_step_is_skipped(cuda, precision: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INJECT_ENV, str(WARMUP + 2))  # a NaN loss inside the watched steps
+    cfg, env, p = step_parts("cuda", f"trainer.precision={precision}", "trainer.nonfinite_policy=skip")
+    batches, stop = iter(p.train_loader), StopFlag()
+
+    def step(i: int) -> None:
+        seed_step(cfg.trainer.seed, env.rank, i)
+        train_step(p, batches, env, cfg, stop.tensor(env.device))
+        p.guard.settle(keep_last=True)
+
+    for i in range(WARMUP):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(WARMUP, WARMUP + STEADY):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    p.guard.settle()
+    assert p.guard.steps == WARMUP + STEADY and p.guard.skipped == 1
+    assert all(torch.isfinite(t).all() for t in p.model.state_dict().values())
