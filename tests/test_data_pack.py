@@ -1,0 +1,213 @@
+"""python -m data.pack writes shards that hold the source bytes in index order, that tar, webdataset and
+DALI read as they are, atomically; python -m data.verify finds a changed byte and names where it is."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import pack as pack_module
+from data.demo import write_image_folder
+from data.index import BadImage, DataError, load_index
+from data.pack import main as pack_main
+from data.shards import PackReader, Split, is_pack
+from data.verify import main as verify_main
+
+SHARD = "16KB"  # 3-6 images of 40-90 px per shard: several shards per split
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("src") / "ds", train_per_class=6, val_per_class=2,
+                              num_classes=3, sizes=(40, 90))
+
+
+@pytest.fixture(scope="module")
+def packed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pack") / "out"
+    assert pack_main([str(source), str(out), "--shard-size", SHARD, "--workers", "2", "--quiet"]) == 0
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_pack_holds_every_source_file_in_index_order(source: Path, packed: Path) -> None:
+    assert is_pack(packed) and not is_pack(source)
+    for split in ("train", "val"):
+        ix, sp = load_index(source, split), Split.load(packed, split)
+        assert len(sp) == len(ix) and sp.classes == ix.classes and sp.files == ix.files
+        assert sp.samples["label"].tolist() == ix.labels
+        assert len(sp.shards) >= 2 and all(s["bytes"] <= 16000 for s in sp.shards)
+        reader = PackReader(sp, check=True)
+        for i in range(len(ix)):
+            assert reader.read(i) == ix.path(i).read_bytes(), (split, i)
+        for k, shard in enumerate(sp.shards):
+            tar = sp.shard_path(k)
+            assert hashlib.sha256(tar.read_bytes()).hexdigest() == shard["sha256"]
+            members = subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True, check=True)
+            assert members.stderr == ""
+            ids = range(shard["first"], shard["first"] + shard["samples"])
+            assert members.stdout.split() == [f"{i:010d}.{ext}" for i in ids for ext in ("jpg", "cls")]
+
+
+def test_idx_files_equal_dali_wds2idx_output(packed: Path, tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    import wds2idx  # ships with DALI (tools/wds2idx.py): the reference writer of the format
+
+    for tar in sorted(packed.glob("*.tar")):
+        with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
+            creator.create_index()
+        assert tar.with_suffix(".idx").read_text() == (tmp_path / "ref.idx").read_text(), tar.name
+
+
+def test_webdataset_package_reads_the_shards(source: Path, packed: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    ix = load_index(source, "train")
+    urls = [str(p) for p in sorted(packed.glob("train-*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [f"{i:010d}" for i in range(len(ix))]
+    assert [s["jpg"] for s in samples] == [ix.path(i).read_bytes() for i in range(len(ix))]
+    assert [int(s["cls"]) for s in samples] == ix.labels
+
+
+def test_dali_webdataset_reader_reads_the_shards(source: Path, packed: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    ix = load_index(source, "train")
+    tars = sorted(packed.glob("train-*.tar"))
+
+    @pipeline_def(batch_size=len(ix), num_threads=1, device_id=None)
+    def read():
+        jpg, cls = fn.readers.webdataset(paths=[str(t) for t in tars], ext=["jpg", "cls"],
+                                         index_paths=[str(t.with_suffix(".idx")) for t in tars],
+                                         missing_component_behavior="error", random_shuffle=False)
+        return jpg, cls
+
+    pipe = read()
+    pipe.build()
+    jpgs, classes = pipe.run()
+    for i in range(len(ix)):
+        assert np.array(jpgs[i]).tobytes() == ix.path(i).read_bytes(), i
+        assert int(np.array(classes[i]).tobytes()) == ix.labels[i]
+
+
+def test_crashed_pack_leaves_no_output_and_a_rerun_finishes_it(source: Path, packed: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.partial"
+    written = []
+    real = pack_module.write_shard
+
+    def crash_on_third(job, stage):
+        if len(written) == 2:
+            (stage / f"{job.name}.tar.tmp").write_bytes(b"half a shard")  # torn, as a kill leaves it
+            raise KeyboardInterrupt
+        written.append(job.name)
+        return real(job, stage)
+
+    monkeypatch.setattr(pack_module, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        pack_main([str(source), str(out), "--shard-size", SHARD, "--quiet"])
+    assert not out.exists() and not is_pack(out)
+    done = sorted(p.name for p in staging.glob("*.json"))
+    assert done == sorted([f"{n}.json" for n in written] + ["plan.json"])
+
+    monkeypatch.setattr(pack_module, "write_shard", lambda job, stage: written.append(job.name) or
+                        real(job, stage))
+    assert pack_main([str(source), str(out), "--shard-size", SHARD, "--quiet"]) == 0
+    assert len(written) == len(set(written)) == len(list(packed.glob("*.tar")))  # finished shards kept
+    assert not staging.exists()
+    ours, reference = _files(out), _files(packed)
+    reference_manifest = reference.pop("pack.json").replace(str(packed).encode(), str(out).encode())
+    assert ours.pop("pack.json") == reference_manifest and ours == reference  # bytes identical
+
+    with pytest.raises(DataError, match="already a pack"):
+        pack_main([str(source), str(out), "--quiet"])
+
+
+def test_rerun_with_another_shard_size_starts_over(source: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = pack_module.write_shard
+
+    def crash(job, stage):
+        real(job, stage)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack_module, "write_shard", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pack_main([str(source), str(out), "--shard-size", SHARD, "--quiet"])
+    monkeypatch.setattr(pack_module, "write_shard", real)
+    assert pack_main([str(source), str(out), "--shard-size", "1GB", "--quiet"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert verify_main([str(out), "--workers", "1", "--quiet"]) == 0
+
+
+def test_bad_shard_size_is_one_line(source: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--shard-size '1 GQ' is not a size"):
+        pack_main([str(source), str(tmp_path / "o"), "--shard-size", "1 GQ"])
+
+
+def _copy(packed: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "pack"
+    copy.mkdir()
+    for name, data in _files(packed).items():
+        (copy / name).write_bytes(data)
+    return copy
+
+
+def test_verify_names_shard_offset_and_original_file_of_a_flipped_byte(
+        packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pack = _copy(packed, tmp_path)
+    assert verify_main([str(pack), "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith("checked 24 samples in 7 shards of "
+                                                    f"{pack} (train: 18, val: 6): 0 problems")
+    split = Split.load(pack, "train")
+    i = 7
+    row = split.samples[i]
+    shard = split.shard_path(int(row["shard"]))
+    with open(shard, "r+b") as f:
+        f.seek(int(row["offset"]) + int(row["size"]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+    assert verify_main([str(pack), "--workers", "2", "--quiet"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].endswith(": 2 problems")
+    assert lines[0].startswith(f"{shard}: sha256 ") and "changed after packing" in lines[0]
+    original = f"{split.source}/train/{split.files[i]}"
+    assert lines[1].startswith(f"corrupt sample {i} in {shard} at offset {int(row['offset'])} "
+                               f"(packed from {original}): crc32c ")
+
+    with pytest.raises(BadImage) as caught:
+        PackReader(Split.load(pack, "train"), check=True).read(i)
+    assert str(caught.value) == lines[1] and "\n" not in lines[1]
+    assert len(PackReader(Split.load(pack, "train")).read(i)) == row["size"]  # unchecked reads stay one pread
+
+
+def test_verify_catches_a_shard_changed_outside_any_sample(packed: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    pack = _copy(packed, tmp_path)
+    shard = pack / "val-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # the end-of-archive padding: no sample's bytes change, the shard's sha256 does
+    shard.write_bytes(bytes(data))
+    (pack / "val-000000.tar").write_bytes((pack / "val-000000.tar").read_bytes()[:3000])  # truncated
+    assert verify_main([str(pack), "--workers", "1", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard}: sha256 " in out and f"{pack / 'val-000000.tar'}: 3000 bytes, pack.json says" in out
+    assert "(the shard is truncated)" in out and out.strip().endswith("problems")
+
+
+def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "data.pack", str(source), str(tmp_path / "p"), "--splits",
+                          "val"], capture_output=True, text=True, check=True)
+    assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
