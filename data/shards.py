@@ -23,7 +23,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from data.index import BadImage, DataError
+from data.index import BadImage, DataError, Index
 
 FORMAT = "gcvit-pack v1"
 MANIFEST = "pack.json"
@@ -152,3 +152,21 @@ class PackReader:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["split"], state["check"])
+
+
+@dataclass
+class PackIndex(Index):
+    """A pack's split as data.index.Index: same classes, files and labels as the folder it was packed from;
+    encoded(i) takes the bytes from the shards (crc32c-checked: ~10 us per image, a corrupt one is named)."""
+
+    reader: PackReader | None = None
+
+    @classmethod
+    def load(cls, root: str | Path, split: str) -> PackIndex:
+        """The index of `split` of the pack at `root`, its shard files open."""
+        sp = Split.load(root, split)
+        return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(),
+                   PackReader(sp, check=True))
+
+    def encoded(self, i: int) -> bytes:
+        return self.reader.read(i)

@@ -3,16 +3,20 @@ DALI read as they are, atomically; python -m data.verify finds a changed byte an
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data import pack as pack_module
+from data.config import AugConfig, DataConfig
 from data.demo import write_image_folder
 from data.index import BadImage, DataError, load_index
+from data.loaders import build_loader
 from data.pack import main as pack_main
 from data.shards import PackReader, Split, is_pack
 from data.verify import main as verify_main
@@ -211,3 +215,55 @@ def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "data.pack", str(source), str(tmp_path / "p"), "--splits",
                           "val"], capture_output=True, text=True, check=True)
     assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
+
+
+def _torch_batches(root: Path, split: str, workers: int, resume_after: int | None = None) -> list[tuple]:
+    data = DataConfig(root=str(root), loader="torch", batch_size=5, workers=workers)
+    loader = build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
+                          seed=3, rank=0, world_size=1, device=torch.device("cpu"))
+    loader.set_epoch(1)
+    out = []
+    for batch in loader:
+        out.append((batch.images, batch.labels, batch.ids))
+        if resume_after is not None and len(out) == resume_after:  # a restart from the saved position
+            state = loader.state_dict()
+            loader = build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split,
+                                  img_size=24, seed=3, rank=0, world_size=1, device=torch.device("cpu"))
+            loader.load_state_dict(state)
+            out += [(b.images, b.labels, b.ids) for b in loader]
+            break
+    return out
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torch_loader_gives_bitwise_the_folder_batches_from_a_pack(source: Path, packed: Path, split: str,
+                                                                   tmp_path: Path) -> None:
+    folder = _torch_batches(source, split, workers=0)
+    assert len(folder) >= 2
+    pack = _copy(packed, tmp_path)  # whose source folder is gone: every byte must come from the shards
+    manifest = json.loads((pack / "pack.json").read_text())
+    manifest["source"] = str(tmp_path / "deleted")
+    (pack / "pack.json").write_text(json.dumps(manifest))
+    runs = [_torch_batches(pack, split, workers=2)]
+    if split == "train":  # val passes always start at the beginning
+        runs.append(_torch_batches(pack, split, workers=0, resume_after=1))
+    for got in runs:
+        assert len(got) == len(folder)
+        for (x, y, i), (fx, fy, fi) in zip(got, folder):
+            assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+
+
+def test_torch_loader_names_the_corrupt_sample_of_a_pack(packed: Path, tmp_path: Path) -> None:
+    pack = _copy(packed, tmp_path)
+    split = Split.load(pack, "val")
+    row = split.samples[4]
+    shard = split.shard_path(int(row["shard"]))
+    data = bytearray(shard.read_bytes())
+    data[int(row["offset"]) + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    at = int(row["offset"])
+    with pytest.raises(DataError, match=rf"^data error: corrupt sample 4 in {shard} at offset {at} "
+                                        r"\(packed from .*/val/.*\.JPEG\): crc32c .*data\.verify"):
+        list(_torch_batches(pack, "val", workers=1))
+    with pytest.raises(DataError, match="data.index_dir applies to image folders"):
+        load_index(pack, "val", index_dir=str(tmp_path))
