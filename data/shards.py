@@ -27,7 +27,7 @@ from data.index import BadImage, DataError, Index
 
 FORMAT = "gcvit-pack v1"
 MANIFEST = "pack.json"
-CHECKSUM = "crc32c"  # Castagnoli CRC of the image bytes (google-crc32c: hardware CRC32 instructions)
+CHECKSUM = "crc32c"  # Castagnoli CRC (iSCSI, as in GCS and ext4) of the image bytes, by google-crc32c (C)
 SAMPLE_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<u4"),
                          ("crc32c", "<u4")])
 
@@ -157,7 +157,8 @@ class PackReader:
 @dataclass
 class PackIndex(Index):
     """A pack's split as data.index.Index: same classes, files and labels as the folder it was packed from;
-    encoded(i) takes the bytes from the shards (crc32c-checked: ~10 us per image, a corrupt one is named)."""
+    encoded(i) takes the bytes from the shards, crc32c-checked (~50 us for a 110 kB image, a small part of
+    its decode) so that a corrupt sample fails with its shard, offset and original file named."""
 
     reader: PackReader | None = None
 
