@@ -273,3 +273,29 @@ def test_torch_loader_names_the_corrupt_sample_of_a_pack(packed: Path, tmp_path:
         list(_torch_batches(pack, "val", workers=1))
     with pytest.raises(DataError, match="data.index_dir applies to image folders"):
         load_index(pack, "val", index_dir=str(tmp_path))
+
+
+def test_verify_catches_an_index_that_disagrees_with_the_manifest(packed: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    pack = _copy(packed, tmp_path)
+    rows = np.load(pack / "val.samples.npy")
+    rows["shard"][0] = 1  # sample 0 claimed by the second shard: it would be read from the wrong file
+    np.save(pack / "val.samples.npy", rows)
+    assert verify_main([str(pack), "--workers", "1", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{pack / 'val-000000.tar'}: the index does not place samples 0..3 in this shard" in out
+
+
+def test_pack_of_a_clean_index_leaves_the_bad_files_out(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    root = write_image_folder(tmp_path / "ds", train_per_class=3, val_per_class=1, num_classes=2)
+    bad = root / "train" / "00_circle" / "truncated.JPEG"
+    bad.write_bytes((root / "train" / "00_circle" / "train_circle_0000.JPEG").read_bytes()[:300])
+    clean = str(tmp_path / "clean")
+    assert verify_main([str(root), "--workers", "1", "--quiet", "--write-index", clean]) == 0
+    assert pack_main([str(root), str(tmp_path / "pack"), "--index-dir", clean, "--quiet"]) == 0
+    split = Split.load(tmp_path / "pack", "train")
+    assert len(split) == 6 and "00_circle/truncated.JPEG" not in split.files
+    capsys.readouterr()
+    assert verify_main([str(tmp_path / "pack"), "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(train: 6, val: 2): 0 problems")
