@@ -193,6 +193,8 @@ def pack(root: Path, out: Path, *, shard_size: int, workers: int = 1,
          progress: bool = True) -> dict:
     """Pack ROOT's splits into OUT; returns the manifest."""
     root, out = root.expanduser().resolve(), out.expanduser().resolve()
+    if is_pack(root):
+        raise DataError(f"{root} is a pack already; pack the image folder it was packed from")
     if is_pack(out):
         raise DataError(f"{out} is already a pack; delete it or choose another OUT")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

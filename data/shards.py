@@ -91,8 +91,12 @@ class Split:
             raise DataError(f"{root} has no {split} split (it has {', '.join(manifest['splits'])}); "
                             f"pack a dataset with ROOT/{split}/<class>/ folders")
         entry = manifest["splits"][split]
-        samples = np.load(root / f"{split}.samples.npy", mmap_mode="r")
-        files = (root / f"{split}.files.txt").read_text().splitlines()
+        try:
+            samples = np.load(root / f"{split}.samples.npy", mmap_mode="r")
+            files = (root / f"{split}.files.txt").read_text().splitlines()
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the {split} index of the pack {root} ({e}); "
+                            "repack with python -m data.pack") from None
         if not len(samples) == len(files) == entry["samples"]:
             raise DataError(f"{root}: {split} index holds {len(samples)} rows and {len(files)} file names "
                             f"but pack.json says {entry['samples']}; repack with python -m data.pack")

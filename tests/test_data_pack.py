@@ -140,6 +140,11 @@ def test_killed_pack_leaves_no_output_and_a_rerun_finishes_it(source: Path, pack
 
     with pytest.raises(DataError, match="already a pack"):
         pack_main([str(source), str(out), "--quiet"])
+    with pytest.raises(DataError, match="is a pack already"):
+        pack_main([str(out), str(tmp_path / "again"), "--quiet"])
+    (out / "val.samples.npy").unlink()
+    with pytest.raises(DataError, match=r"cannot read the val index of the pack .* repack"):
+        load_index(out, "val")
 
 
 def test_rerun_with_another_shard_size_starts_over(source: Path, tmp_path: Path,
