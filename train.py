@@ -1,9 +1,12 @@
-"""Train or evaluate GC ViT: `python train.py` runs the embedded CPU demo; see README (section trainer).
+"""Train or evaluate GC ViT: `python train.py` runs the embedded CPU demo; `--help` lists every key.
 
     python train.py                                                   # the demo (CPU, < 3 min)
     python train.py debug=tiny                                        # seconds: a smoke test
     torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet
-    python train.py mode=eval model=gcvit_tiny data=imagenet data.root=/data/imagenet checkpoint=ckpt.pth
+    python train.py mode=eval experiment=in1k_gcvit_tiny data.root=/data/imagenet checkpoint=ckpt.pth
+
+The demo is only the default of a command line that names no model, data set or preset
+(gcvit.config.with_demo_default); docs/training.md and docs/config.md have the rest.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gcvit import list_models
-from gcvit.config import from_hydra, register
+from gcvit.config import from_hydra, register, with_demo_default
 from gcvit.engine.checkpoint import CheckpointError
 from gcvit.engine.guard import NonFiniteError
 from gcvit.engine.loop import run
@@ -34,11 +37,12 @@ def main(cfg: DictConfig) -> None:
     if code == 0 and config.mode == "train" and config.name == "demo":
         print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n"
               "  torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"
-              "  (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG; on SLURM see README section cluster)")
+              "  (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG; on SLURM see docs/cluster.md)")
     if code:
         # Hydra drops the task's return value; 75 (preempted) must reach the launcher.
         sys.exit(code)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_demo_default(sys.argv[1:])
     main()

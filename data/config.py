@@ -36,6 +36,8 @@ class DataConfig:
     index_dir: str | None = None  # folder with a clean {train,val}.tsv (data.verify --write-index)
     synthetic_samples: int = 1281167  # synthetic loader: samples per train epoch (val: 50000)
     synthetic_classes: int = 1000  # synthetic loader: number of classes
+    val_split: float | None = None  # hold out this fraction of each class of ROOT/train as val (no ROOT/val)
+    val_split_seed: int = 0  # which images data.val_split holds out
 
 
 @dataclass

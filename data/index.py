@@ -86,8 +86,10 @@ class Index:
 def list_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names of a split, with one-line errors for a missing or empty split."""
     if not split_dir.is_dir():
+        hint = ("; or, with no val split, hold out part of ROOT/train: data.val_split=0.1"
+                if split_dir.name == "val" and (split_dir.parent / "train").is_dir() else "")
         raise DataError(f"{split_dir} does not exist; expected ImageFolder layout ROOT/train/<wnid>/*.JPEG "
-                        "and ROOT/val/<wnid>/*.JPEG (python -m data.prepare imagenet builds it)")
+                        f"and ROOT/val/<wnid>/*.JPEG (python -m data.prepare imagenet builds it){hint}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<wnid>/*.JPEG")

@@ -12,6 +12,7 @@ import torch
 from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
 from data.index import BadImage, DataError, load_index
 from data.sampler import GlobalSampler
+from data.split import held_out
 
 AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
 SYNTHETIC_VAL_SAMPLES = 50000
@@ -34,6 +35,9 @@ class Batch(NamedTuple):
 
 class Loader:
     """Sampler bookkeeping shared by all loaders; subclasses turn index batches into Batch objects."""
+
+    classes: list[str] | None = None  # class names (label i is classes[i]); None for synthetic data
+    split_record: dict | None = None  # what data.val_split held out (data.split.held_out), else None
 
     def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
         self.sampler, self.num_classes, self.split = sampler, num_classes, split
@@ -156,17 +160,26 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
     if not data.root:
         raise DataError("data.root is not set; pass data.root=/path/to/imagenet (ROOT/train/<wnid>/*.JPEG, "
                         "ROOT/val/<wnid>/*.JPEG) or use data=demo")
-    index = load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
+    record = None
+    if data.val_split:
+        train_index = load_index(data.root, "train", index_cache=data.index_cache, index_dir=data.index_dir)
+        parts = held_out(train_index, data.val_split, data.val_split_seed)
+        index, record = parts[0 if train else 1], parts[2]
+    else:
+        index = load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
     sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
                             seed=seed, train=train)
     if data.loader == "torch":
         from data.torch_loader import torch_batches
 
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
-        return TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
-    if data.dali_device not in DALI_DEVICES:
-        raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
-    from data.dali import DaliLoader
+        loader: Loader = TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
+    else:
+        if data.dali_device not in DALI_DEVICES:
+            raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
+        from data.dali import DaliLoader
 
-    return DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
-                      device=device, dtype=dtype, split=split, audit=audit)
+        loader = DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
+                            device=device, dtype=dtype, split=split, audit=audit)
+    loader.classes, loader.split_record = index.classes, record
+    return loader

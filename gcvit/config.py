@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
+from gcvit.engine.param_groups import FREEZE
 
 
 @dataclass
@@ -20,6 +21,10 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
+    pretrained: str | None = None  # starting weights (official NVlabs, timm or gcvit-train); not a resume
+    pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
+    head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
+    freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
 
 
 @dataclass
@@ -33,6 +38,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW denominator epsilon
     clip_grad: float | None = 5.0  # max global grad L2 norm; null disables clipping
     impl: str = "torch"  # torch (fused kernels on CUDA) | apex (FusedAdam)
+    layer_decay: float | None = None  # layer-wise lr decay: layer i of n gets lr x this^(n-1-i); null = off
 
 
 @dataclass
@@ -57,9 +63,10 @@ class TrainerConfig:
     global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)
     ckpt_every_steps: int = 1000  # save `last` this often (and at every epoch end); 0 = epoch ends only
     keep_checkpoints: int = 3  # step-tagged checkpoints kept besides `last` and `best`
-    seed: int = 0  # base seed; rank r seeds with seed + r
+    seed: int = 0  # base seed; every optimizer step reseeds each rank from (seed, rank, step)
     deterministic: bool = False  # deterministic kernels, so a resumed run repeats bit for bit
     output_dir: str | None = None  # run directory; null = runs/<name>[-<SLURM_JOB_ID>]
+    resume: str = "auto"  # auto: resume only the recorded recipe (docs/training.md) | force: resume anyway
     audit: bool = False  # loaders record every sample id, to check exactly-once coverage
     log_every_steps: int = 50  # metrics.jsonl / W&B train record interval
     eval_every_epochs: int = 1  # validate every N epochs (and after the last)
@@ -91,9 +98,9 @@ class LoggerConfig:
 class Config:
     """One run."""
 
-    name: str = "demo"  # experiment name; names the run directory
+    name: str = "${model.name}"  # experiment name; names the run directory (default: the model name)
     mode: str = "train"  # train | eval
-    checkpoint: str | None = None  # eval: weights to evaluate; train: weights to start from
+    checkpoint: str | None = None  # mode=eval: the weights to evaluate (train: see model.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
     data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (data.config)
     aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (data.config)
@@ -103,9 +110,32 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logging
 
 
+DEMO_DEFAULT = "experiment=demo"
+# Overrides that choose what is trained; any of them means the paper's recipe, not the demo.
+_CHOOSERS = ("experiment", "debug", "model", "data", "model.name", "data.root")
+
+
 def register() -> None:
-    """Make the schema available to conf/config.yaml as `base_config`."""
+    """Make the schema available to conf/config.yaml as `base_config`, and `--help` as hydra/help=gcvit."""
+    from gcvit.config_docs import help_template  # it reads this module's dataclasses
+
     ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(group="hydra/help", name="gcvit", node={"template": help_template()})
+
+
+def with_demo_default(args: list[str]) -> list[str]:
+    """train.py's arguments, with `experiment=demo` added when none names a model, data set or preset.
+
+    The demo pins a reduced model, CPU and fp32; as the default of an empty choice (not an entry of
+    conf/config.yaml's defaults) it can never leak into a run that chose its model or data.
+    """
+    overrides = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
+    keys = {args[i].split("=", 1)[0].lstrip("+~") for i in overrides}
+    other_config = any(a.startswith(("--config-name", "-cn", "--config-dir", "-cd")) for a in args)
+    if keys & set(_CHOOSERS) or other_config:
+        return list(args)
+    at = overrides[0] if overrides else len(args)  # beside the other overrides: Hydra's parser wants them so
+    return [*args[:at], DEMO_DEFAULT, *args[at:]]
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -129,6 +159,15 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(cfg.model.img_size > 0, "model.img_size", cfg.model.img_size, "a positive integer")
     dpr = cfg.model.drop_path_rate
     _check(dpr is None or 0.0 <= dpr < 1.0, "model.drop_path_rate", dpr, "null or a float in [0, 1)")
+    _check(cfg.mode == "eval" or cfg.checkpoint is None, "checkpoint", cfg.checkpoint,
+           "null in mode=train (it names the weights of mode=eval); to start training from a checkpoint "
+           "use model.pretrained=PATH (an initialisation: optimizer, schedule and data start fresh; a run "
+           "resumes from its own run dir by itself)")
+    _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
+    _check(cfg.model.freeze in (None, *FREEZE), "model.freeze", cfg.model.freeze,
+           "null | " + " | ".join(FREEZE))
+    _check(cfg.model.head_init_scale > 0, "model.head_init_scale", cfg.model.head_init_scale,
+           "a positive float")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")
     _check(cfg.optim.lr_batch_size > 0, "optim.lr_batch_size", cfg.optim.lr_batch_size, "a positive integer")
     _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", cfg.optim.weight_decay, "a float >= 0")
@@ -137,6 +176,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     clip = cfg.optim.clip_grad
     _check(clip is None or clip > 0, "optim.clip_grad", clip, "null or a positive float")
     _one_of("optim.impl", cfg.optim.impl, ("torch", "apex"))
+    ld = cfg.optim.layer_decay
+    _check(ld is None or 0 < ld <= 1, "optim.layer_decay", ld, "null or a float in (0, 1]")
     _check(cfg.sched.epochs > 0, "sched.epochs", cfg.sched.epochs, "a positive integer")
     _check(0 <= cfg.sched.warmup_epochs <= cfg.sched.epochs, "sched.warmup_epochs", cfg.sched.warmup_epochs,
            f"a number in [0, sched.epochs={cfg.sched.epochs}]")
@@ -159,6 +200,7 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     ema = t.ema_decay
     _check(ema is None or 0 < ema < 1, "trainer.ema_decay", ema, "null or a float in (0, 1)")
     _check(t.threads is None or t.threads > 0, "trainer.threads", t.threads, "null or a positive integer")
+    _one_of("trainer.resume", t.resume, ("auto", "force"))
     _one_of("trainer.nonfinite_policy", t.nonfinite_policy, ("skip", "stop"))
     _check(t.nonfinite_max_consecutive >= 1, "trainer.nonfinite_max_consecutive", t.nonfinite_max_consecutive,
            "an integer >= 1")
@@ -168,6 +210,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _one_of("data.dali_device", d.dali_device, DALI_DEVICES)
     _one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+    _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
+           "null or a fraction in (0, 1) of ROOT/train to hold out as val")
     _check(d.loader == "synthetic" or bool(d.root) or d.demo, "data.root", d.root,
            "a dataset root (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG); or data=demo | data=synthetic")
     mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0

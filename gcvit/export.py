@@ -11,12 +11,16 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from gcvit.models.checkpoint import CheckpointLoadError
-from gcvit.models.from_file import WEIGHTS, LoadedModel, example_batch, model_from_file
+from data.config import IMAGENET_MEAN, IMAGENET_STD
+from gcvit.engine.pretrained import WEIGHTS, Pretrained, read
+from gcvit.models.checkpoint import CheckpointLoadError, describe
+from gcvit.models.gcvit import GCViT
+from gcvit.predict import build
 
 TARGETS = ("onnx", "torchscript", "exported")
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -24,6 +28,47 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 class ExportError(RuntimeError):
     """The artefact could not be made or does not reproduce PyTorch; the message is one line."""
+
+
+@dataclass
+class Preprocessing:
+    """What a deployer must do to an image before the model sees it (timm's eval transform)."""
+
+    img_size: int  # square input side
+    crop_pct: float = 0.875  # resize the shorter side to img_size / crop_pct, then center crop
+    interpolation: str = "bicubic"  # resize filter
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # of RGB in [0, 1]
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    class_names: list[str] | None = None  # index -> name, when the checkpoint carries them
+
+
+@dataclass
+class Loaded:
+    """The model in eval mode, where its weights came from, and its preprocessing."""
+
+    model: GCViT
+    variant: str  # e.g. "gcvit_tiny (dim 64, depths (3, 4, 19, 5), ...)"
+    weights: str  # ema | model | plain (a bare state dict)
+    preprocessing: Preprocessing
+
+    def summary(self) -> dict[str, object]:
+        return {"variant": self.variant, "weights": self.weights, **asdict(self.preprocessing)}
+
+
+def load(path: str | Path, *, img_size: int | None = None, weights: str = "ema") -> Loaded:
+    """The GC ViT a checkpoint holds (its architecture read off the shapes), at `img_size` or its own,
+    with the crop and interpolation of the run that trained it (timm's ImageNet defaults otherwise)."""
+    src: Pretrained = read(path, weights, what="checkpoint")
+    model = build(src, img_size)
+    data = (src.config or {}).get("data") or {}
+    prep = Preprocessing(img_size=model.img_size, crop_pct=data.get("crop_pct", 0.875),
+                         interpolation=data.get("interpolation", "bicubic"), class_names=src.classes)
+    return Loaded(model, describe(src.state), src.weights, prep)
+
+
+def example_batch(n: int, img_size: int, seed: int = 0) -> torch.Tensor:
+    """A reproducible input batch, the same for both runtimes of a comparison."""
+    return torch.randn(n, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
 
 
 def _batch_dim(dynamic: bool) -> dict[str, dict[int, object]] | None:
@@ -60,7 +105,7 @@ def _exported(model: torch.nn.Module, x: torch.Tensor, out: Path, opset: int, dy
 _EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported": _exported}
 
 
-def export(loaded: LoadedModel, out: Path, *, to: str = "onnx", opset: int = 18, dynamic_batch: bool = True,
+def export(loaded: Loaded, out: Path, *, to: str = "onnx", opset: int = 18, dynamic_batch: bool = True,
            check_batch: int = 4, tolerance: float = 1e-4) -> dict[str, object]:
     """Write `out`, rerun it against PyTorch and write its preprocessing JSON; returns the report."""
     if to == "exported" and out.suffix != ".pt2":
@@ -100,20 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="batch axis left free (default) or fixed to --check-batch")
-    p.add_argument("--weights", choices=WEIGHTS, default="auto",
-                   help="for run checkpoints: ema or model (auto: EMA when the run kept one)")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema",
+                   help="ema (default; model weights where the file has no EMA) or model")
     p.add_argument("--check-batch", type=int, default=4, help="second batch size the check runs (default 4)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (default 1e-4)")
     args = p.parse_args(argv)
     try:
-        loaded = model_from_file(args.checkpoint, img_size=args.img_size, weights=args.weights)
+        loaded = load(args.checkpoint, img_size=args.img_size, weights=args.weights)
         report = export(loaded, args.out, to=args.to, opset=args.opset, dynamic_batch=args.dynamic_batch,
                         check_batch=args.check_batch, tolerance=args.tolerance)
     except (CheckpointLoadError, ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     diffs = ", ".join(f"batch {n}: {d:.2e}" for n, d in report["max_abs_logit_diff"].items())
-    weights = "state dict" if report["weights"] == "weights" else f"{report['weights']} weights"
+    weights = "state dict" if report["weights"] == "plain" else f"{report['weights']} weights"
     print(f"exported {report['variant']} ({weights}, {report['img_size']} px) -> {args.out}")
     print(f"max |logit diff| vs PyTorch: {diffs} (tolerance {args.tolerance:g}); "
           f"preprocessing: {args.out.with_suffix('.json')}")

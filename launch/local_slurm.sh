@@ -5,6 +5,7 @@
 #                                  wait until the node is idle (idempotent: a healthy cluster is kept)
 #   launch/local_slurm.sh down     stop the daemons it started, remove its state and its slurm.conf
 #   launch/local_slurm.sh status   exit 0 when the local cluster answers and its node takes jobs
+#   launch/local_slurm.sh --help   this text
 #
 # The cluster is deliberately plain: no cgroups (containers rarely delegate them), no accounting
 # database, JobRequeue=1 so jobs may requeue themselves after preemption.
@@ -138,6 +139,10 @@ down() {
     rm -f "$CONF"
     echo "local_slurm.sh: cluster down" >&2
 }
+
+# --help: the comment block above, the script's usage.
+usage() { awk 'NR > 1 && /^#/ && !/^#SBATCH/ {sub(/^# ?/, ""); print; next} NR > 1 && !/^#/ {exit}' "$0"; }
+case ${1:-} in -h|--help) usage; exit 0 ;; esac
 
 # Concurrent test sessions on one machine take turns at starting and stopping the cluster.
 exec 9>"${STATE%/}.lock"

@@ -11,10 +11,14 @@
 #   --rdzv-endpoint H:P   c10d rendezvous host:port, required with several nodes [RDZV_ENDPOINT]
 #   --rdzv-id ID          run id shared by all nodes of one job [RDZV_ID, gcvit]
 #   --max-restarts R      restarts of the whole worker group after a worker fails [MAX_RESTARTS, 3]
+#   -h, --help            this text
 # Each restart resumes from the last checkpoint in the run directory. SIGTERM or SIGUSR1 to torchrun
 # is forwarded to the workers, which checkpoint and exit; they get SHUTDOWN_TIMEOUT seconds [120]
 # before torchrun kills them.
 set -euo pipefail
+
+# --help: the comment block above, the script's usage.
+usage() { awk 'NR > 1 && /^#/ && !/^#SBATCH/ {sub(/^# ?/, ""); print; next} NR > 1 && !/^#/ {exit}' "$0"; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${GCVIT_PYTHON:-python}
@@ -34,9 +38,10 @@ while (($#)); do
         --max-restarts) max_restarts=$2; shift 2 ;;
         --nnodes=*|--nproc-per-node=*|--rdzv-endpoint=*|--rdzv-id=*|--max-restarts=*)
             opt=${1%%=*}; set -- "$opt" "${1#*=}" "${@:2}" ;;
+        -h|--help) usage; exit 0 ;;
         --) shift; overrides+=("$@"); break ;;
         --*) echo "torchrun.sh: unknown option $1 (launcher options: --nnodes --nproc-per-node" \
-                  "--rdzv-endpoint --rdzv-id --max-restarts; Hydra overrides look like key=value)" >&2
+                  "--rdzv-endpoint --rdzv-id --max-restarts --help; Hydra overrides look like key=value)" >&2
              exit 2 ;;
         *) overrides+=("$1"); shift ;;
     esac

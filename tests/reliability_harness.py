@@ -19,6 +19,19 @@ import torch
 from gcvit.engine.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
+# Variables of the caller's shell that change what a launched train.py or launcher prints or does: Hydra's
+# full tracebacks (HYDRA_FULL_ERROR), our test knobs, W&B settings, and the rank/rendezvous variables of a
+# surrounding torchrun or SLURM allocation (a test run inside `srun` must not join that job).
+_CALLER_ONLY = ("HYDRA_", "GCVIT_TEST_", "WANDB_", "SLURM_", "SBATCH_", "SALLOC_", "TORCHELASTIC_")
+_CALLER_ONLY_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT"}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a launched train.py/launcher: the caller's, pinned where the tests depend on it."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_CALLER_ONLY) and k not in _CALLER_ONLY_NAMES}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
 # The real input pipeline for every launch: DALI decoding and augmenting on the CPU.
 LOADER = ("data.loader=dali", "data.dali_device=cpu")
 
@@ -88,7 +101,7 @@ def start(run_dir: Path, *overrides: str, nproc: int = 1, env: dict[str, str] | 
     """Launch `python train.py overrides... trainer.output_dir=run_dir` as `nproc` ranks (torchrun env)."""
     logs = logs or run_dir.parent / f"{run_dir.name}-logs-{time.monotonic_ns()}"
     logs.mkdir(parents=True)
-    base = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    base = child_env(**(env or {}))
     if nproc > 1:
         base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc))
     cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"trainer.output_dir={run_dir}", *LOADER]

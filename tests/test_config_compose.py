@@ -1,31 +1,88 @@
-"""Hydra composition of every preset against the typed schema, and the one-line start-up errors."""
+"""Hydra composition of every preset against the typed schema, the demo as the default of an empty choice
+(never leaking into a run that names its model or data), and the one-line start-up errors."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from gcvit import list_models
-from gcvit.config import Config, from_hydra, register
+from gcvit.config import DEMO_DEFAULT, Config, from_hydra, register, with_demo_default
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register()
 
 
 def _compose(*overrides: str) -> Config:
+    """What `python train.py OVERRIDES` trains (train.py applies with_demo_default to its arguments)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return from_hydra(compose(config_name="config", overrides=list(overrides)), list_models)
+        return from_hydra(compose(config_name="config", overrides=with_demo_default(list(overrides))),
+                          list_models)
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    out: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict) and prefix != "model.overrides.":
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(asdict(cfg), "")
+    return out
 
 
 def test_default_job_is_the_cpu_demo() -> None:
     cfg = _compose()
     assert cfg.name == "demo" and cfg.mode == "train"
-    assert cfg.trainer.device == "cpu" and cfg.data.root is None
-    assert cfg.model.name in list_models()
+    assert cfg.trainer.device == "cpu" and cfg.data.root is None and cfg.data.demo
+    assert cfg.model.img_size == 64 and cfg.model.overrides["dim"] == 32
 
 
-@pytest.mark.parametrize("exp", sorted(p.stem for p in (CONF / "experiment").glob("in1k_*.yaml")))
+def test_demo_tweaks_keep_the_demo() -> None:
+    cfg = _compose("optim.lr=0.01", "trainer.output_dir=/tmp/demo-run")
+    assert cfg.name == "demo" and cfg.optim.lr == 0.01 and cfg.model.img_size == 64
+
+
+@pytest.mark.parametrize("args,model", [
+    (("model=gcvit_tiny", "data=imagenet", "data.root=/data/imagenet", "mode=eval", "checkpoint=c.pth"),
+     "gcvit_tiny"),
+    (("model=gcvit_small", "data=synthetic"), "gcvit_small"),
+    (("data.root=/data/imagenet",), "gcvit_tiny"),
+    (("model.name=gcvit_tiny", "data.root=/data/imagenet"), "gcvit_tiny"),
+    (("experiment=in1k_gcvit_tiny", "data.root=/data/imagenet"), "gcvit_tiny"),
+])
+def test_naming_a_model_or_data_starts_from_the_paper_recipe(args: tuple[str, ...], model: str) -> None:
+    """No demo pin leaks: every key not named on the command line has the paper recipe's value."""
+    cfg, paper = _flat(_compose(*args)), _flat(_compose(f"model={model}", "data.root=/data/imagenet"))
+    named = {a.split("=")[0] for a in args} | {"name", "data.root"}
+    leaked = {k: v for k, v in cfg.items() if v != paper[k] and not any(k.startswith(n) for n in named)}
+    assert leaked == {}
+    assert cfg["model.img_size"] == 224 and cfg["model.overrides"] == {} and cfg["trainer.device"] == "auto"
+    assert cfg["trainer.precision"] == "bf16" and cfg["sched.epochs"] == 300 and cfg["model.name"] == model
+
+
+def test_a_run_without_experiment_is_named_after_its_model() -> None:
+    assert _compose("model=gcvit_small", "data=synthetic").name == "gcvit_small"
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], [DEMO_DEFAULT]),
+    (["--cfg", "job"], ["--cfg", "job", DEMO_DEFAULT]),
+    (["-m", "optim.lr=1,2"], ["-m", DEMO_DEFAULT, "optim.lr=1,2"]),
+    (["+experiment=in1k_gcvit_tiny"], ["+experiment=in1k_gcvit_tiny"]),
+    (["debug=tiny", "--cfg", "job"], ["debug=tiny", "--cfg", "job"]),
+    (["--config-name=other"], ["--config-name=other"]),
+])
+def test_demo_default_is_added_only_to_an_empty_choice(args: list[str], expected: list[str]) -> None:
+    assert with_demo_default(args) == expected
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in (CONF / "experiment").glob("in1k_gcvit_*.yaml")))
 def test_every_paper_recipe_composes(exp: str) -> None:
     cfg = _compose(f"experiment={exp}", "data.root=/data/imagenet")
     assert cfg.name == exp and cfg.model.name == exp.removeprefix("in1k_")
@@ -34,6 +91,7 @@ def test_every_paper_recipe_composes(exp: str) -> None:
     assert cfg.optim.clip_grad == 5.0 and cfg.trainer.ema_decay == 0.9998 and cfg.trainer.precision == "bf16"
     assert cfg.aug.label_smoothing == 0.1 and cfg.aug.mixup > 0 and cfg.aug.cutmix > 0
     assert cfg.model.drop_path_rate is not None and cfg.model.drop_path_rate > 0
+    assert cfg.model.img_size == 224 and cfg.model.overrides == {} and cfg.trainer.device == "auto"
 
 
 def test_every_model_file_names_a_registered_model() -> None:
@@ -44,7 +102,7 @@ def test_every_model_file_names_a_registered_model() -> None:
 def test_debug_tiny_and_overrides() -> None:
     cfg = _compose("debug=tiny", "optim.lr=0.01", "trainer.max_steps=3")
     assert cfg.name == "debug-tiny" and cfg.optim.lr == 0.01 and cfg.trainer.max_steps == 3
-    assert cfg.model.img_size <= 64 and cfg.trainer.precision == "fp32"
+    assert cfg.model.img_size <= 64 and cfg.trainer.precision == "fp32" and cfg.data.demo
 
 
 @pytest.mark.parametrize("override,key,allowed", [
@@ -56,7 +114,9 @@ def test_debug_tiny_and_overrides() -> None:
     ("optim.impl=cuda", "optim.impl", "torch | apex"),
     ("mode=predict", "mode", "train | eval"),
     ("experiment=in1k_gcvit_tiny", "data.root", "ROOT/train/<wnid>"),
+    ("model=gcvit_tiny", "data.root", "ROOT/train/<wnid>"),
     ("data.loader=pil", "data.loader", "dali | torch | synthetic"),
+    ("trainer.resume=always", "trainer.resume", "auto | force"),
 ])
 def test_invalid_values_fail_with_one_line(override: str, key: str, allowed: str) -> None:
     with pytest.raises(SystemExit) as err:

@@ -59,7 +59,7 @@ def test_val_parity_on_generated_images(tmp_path: Path) -> None:
 
 @pytest.mark.sample
 def test_val_parity_on_imagenet_sample(imagenet_sample: Path, tmp_path: Path) -> None:
-    """Every 16th class of the real sample at 224 (the full 1000: see the README's data section)."""
+    """Every 16th class of the real sample at 224 (the full 1000: see docs/data.md)."""
     wnids = sorted(p.name for p in imagenet_sample.iterdir() if p.is_dir())[::16]
     for split in ("train", "val"):
         (tmp_path / split).mkdir()

@@ -1,4 +1,4 @@
-"""Each DALI RandAugment op vs timm's PIL op at the same magnitude; the measured gaps are in the README."""
+"""Each DALI RandAugment op vs timm's PIL op at the same magnitude; the measured gaps are in docs/data.md."""
 from __future__ import annotations
 
 import functools
@@ -21,7 +21,7 @@ SPEC = RandAugmentSpec.parse("rand-m9-mstd0.5-inc1")
 HPARAMS = {"translate_pct": 0.45, "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
            "interpolation": Image.Resampling.BICUBIC}
 # Mean |DALI - timm| in 0..255 units allowed per op on (generated, photo) images; measured values are in
-# the README's data section. Rotate/shear differ by the bicubic kernels' rounding, translations by
+# docs/data.md. Rotate/shear differ by the bicubic kernels' rounding, translations by
 # whole-pixel offsets, Equalize by OpenCV's vs PIL's lookup table (far apart on the few-valued histograms
 # of flat generated images), Sharpness by PIL's unfiltered border.
 BOUND = {"Rotate": (2.5, 2.0), "TranslateXRel": (1.5, 1.5), "TranslateYRel": (1.5, 1.5),

@@ -12,7 +12,6 @@ import torch
 import gcvit
 from gcvit import export as exporter
 from gcvit.models.checkpoint import from_native
-from gcvit.models.from_file import model_from_file
 from gcvit.models.gcvit import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +45,7 @@ def test_onnx_matches_pytorch_at_two_batch_sizes_and_writes_the_preprocessing(tm
     import onnxruntime as ort  # the file stands alone: a fresh session at yet another batch size agrees
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 3, 64, 64)
-    model = model_from_file(ckpt).model
+    model = exporter.load(ckpt).model
     with torch.no_grad():
         want = model(x)
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
@@ -54,7 +53,7 @@ def test_onnx_matches_pytorch_at_two_batch_sizes_and_writes_the_preprocessing(tm
 
 
 def test_torchscript_matches_pytorch(tmp_path: Path) -> None:
-    loaded = model_from_file(_checkpoint(tmp_path / "w.pth", fmt="timm"))
+    loaded = exporter.load(_checkpoint(tmp_path / "w.pth", fmt="timm"))
     report = exporter.export(loaded, tmp_path / "m.ts", to="torchscript")
     assert set(report["max_abs_logit_diff"]) == {"1", "4"}
     assert max(report["max_abs_logit_diff"].values()) <= 1e-4
@@ -64,7 +63,7 @@ def test_torchscript_matches_pytorch(tmp_path: Path) -> None:
 def test_every_variant_loads_at_another_resolution_and_exports_through_torch_export(tmp_path: Path,
                                                                                   variant: str) -> None:
     ckpt = _checkpoint(tmp_path / "w.pth", variant)
-    loaded = model_from_file(ckpt, img_size=96)  # 64 px checkpoint: position tables resampled
+    loaded = exporter.load(ckpt, img_size=96)  # 64 px checkpoint: position tables resampled
     assert loaded.preprocessing.img_size == 96 and f"dim {VARIANTS[variant]['dim']}," in loaded.variant
     report = exporter.export(loaded, tmp_path / "m.pt2", to="exported")
     assert max(report["max_abs_logit_diff"].values()) <= 1e-4
@@ -75,10 +74,10 @@ def test_a_run_checkpoint_exports_its_ema_and_its_recipe(tmp_path: Path) -> None
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     config = {"model": {"img_size": 64}, "data": {"crop_pct": 0.95, "interpolation": "bilinear"}}
     torch.save({"model": model.state_dict(), "ema": ema, "progress": {"step": 3}, "config": config,
-                "class_names": list("abcdefghij")}, tmp_path / "last.pt")
-    loaded = model_from_file(tmp_path / "last.pt")
+                "classes": list("abcdefghij")}, tmp_path / "last.pt")
+    loaded = exporter.load(tmp_path / "last.pt")
     assert loaded.weights == "ema" and torch.equal(loaded.model.head.weight, ema["head.weight"])
-    assert model_from_file(tmp_path / "last.pt", weights="model").weights == "model"
+    assert exporter.load(tmp_path / "last.pt", weights="model").weights == "model"
     prep = loaded.preprocessing
     assert (prep.crop_pct, prep.interpolation, prep.class_names) == (0.95, "bilinear", list("abcdefghij"))
 
@@ -92,7 +91,7 @@ def test_a_graph_that_does_not_reproduce_pytorch_fails_and_says_by_how_much(tmp_
         return lambda x: run(x) + 1e-3
 
     monkeypatch.setitem(exporter._EXPORTERS, "torchscript", drifting)
-    loaded = model_from_file(_checkpoint(tmp_path / "w.pth"))
+    loaded = exporter.load(_checkpoint(tmp_path / "w.pth"))
     with pytest.raises(exporter.ExportError, match=r"max \|logit diff\| 0.001 > 0.0001"):
         exporter.export(loaded, tmp_path / "m.ts", to="torchscript")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from reliability_harness import assert_states_equal, losses, state, steps_per_epoch
+from reliability_harness import assert_states_equal, child_env, losses, state, steps_per_epoch
 
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
 
@@ -31,14 +31,13 @@ pytestmark = pytest.mark.slow
 def job_env() -> dict[str, str]:
     """The environment sbatch exports to the job: this venv's python, this checkout, one thread."""
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # also without `pip -e`
-    return {**os.environ, "GCVIT_PYTHON": sys.executable, "GCVIT_REPO": str(REPO), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": path}
+    return child_env(GCVIT_PYTHON=sys.executable, GCVIT_REPO=str(REPO), PYTHONPATH=path)
 
 
 def sbatch(out_dir: Path, *args: str, wait: bool = False) -> subprocess.CompletedProcess:
-    """Submit launch/slurm.sbatch as 2 tasks with its log in `out_dir`, from `out_dir`."""
-    cmd = ["sbatch", "--parsable", "--ntasks=2", f"--output={out_dir}/slurm-%j.out", "--time=10",
-           *(["--wait"] if wait else []), str(SBATCH), *args]
+    """Submit launch/slurm.sbatch as 2 tasks of 1 CPU with its log in `out_dir`, from `out_dir`."""
+    cmd = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={out_dir}/slurm-%j.out",
+           "--time=10", *(["--wait"] if wait else []), str(SBATCH), *args]
     return subprocess.run(cmd, cwd=out_dir, env=job_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -82,6 +81,18 @@ def trainer_pids(run_dir: Path) -> list[int]:
                 and any(a.endswith("train.py") for a in argv) and f"trainer.output_dir={run_dir}" in argv):
             found[int(proc.name)] = ppid
     return sorted(pid for pid, ppid in found.items() if ppid not in found)
+
+
+def srun_argv(run_dir: Path) -> list[str]:
+    """The command line of the srun that started the ranks of `run_dir`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if Path(argv[0]).name == "srun" and f"trainer.output_dir={run_dir}" in argv:
+            return argv
+    raise AssertionError(f"no srun process for {run_dir}")
 
 
 def rank_pid(run_dir: Path, env_entry: str) -> int:
@@ -133,6 +144,9 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Pat
     # Freeze both ranks so the signal lands mid-epoch however fast this machine is, then let it through.
     ranks = trainer_pids(run)
     assert len(ranks) == 2, ranks
+    # The local cluster has no cgroups to show a binding; what SLURM would bind is srun's own request.
+    assert "--cpus-per-task=1" in srun_argv(run)
+    assert b"SLURM_CPUS_PER_TASK=1" in Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"\0")
     for pid in ranks:
         os.kill(pid, signal.SIGSTOP)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from reliability_harness import REPO, Run, make_dataset, run_all, state
+from reliability_harness import REPO, Run, child_env, make_dataset, run_all, state
 
 import gcvit
 from gcvit.engine.checkpoint import CheckpointManager
@@ -151,7 +151,7 @@ def test_bad_inputs_fail_fast_with_one_clear_line(runs: dict[str, Any]) -> None:
 def test_corrupt_jpegs_are_reported_by_data_verify_and_never_crash_training_opaquely(
         runs: dict[str, Any]) -> None:
     verify = subprocess.run([sys.executable, "-m", "data.verify", str(runs["bad root"])], cwd=REPO,
-                            capture_output=True, text=True, timeout=180)
+                            capture_output=True, text=True, timeout=180, env=child_env())
     report = verify.stdout + verify.stderr
     assert verify.returncode != 0 and "truncated.JPEG" in report and "notes.JPEG" in report, report[-3000:]
     run = runs["corrupt jpegs"]
@@ -171,7 +171,7 @@ def test_convert_writes_and_reads_safetensors(tmp_path: Path) -> None:
     src, mid, back = tmp_path / "model.pth", tmp_path / "model.safetensors", tmp_path / "back.pth"
     torch.save(weights, src)
     res = subprocess.run([sys.executable, "-m", "gcvit.convert", str(src), str(mid), "--to", "native"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=120, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert convert([str(mid), str(back), "--to", "native"]) == 0
     for got in (load_file(mid), torch.load(back, weights_only=True)):

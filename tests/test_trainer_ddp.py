@@ -2,13 +2,13 @@
 as one process with batch B, and as one process accumulating two micro-batches of B/2."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from reliability_harness import child_env
 
 from gcvit.engine.checkpoint import CheckpointManager
 
@@ -25,7 +25,7 @@ def _run(run_dir: Path, *extra: str, nproc: int = 1) -> dict:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
            if nproc > 1 else [sys.executable, *args])
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env=child_env())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     mgr = CheckpointManager(run_dir / "checkpoints")
     return mgr.load(mgr.latest())

@@ -3,7 +3,6 @@ our checkpoint, and SIGUSR1 -> one checkpoint, exit 75 -> resume that matches an
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_harness import child_env
 
 from data.demo import ensure_demo_dataset
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = child_env()
 
 
 def _cmd(run_dir: Path, *overrides: str) -> list[str]:

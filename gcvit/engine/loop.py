@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import gcvit
 from data.loaders import AUDIT_ENV, build_loader, trim_audit
+from data.split import describe as describe_split
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, metrics, optim
+from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.evaluation import evaluate, evaluate_only
@@ -80,10 +81,12 @@ class Parts:
     accum: int  # micro-batches per optimizer step on each rank
     steps_per_epoch: int
     total_steps: int  # schedule length incl. cooldown
+    start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
 
 
-def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
-    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size."""
+def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Parts:
+    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size;
+    `init_weights`: apply model.pretrained (not when the run resumes from its own checkpoint)."""
     t, aug = cfg.trainer, cfg.aug
     common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
                   device=env.device, audit=t.audit, precision=t.precision)
@@ -97,7 +100,14 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
                                img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
-                               checkpoint=cfg.checkpoint, **cfg.model.overrides).to(env.device)
+                               **cfg.model.overrides)
+    start = None
+    if init_weights:  # before .to(device): the file is read onto the CPU
+        start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main)
+    frozen = param_groups.freeze(model, cfg.model.freeze)  # before DDP and the optimizer: both skip them
+    if frozen and env.is_main:
+        print(frozen, flush=True)
+    model = model.to(env.device)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     net: nn.Module = model
@@ -113,6 +123,8 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
         base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
         warmup_epochs=cfg.sched.warmup_epochs, cooldown_epochs=cfg.sched.cooldown_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr)
+    if cfg.optim.layer_decay is not None and env.is_main:
+        print(param_groups.describe_layer_decay(model, cfg.optim.layer_decay), flush=True)
     mixing = aug.mixup > 0 or aug.cutmix > 0
     smoothing = aug.label_smoothing
     return Parts(
@@ -121,7 +133,7 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
         ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
         optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
-                                        device=env.device),
+                                        device=env.device, layer_decay=cfg.optim.layer_decay),
         schedule=schedule, scaler=torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
         guard=NonFiniteGuard(t.nonfinite_policy, t.nonfinite_max_consecutive,
                              scaler_handles_overflow=t.precision == "fp16", verbose=env.is_main),
@@ -131,7 +143,7 @@ def build(cfg: Config, env: DistEnv, data: Any) -> Parts:
         erasing=RandomErasing(aug.reprob, mode=aug.remode, device=str(env.device)) if aug.reprob else None,
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
-        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start)
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
@@ -184,7 +196,8 @@ def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, c
             "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
             "schedule": p.schedule.state_dict(), "guard": p.guard.state_dict(), "wandb": wandb.state_dict(),
             "progress": asdict(progress), "loader": p.train_loader.state_dict(),
-            "rng": distributed.gather_object(rng_state()), "config": redact(to_container(cfg))}
+            "rng": distributed.gather_object(rng_state()), "config": redact(to_container(cfg)),
+            "classes": p.train_loader.classes}
 
 
 def restore(p: Parts, state: dict[str, Any], wandb: metrics.WandbLogger, env: DistEnv) -> Progress:
@@ -209,16 +222,17 @@ def train(cfg: Config, env: DistEnv) -> int:
     data = resolve_data(cfg, env)
     if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
         os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
-    p = build(cfg, env, data)
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
+    # auto-resume from the run dir's newest loadable checkpoint takes precedence over model.pretrained
+    latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
+    p = build(cfg, env, data, init_weights=not latest)
+    if p.val_loader.split_record and env.is_main:
+        print(describe_split(p.val_loader.split_record, data.root), flush=True)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
     wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
                                 run_dir, env.is_main)
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
-
-    # ---- auto-resume from the newest loadable checkpoint of this run dir
     progress, loader_state = Progress(), None
-    latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
     if latest:
         state = ckpt.load(Path(latest))
         progress, loader_state = restore(p, state, wandb, env), state["loader"]
@@ -231,7 +245,9 @@ def train(cfg: Config, env: DistEnv) -> int:
             print(f"resumed from {latest} at step {progress.step} (epoch {progress.epoch})", flush=True)
     if progress.step >= target:
         if env.is_main:
-            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do")
+            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do (to "
+                  "train on: raise trainer.max_steps, or sched.cooldown_epochs/sched.epochs with "
+                  "trainer.resume=force)")
         return 0
 
     base_lr = p.schedule.base_lr
@@ -239,7 +255,8 @@ def train(cfg: Config, env: DistEnv) -> int:
         n_params = sum(q.numel() for q in p.model.parameters())
         info = metrics.run_info(env.world_size, env.device, {
             "run_dir": str(run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
-            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target})
+            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target,
+            "pretrained": p.start, "classes": p.train_loader.classes, "val_split": p.val_loader.split_record})
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"run dir: {run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; global "
               f"batch {t.global_batch_size} = {data.batch_size} x {env.world_size} ranks x {p.accum} "

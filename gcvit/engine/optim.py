@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gcvit.engine.param_groups import layer_decay_groups
+
 
 def scaled_lr(lr: float, lr_batch_size: int, global_batch_size: int) -> float:
     """The linear scaling rule: `lr` is quoted at `lr_batch_size` samples per optimizer step."""
@@ -43,10 +45,15 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] 
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, impl: str, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`: torch's (fused kernels on CUDA) or apex's FusedAdam."""
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups(model, weight_decay, no_decay)
+                    eps: float, impl: str, device: torch.device,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` (or layer_decay_groups with `layer_decay`): torch's (fused kernels on CUDA)
+    or apex's FusedAdam."""
+    if layer_decay is not None:
+        groups = layer_decay_groups(model, weight_decay, layer_decay)
+    else:
+        no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        groups = param_groups(model, weight_decay, no_decay)
     if impl == "apex":
         try:
             from apex.optimizers import FusedAdam
@@ -86,10 +93,10 @@ class WarmupCosine:
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * cos
 
     def apply(self, optimizer: torch.optim.Optimizer) -> float:
-        """Write the lr of the current step into every param group; returns it."""
+        """Write the lr of the current step into every param group (times its layer-decay lr_scale)."""
         lr = self.lr_at(self.step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
     def state_dict(self) -> dict[str, int]:

@@ -3,9 +3,11 @@ per-rank RNG state and per-step seeds, autocast."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import os
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed
+from gcvit.engine import distributed, recipe
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.secrets import redact
 
@@ -49,23 +51,51 @@ def run_dir_for(cfg: Config) -> Path:
     job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
     return (Path("runs") / (f"{cfg.name}-{job}" if job else cfg.name)).resolve()
 
-def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
-    """Rank 0 picks and creates the run dir and writes .hydra/ there; every rank gets the same path."""
-    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg))))
-    if env.is_main:
-        hydra_dir = run_dir / ".hydra"
-        try:
-            hydra_dir.mkdir(parents=True, exist_ok=True)
-            (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_container(cfg))))
-        except OSError as e:
-            raise SystemExit(f"config error: cannot write the run directory {run_dir} ({e.strerror}); set "
-                             "trainer.output_dir to a writable directory") from None
-        from hydra.core.hydra_config import HydraConfig
+def trained_run_dir(cfg: Config) -> Path:
+    """mode=eval without checkpoint=: the training run's dir, never one named after this (eval) job.
 
-        if HydraConfig.initialized():  # unset when the loop runs outside @hydra.main (tests, notebooks)
-            overrides = list(HydraConfig.get().overrides.task)
-            (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(overrides)))
+    trainer.output_dir, else whichever of runs/<name> and runs/<name>-<SLURM job id> holds checkpoints;
+    several candidates (two SLURM trainings of one name) are a one-line error listing them.
+    """
+    if cfg.trainer.output_dir:
+        return Path(cfg.trainer.output_dir).expanduser().resolve()
+    runs = Path("runs")
+    job_dir = re.compile(rf"{re.escape(cfg.name)}(-\d+(_\d+)?)?")
+    found = sorted(d for d in runs.glob(f"{glob.escape(cfg.name)}*")
+                   if job_dir.fullmatch(d.name) and any((d / "checkpoints").glob("*.pt")))
+    if len(found) > 1:
+        raise SystemExit(f"config error: checkpoint is not set and several runs are named {cfg.name}: "
+                         f"{', '.join(map(str, found))}; pass checkpoint=PATH or trainer.output_dir=RUN_DIR")
+    return (found[0] if found else runs / cfg.name).resolve()
+
+def prepare_run_dir(cfg: Config, env: DistEnv) -> Path:
+    """Rank 0 picks and creates the run dir, checks or records its recipe and writes .hydra/ there; every
+    rank gets the same path, or the same one-line refusal."""
+    run_dir = Path(distributed.broadcast_object(str(run_dir_for(cfg))))
+    problem = _write_run_dir(cfg, run_dir) if env.is_main else None
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise SystemExit(problem)
     return run_dir
+
+def _write_run_dir(cfg: Config, run_dir: Path) -> str | None:
+    config = redact(to_container(cfg))
+    hydra_dir = run_dir / ".hydra"
+    try:
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        refusal = recipe.guard(run_dir, config, cfg.trainer.resume)
+        if refusal:  # .hydra/ keeps describing the run that is there
+            return refusal
+        (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    except OSError as e:
+        return (f"config error: cannot write the run directory {run_dir} ({e.strerror}); set "
+                "trainer.output_dir to a writable directory")
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():  # unset when the loop runs outside @hydra.main (tests, notebooks)
+        overrides = list(HydraConfig.get().overrides.task)
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(overrides)))
+    return None
 
 def resolve_data(cfg: Config, env: DistEnv) -> Any:
     """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""

@@ -36,6 +36,7 @@ def create_model(name: str, *, num_classes: int = 1000, img_size: int = 224,
     except TypeError as e:
         raise TypeError(f"create_model({name!r}): {e}; valid overrides are the keyword arguments of "
                         "gcvit.models.GCViT") from None
+    model.pretrained_cfg["architecture"] = canonical_name(name)
     if checkpoint is not None:
         from gcvit.models.checkpoint import load_checkpoint
         load_checkpoint(model, checkpoint)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcvit.models.ops import attention, pointwise, shared_query_attention
+from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
 __all__ = ["GCViT", "VARIANTS", "stage_window_sizes"]
 
@@ -242,7 +243,7 @@ class GCViTStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class GCViT(nn.Module):
+class GCViT(TimmApi, nn.Module):
     """Global Context Vision Transformer for any square input whose side is a multiple of 32."""
 
     def __init__(self, dim: int = 64, depths: Sequence[int] = (3, 4, 19, 5),
@@ -273,6 +274,7 @@ class GCViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        self.pretrained_cfg = pretrained_cfg(img_size, num_classes)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -290,32 +292,15 @@ class GCViT(nn.Module):
         """The final linear layer."""
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head by a freshly initialised one with num_classes outputs (0: no head)."""
-        self.num_classes = num_classes
-        ref = self.norm.weight
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: GC ViT's head average-pools (None or 'avg')")
+        self.num_classes = self.pretrained_cfg["num_classes"] = num_classes
+        ref = self.stem.weight
         self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              stop_early: bool = False, intermediates_only: bool = False):
-        """Stage outputs in NCHW (all, the last n if int, or the given ones); the last one is normalised."""
-        n = len(self.stages)
-        take = list(range(n)) if indices is None else (
-            list(range(n - indices, n)) if isinstance(indices, int) else [i % n for i in indices])
-        x = self._embed(x)
-        feats = []
-        last = max(take) if stop_early else n - 1
-        for i, stage in enumerate(self.stages[:last + 1]):
-            x = stage(x)
-            if i == n - 1:
-                x = self.norm(x)
-            if i in take:
-                feats.append(x)
-        if intermediates_only:
-            return feats
-        return x, feats
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Stem at 1/4 resolution, kept channels_last: NHWC is what every later op wants."""

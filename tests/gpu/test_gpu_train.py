@@ -3,13 +3,13 @@ checkpoints, a bitwise resume under trainer.deterministic=true, eval-only of the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from reliability_harness import child_env
 
 from gcvit.engine.checkpoint import CheckpointManager
 
@@ -23,9 +23,9 @@ GPU_RUN = ("debug=tiny", "trainer.device=cuda", "trainer.precision=bf16", "data.
 
 
 def _train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
     res = subprocess.run([sys.executable, str(REPO / "train.py"), *GPU_RUN, f"trainer.output_dir={run_dir}",
-                          *overrides], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+                          *overrides], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                         env=child_env())
     assert res.returncode == 0, \
         f"train.py {' '.join(overrides)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res

@@ -1,0 +1,43 @@
+"""data.val_split: a held-out validation set drawn from ROOT/train, for datasets that come without ROOT/val.
+
+Stratified (the same fraction of every class), deterministic (a function of the sorted file list and
+data.val_split_seed only, so every rank, every restart and mode=eval draw the same images) and disjoint from
+the training images by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from data.index import Index
+
+
+def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, dict]:
+    """(train, val, record): round(fraction x n) images of each class with n >= 2 go to val, at least one."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(index.labels):
+        by_class.setdefault(y, []).append(i)
+    val: set[int] = set()
+    for y in sorted(by_class):
+        members = by_class[y]
+        k = min(max(1, round(fraction * len(members))), len(members) - 1)  # a class keeps a training image
+        val.update(members[j] for j in rng.permutation(len(members))[:k])
+
+    def part(keep: bool) -> Index:
+        ids = [i for i in range(len(index)) if (i in val) == keep]
+        return Index(index.root, index.classes, [index.files[i] for i in ids], [index.labels[i] for i in ids])
+
+    train, held = part(False), part(True)
+    digest = hashlib.sha1("\n".join(held.files).encode()).hexdigest()
+    record = {"fraction": fraction, "seed": seed, "train_images": len(train), "val_images": len(held),
+              "classes": len(index.classes), "val_files_sha1": digest}
+    return train, held, record
+
+
+def describe(record: dict, root: str) -> str:
+    """The one line a run prints about the split it made."""
+    return (f"val split: held out {record['val_images']} of {record['train_images'] + record['val_images']} "
+            f"images of {root}/train ({record['fraction']:.0%} of each of {record['classes']} classes, seed "
+            f"{record['seed']}); {record['train_images']} train on; recorded in run_info.json")

@@ -1,0 +1,144 @@
+"""Starting weights of a run (model.pretrained): an official NVlabs, timm, native or gcvit-train checkpoint
+adapted to this run's classes and resolution. An initialisation, not a resume: only weights are taken.
+
+What changes and why, one printed line each:
+- another class count (or, for our checkpoints, other class names): the classifier is re-initialised with
+  timm's small init (trunc-normal std .02 times model.head_init_scale, zero bias), so the first steps do not
+  push large random-head gradients into the pretrained features;
+- another resolution: GC ViT's windows follow the stage resolution, so every relative-position bias table is
+  resampled bicubically to the new window (the only weights whose shape the geometry sets: the global query
+  generator's depth depends on resolution / window, which the default windows keep constant).
+Everything else must fit exactly; a different architecture is fit_state_dict's one-line error.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import trunc_normal_
+
+from gcvit.models.checkpoint import (
+    CheckpointLoadError,
+    detect_format,
+    fit_state_dict,
+    safe_load,
+    to_native,
+    unwrap,
+)
+from gcvit.models.gcvit import GCViT
+
+WEIGHTS = ("ema", "model")
+# Where training scripts keep each set of weights: ours (model/ema), timm's and the official repo's train.py
+# (state_dict/state_dict_ema), other EMA wrappers (model_ema).
+_KEYS = {"ema": ("ema", "state_dict_ema", "model_ema"), "model": ("model", "state_dict")}
+_TABLE = "relative_position_bias_table"
+
+
+@dataclass
+class Pretrained:
+    """The weights read from a checkpoint file, and what is known about them."""
+
+    path: str
+    state: dict[str, torch.Tensor]  # model weights, in the file's own names (any of the three formats)
+    format: str  # official | timm | native
+    weights: str  # ema | model | plain (a bare state dict)
+    classes: list[str] | None = None  # class names, when the file is one of our run checkpoints
+    config: dict | None = None  # the run's resolved config, likewise
+    notes: list[str] = field(default_factory=list)  # lines worth printing about the choice
+
+
+def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained") -> Pretrained:
+    """The model weights in `path`: EMA (when present and `weights` is ema) or raw model weights; `what`
+    names the setting in error messages."""
+    if weights not in WEIGHTS:
+        raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: ema | model")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointLoadError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
+                                  "gcvit-train checkpoint (.pth/.pt/.safetensors)")
+    obj = safe_load(p)
+    if not isinstance(obj, Mapping):
+        raise CheckpointLoadError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
+    found = {w: next((k for k in _KEYS[w] if isinstance(obj.get(k), Mapping)), None) for w in WEIGHTS}
+    notes = []
+    if found["ema"] is None and found["model"] is None:
+        chosen, which = obj, "plain"
+    elif weights == "ema" and found["ema"] is not None:
+        chosen, which = obj[found["ema"]], "ema"
+    else:
+        if weights == "ema":
+            notes.append(f"{p} has no EMA weights; using its model weights")
+        chosen, which = obj[found["model"] or found["ema"]], "model" if found["model"] else "ema"
+    state = unwrap(chosen)
+    classes = obj.get("classes") if isinstance(obj.get("classes"), list) else None
+    config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else None
+    return Pretrained(str(p), state, detect_format(state, f"{what}={p}"), which, classes, config, notes)
+
+
+def stage_windows(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """Window side of each stage of a native state dict, from its first block's bias table."""
+    out, s = [], 0
+    while f"stages.{s}.blocks.0.attn.{_TABLE}" in sd:
+        out.append((math.isqrt(sd[f"stages.{s}.blocks.0.attn.{_TABLE}"].shape[0]) + 1) // 2)
+        s += 1
+    return tuple(out)
+
+
+@torch.no_grad()
+def reinit_head(model: GCViT, scale: float) -> None:
+    """timm's fine-tuning head init: trunc-normal std .02 scaled by `scale`, zero bias."""
+    trunc_normal_(model.head.weight, std=0.02)
+    model.head.weight.mul_(scale)
+    torch.nn.init.zeros_(model.head.bias)
+
+
+def initialise(model: GCViT, src: Pretrained, *, head_init_scale: float,
+               classes: list[str] | None = None) -> list[str]:
+    """Load `src` into `model` (built with this run's class count and resolution); returns the lines to print.
+
+    The model's parameters are written in place, so optimizer, EMA and DDP may be built before or after.
+    """
+    where = f"model.pretrained={src.path}"
+    sd = to_native(src.state, model, where)
+    own = model.state_dict()
+    lines = [f"pretrained: {src.path} ({src.format} format, {src.weights} weights); an initialisation: "
+             "optimizer, schedule and data start fresh", *src.notes]
+    theirs = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    ours = model.num_classes
+    reason = None
+    if theirs != ours:
+        reason = f"checkpoint has {theirs} classes, this dataset has {ours}"
+    elif src.classes and classes and list(src.classes) != list(classes):
+        first = next(i for i, (a, b) in enumerate(zip(src.classes, classes)) if a != b)
+        reason = (f"checkpoint's {theirs} classes are not this dataset's (class {first}: "
+                  f"{src.classes[first]!r} vs {classes[first]!r})")
+    if reason:
+        reinit_head(model, head_init_scale)
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        lines.append(f"head re-initialised: {reason}")
+    resized = [k for k in sd if k.endswith(_TABLE) and k in own and sd[k].shape != own[k].shape]
+    if resized:
+        lines.append(f"resolution: {len(resized)} relative-position tables resampled (bicubic) from windows "
+                     f"{stage_windows(sd)} to {model.window_sizes} for {model.img_size} px")
+    model.load_state_dict(fit_state_dict(sd, model, where), strict=True)
+    return lines
+
+
+def summary(src: Pretrained, lines: list[str]) -> dict[str, Any]:
+    """What run_info.json records about the starting weights."""
+    return {"path": src.path, "format": src.format, "weights": src.weights, "log": lines}
+
+
+def start_from(model: GCViT, cfg: Any, classes: list[str] | None, verbose: bool) -> dict[str, Any] | None:
+    """Apply model.pretrained (cfg: the ModelConfig) to a freshly built model; None when it is unset."""
+    if not cfg.pretrained:
+        return None
+    src = read(cfg.pretrained, cfg.pretrained_weights)
+    lines = initialise(model, src, head_init_scale=cfg.head_init_scale, classes=classes)
+    if verbose:
+        print("\n".join(lines), flush=True)
+    return summary(src, lines)

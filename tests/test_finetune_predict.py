@@ -1,0 +1,112 @@
+"""python -m gcvit.predict: our run checkpoints print their own class names with the probabilities of the
+val pipeline; official/timm 1000-class files print ImageNet names, also at another resolution; one-line
+errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from finetune_harness import ENV, REPO
+from PIL import Image
+from timm.data import ImageNetInfo
+
+import gcvit
+from data.config import AugConfig, DataConfig
+from data.loaders import build_loader
+from gcvit.models.checkpoint import from_native
+from gcvit.predict import main
+
+ARCH = dict(dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=(4, 4, 2, 1), mlp_ratio=2.0)
+NAMES = ["Bolt-2", "apple pie", "zebra_stripes"]
+
+
+def _images(root, n: int = 5):
+    """n random RGB images of assorted sizes under root/val/<class>/ (an ImageFolder the val loader reads)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / "val" / NAMES[i % 3]
+        d.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (40 + 7 * i, 48 + 5 * i, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / f"img{i}.png")
+    for c in NAMES:
+        (root / "train" / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / c / "x.png")
+    return root
+
+
+@pytest.fixture
+def run_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=32, **ARCH)
+    ema = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=32, **ARCH)
+    config = {"model": {"name": "gcvit_xxtiny", "img_size": 32, "overrides": ARCH},
+              "data": {"crop_pct": 0.875, "interpolation": "bicubic"}}
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "progress": {"step": 1},
+                "config": config, "classes": NAMES}, tmp_path / "last.pt")
+    return tmp_path / "last.pt", ema.eval()
+
+
+def test_run_checkpoint_prints_its_class_names_and_the_val_pipelines_probabilities(run_checkpoint, tmp_path,
+                                                                                   capsys) -> None:
+    ckpt, ema = run_checkpoint
+    root = _images(tmp_path / "data")
+    assert main([str(ckpt), str(root / "val"), "--topk", "2", "--json", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # the val loader of training, on the same files, gives the reference probabilities (EMA weights)
+    data = DataConfig(root=str(root), loader="torch", batch_size=8, workers=1)
+    batch = next(iter(build_loader(data, AugConfig(), split="val", img_size=32, seed=0, rank=0, world_size=1,
+                                   device=torch.device("cpu"))))
+    with torch.no_grad():
+        ref = ema(batch.images).softmax(-1)
+    by_id = [p for c in sorted(NAMES) for p in sorted((root / "val" / c).iterdir())]  # the val index order
+    expected = {str(by_id[int(i)]): ref[j] for j, i in enumerate(batch.ids)}
+    assert [r["image"] for r in rows] == sorted(expected)  # directories are walked in sorted order
+    for row in rows:
+        probs, idx = expected[row["image"]].topk(2)
+        assert [t["name"] for t in row["top"]] == [NAMES[j] for j in idx.tolist()]
+        assert [t["prob"] for t in row["top"]] == pytest.approx(probs.tolist(), abs=1e-5)
+
+
+def test_timm_checkpoint_gets_imagenet_names_at_another_resolution(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", img_size=64, dim=16, depths=(2, 2, 2, 2),
+                               num_heads=(1, 1, 2, 2))
+    torch.save({"state_dict": from_native(model.state_dict(), "timm")}, tmp_path / "timm.pth")
+    _images(tmp_path / "data", n=3)
+    # the module entry point, at twice the resolution: windows 2, 2, 4, 2 -> 4, 4, 8, 4
+    res = subprocess.run([sys.executable, "-m", "gcvit.predict", str(tmp_path / "timm.pth"),
+                          str(tmp_path / "data" / "val"), "--img-size", "128", "--topk", "3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3
+    names = {ImageNetInfo().index_to_description(i).split(",")[0] for i in range(1000)}
+    for line in lines:
+        path, top = line.split(": ", 1)
+        assert path.endswith(".png")
+        parts = [p.rsplit(" ", 1) for p in top.split(", ")]
+        assert len(parts) == 3 and all(name in names for name, _ in parts)
+        probs = [float(q) for _, q in parts]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.001
+
+
+def test_bad_inputs_are_one_line(run_checkpoint, tmp_path, capsys) -> None:
+    ckpt, _ = run_checkpoint
+    with pytest.raises(SystemExit, match=r"^error: \S+nope does not exist; pass image files or directories"):
+        main([str(ckpt), str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: no images \(\*\.jpeg, \*\.jpg, \*\.png\) under "):
+        main([str(ckpt), str(tmp_path / "empty")])
+    root = _images(tmp_path / "data", n=1)
+    assert main([str(tmp_path / "missing.pt"), str(root)]) == 1
+    assert main([str(ckpt), str(root), "--img-size", "48"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"error: checkpoint={tmp_path / 'missing.pt'}: no such file")
+    assert err[1].startswith("error: --img-size 48 scales the windows (4, 4, 2, 1) of 32 px to ")
+    (root / "val" / NAMES[0] / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"^error: cannot decode \S+broken.png"):
+        main([str(ckpt), str(root / "val")])
