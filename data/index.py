@@ -7,6 +7,7 @@ written by `python -m data.verify --write-index` is used as is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,6 +50,11 @@ class Index:
     def path(self, i: int) -> Path:
         """Absolute path of sample i (for a pack: the file it was packed from, named in messages)."""
         return self.root / self.files[i]
+
+    def subset(self, ids: list[int]) -> Index:
+        """Samples `ids` in that order, as the same kind of index (a pack's subset reads its shards)."""
+        files, labels = [self.files[i] for i in ids], [self.labels[i] for i in ids]
+        return dataclasses.replace(self, files=files, labels=labels)
 
     def encoded(self, i: int) -> bytes:
         """The encoded image bytes of sample i (BadImage with a one-line message when unreadable)."""

@@ -165,6 +165,7 @@ class PackIndex(Index):
     its decode) so that a corrupt sample fails with its shard, offset and original file named."""
 
     reader: PackReader | None = None
+    sample_ids: np.ndarray | None = None  # the pack's sample index of each entry of a subset (data.val_split)
 
     @classmethod
     def load(cls, root: str | Path, split: str) -> PackIndex:
@@ -173,5 +174,10 @@ class PackIndex(Index):
         return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(),
                    PackReader(sp, check=True))
 
+    def subset(self, ids: list[int]) -> PackIndex:
+        sub = super().subset(ids)
+        sub.sample_ids = np.asarray(ids, np.int64) if self.sample_ids is None else self.sample_ids[ids]
+        return sub
+
     def encoded(self, i: int) -> bytes:
-        return self.reader.read(i)
+        return self.reader.read(i if self.sample_ids is None else int(self.sample_ids[i]))

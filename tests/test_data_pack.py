@@ -178,6 +178,15 @@ def _copy(packed: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def _orphan(packed: Path, tmp_path: Path) -> Path:
+    """A copy of the pack whose source folder is gone: every byte read must come from the shards."""
+    pack = _copy(packed, tmp_path)
+    manifest = json.loads((pack / "pack.json").read_text())
+    manifest["source"] = str(tmp_path / "deleted")
+    (pack / "pack.json").write_text(json.dumps(manifest))
+    return pack
+
+
 def test_verify_names_shard_offset_and_original_file_of_a_flipped_byte(
         packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pack = _copy(packed, tmp_path)
@@ -228,8 +237,9 @@ def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
     assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
 
 
-def _torch_batches(root: Path, split: str, workers: int, resume_after: int | None = None) -> list[tuple]:
-    data = DataConfig(root=str(root), loader="torch", batch_size=5, workers=workers)
+def _torch_batches(root: Path, split: str, workers: int, resume_after: int | None = None,
+                   val_split: float | None = None) -> list[tuple]:
+    data = DataConfig(root=str(root), loader="torch", batch_size=5, workers=workers, val_split=val_split)
     loader = build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
                           seed=3, rank=0, world_size=1, device=torch.device("cpu"))
     loader.set_epoch(1)
@@ -251,10 +261,7 @@ def test_torch_loader_gives_bitwise_the_folder_batches_from_a_pack(source: Path,
                                                                    tmp_path: Path) -> None:
     folder = _torch_batches(source, split, workers=0)
     assert len(folder) >= 2
-    pack = _copy(packed, tmp_path)  # whose source folder is gone: every byte must come from the shards
-    manifest = json.loads((pack / "pack.json").read_text())
-    manifest["source"] = str(tmp_path / "deleted")
-    (pack / "pack.json").write_text(json.dumps(manifest))
+    pack = _orphan(packed, tmp_path)
     runs = [_torch_batches(pack, split, workers=2)]
     if split == "train":  # val passes always start at the beginning
         runs.append(_torch_batches(pack, split, workers=0, resume_after=1))
@@ -262,6 +269,17 @@ def test_torch_loader_gives_bitwise_the_folder_batches_from_a_pack(source: Path,
         assert len(got) == len(folder)
         for (x, y, i), (fx, fy, fi) in zip(got, folder):
             assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_val_split_of_a_pack_is_the_val_split_of_its_folder(source: Path, packed: Path, split: str,
+                                                            tmp_path: Path) -> None:
+    pack = _orphan(packed, tmp_path)
+    folder = _torch_batches(source, split, workers=0, val_split=0.4)
+    got = _torch_batches(pack, split, workers=0, val_split=0.4)
+    assert len(got) == len(folder) >= 1
+    for (x, y, i), (fx, fy, fi) in zip(got, folder):
+        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
 
 
 def test_torch_loader_names_the_corrupt_sample_of_a_pack(packed: Path, tmp_path: Path) -> None:
