@@ -322,3 +322,25 @@ def test_pack_of_a_clean_index_leaves_the_bad_files_out(tmp_path: Path,
     capsys.readouterr()
     assert verify_main([str(tmp_path / "pack"), "--workers", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("(train: 6, val: 2): 0 problems")
+
+
+@pytest.mark.sample
+def test_pack_of_the_real_imagenet_sample(imagenet_sample: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """1000 real JPEGs (grayscale ones, 68x121 to 2400x1600): the bytes, a clean verify, 32 MB shards."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "train").symlink_to(imagenet_sample)
+    assert pack_main([str(root), str(tmp_path / "pack"), "--splits", "train", "--shard-size", "32MB",
+                      "--quiet"]) == 0
+    ix, split = load_index(root, "train"), load_index(tmp_path / "pack", "train")
+    assert len(split) == len(ix) == 1000 and split.labels == ix.labels and split.labels[-1] == 999
+    assert all(split.encoded(i) == ix.path(i).read_bytes() for i in range(len(ix)))
+    manifest = json.loads((tmp_path / "pack" / "pack.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) == 4 and sum(s["samples"] for s in shards) == 1000
+    for shard, following in zip(shards, shards[1:]):  # full: the next image would not have fitted
+        assert shard["bytes"] <= 32_000_000 < shard["bytes"] + 3 * 512 + split.reader.split.samples[
+            following["first"]]["size"]
+    capsys.readouterr()
+    assert verify_main([str(tmp_path / "pack"), "--workers", "2", "--quiet"]) == 0
