@@ -5,6 +5,7 @@ the exit code is 1 when any was found.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing as mp
 import sys
@@ -66,9 +67,15 @@ def check_shard(split: Split, k: int) -> tuple[int, list[str]]:
     return entry["samples"], problems
 
 
+@functools.lru_cache(maxsize=2)
+def _split(root: Path, name: str) -> Split:
+    """A worker loads each split's index once, not once per shard (1.28M file names take a while)."""
+    return Split.load(root, name)
+
+
 def _check_shard(args: tuple[Path, str, int]) -> tuple[int, list[str]]:
     root, split, k = args
-    return check_shard(Split.load(root, split), k)
+    return check_shard(_split(root, split), k)
 
 
 def verify_pack(root: Path, splits: list[str], workers: int,

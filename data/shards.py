@@ -123,7 +123,9 @@ class PackReader:
 
     def __init__(self, split: Split, check: bool = False) -> None:
         self.split, self.check = split, check  # check: verify each sample's crc32c on read
-        self._fds = [os.open(split.shard_path(k), os.O_RDONLY) for k in range(len(split.shards))]
+        # unbuffered file objects only to hold the descriptors: closed by close() or when collected
+        self._files = [open(split.shard_path(k), "rb", buffering=0)  # noqa: SIM115
+                       for k in range(len(split.shards))]
 
     def read(self, i: int) -> bytes:
         """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
@@ -138,7 +140,7 @@ class PackReader:
         """Sample i's bytes and why they are not the packed ones (a short read; with check, the crc32c)."""
         row = self.split.samples[i]
         size = int(row["size"])
-        data = os.pread(self._fds[int(row["shard"])], size, int(row["offset"]))
+        data = os.pread(self._files[int(row["shard"])].fileno(), size, int(row["offset"]))
         if len(data) != size:
             return data, f"{len(data)} of {size} bytes (the shard is truncated)"
         want = int(row["crc32c"])
@@ -147,9 +149,9 @@ class PackReader:
 
     def close(self) -> None:
         """Close the shard files."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        for f in self._files:
+            f.close()
+        self._files = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {"split": self.split, "check": self.check}
