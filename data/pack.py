@@ -19,6 +19,7 @@ import shutil
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,7 @@ from data.index import DataError, Index, load_index
 from data.shards import CHECKSUM, FORMAT, MANIFEST, SAMPLE_DTYPE, crc32c, is_pack, member_key, shard_name
 
 BLOCK = tarfile.BLOCKSIZE
+STAT_THREADS = 32
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -76,14 +78,11 @@ def plan(indices: dict[str, Index], shard_size: int) -> list[ShardJob]:
     """Cut each split's samples, in index order, into shards of at most shard_size bytes (>= 1 sample)."""
     jobs = []
     for split, ix in indices.items():
+        paths = [str(ix.path(i)) for i in range(len(ix))]
+        with ThreadPoolExecutor(STAT_THREADS) as pool:  # a metadata server answers many stats at once
+            sizes = list(pool.map(_size, paths, [ix.root.parent] * len(paths)))
         job, used, k = None, 0, 0
-        for i in range(len(ix)):
-            path = str(ix.path(i))
-            try:
-                size = os.stat(path).st_size
-            except OSError as e:
-                raise DataError(f"cannot stat {path} ({e.strerror}); run python -m data.verify "
-                                f"{ix.root.parent} and pack its clean index (--index-dir)") from None
+        for i, (path, size) in enumerate(zip(paths, sizes)):
             need = 3 * BLOCK + padded(size)  # .jpg header + data, .cls header + data
             if job is None or used + need + 2 * BLOCK > shard_size:  # + the end-of-archive blocks
                 job, used, k = ShardJob(split, k, i, [], [], []), 0, k + 1
@@ -93,6 +92,14 @@ def plan(indices: dict[str, Index], shard_size: int) -> list[ShardJob]:
             job.sizes.append(size)
             used += need
     return jobs
+
+
+def _size(path: str, root: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as e:
+        raise DataError(f"cannot stat {path} ({e.strerror}); run python -m data.verify {root} and pack "
+                        "its clean index (--index-dir)") from None
 
 
 class _Tar:

@@ -323,6 +323,10 @@ def test_pack_of_a_clean_index_leaves_the_bad_files_out(tmp_path: Path,
     assert verify_main([str(tmp_path / "pack"), "--workers", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("(train: 6, val: 2): 0 problems")
 
+    (root / "val" / "01_square" / "val_square_0000.JPEG").unlink()  # listed in the clean index, now gone
+    with pytest.raises(DataError, match=r"cannot stat .*/val/01_square/val_square_0000.JPEG \(No such file"):
+        pack_main([str(root), str(tmp_path / "pack2"), "--index-dir", clean, "--quiet"])
+
 
 @pytest.mark.sample
 def test_pack_of_the_real_imagenet_sample(imagenet_sample: Path, tmp_path: Path,
