@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if is_pack(args.root):
+        if args.write_index:
+            raise DataError(f"--write-index applies to image folders and {args.root} is a pack; a bad sample "
+                            "in a pack means repacking its source (python -m data.pack --index-dir)")
         from data.pack_verify import verify_pack_cli  # here: it imports check_bytes from this module
 
         return verify_pack_cli(args.root, args.splits, args.workers, progress=not args.quiet)

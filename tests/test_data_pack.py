@@ -190,6 +190,8 @@ def _orphan(packed: Path, tmp_path: Path) -> Path:
 def test_verify_names_shard_offset_and_original_file_of_a_flipped_byte(
         packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pack = _copy(packed, tmp_path)
+    with pytest.raises(DataError, match="--write-index applies to image folders"):
+        verify_main([str(pack), "--write-index", str(tmp_path / "clean")])
     assert verify_main([str(pack), "--workers", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("checked 24 samples in 7 shards of "
                                                     f"{pack} (train: 18, val: 6): 0 problems")
