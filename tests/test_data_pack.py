@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data import pack as pack_module
 from data.config import AugConfig, DataConfig
@@ -350,3 +351,16 @@ def test_pack_of_the_real_imagenet_sample(imagenet_sample: Path, tmp_path: Path,
             following["first"]]["size"]
     capsys.readouterr()
     assert verify_main([str(tmp_path / "pack"), "--workers", "2", "--quiet"]) == 0
+
+
+def test_png_sources_become_png_members(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "ds", train_per_class=2, val_per_class=1, num_classes=2)
+    jpeg = root / "train" / "01_square" / "train_square_0000.JPEG"
+    Image.open(jpeg).save(jpeg.with_suffix(".png"))
+    jpeg.unlink()
+    assert pack_main([str(root), str(tmp_path / "pack"), "--quiet"]) == 0
+    members = subprocess.run(["tar", "-tf", str(tmp_path / "pack" / "train-000000.tar")], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert members[4:6] == ["0000000002.png", "0000000002.cls"]
+    assert (tmp_path / "pack" / "train-000000.idx").read_text().splitlines()[3].startswith("png ")
+    assert load_index(tmp_path / "pack", "train").encoded(2) == jpeg.with_suffix(".png").read_bytes()
