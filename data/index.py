@@ -7,6 +7,7 @@ written by `python -m data.verify --write-index` is used as is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,8 +48,20 @@ class Index:
         return len(self.files)
 
     def path(self, i: int) -> Path:
-        """Absolute path of sample i."""
+        """Absolute path of sample i (for a pack: the file it was packed from, named in messages)."""
         return self.root / self.files[i]
+
+    def subset(self, ids: list[int]) -> Index:
+        """Samples `ids` in that order, as the same kind of index (a pack's subset reads its shards)."""
+        files, labels = [self.files[i] for i in ids], [self.labels[i] for i in ids]
+        return dataclasses.replace(self, files=files, labels=labels)
+
+    def encoded(self, i: int) -> bytes:
+        """The encoded image bytes of sample i (BadImage with a one-line message when unreadable)."""
+        try:
+            return self.path(i).read_bytes()
+        except OSError as e:
+            raise BadImage(bad_image(self.path(i), e.strerror)) from None
 
     def write(self, path: Path, fingerprint: str = "") -> None:
         """Save as a small header line plus one `label<TAB>relative path` line per image (atomically)."""
@@ -129,8 +142,16 @@ def cache_dir_for(root: Path, index_cache: str | None) -> Path:
 
 def load_index(root: str | Path, split: str, *, index_cache: str | None = None,
                index_dir: str | None = None) -> Index:
-    """The index of ROOT/<split>, from index_dir (a clean index), a valid cache, or a fresh scan."""
+    """The index of ROOT/<split>, from index_dir (a clean index), a valid cache, or a fresh scan; for a pack
+    (python -m data.pack), its index, reading samples from the shards."""
     root = Path(root).expanduser().resolve()
+    from data.shards import PackIndex, is_pack  # here: data.shards builds on this module
+
+    if is_pack(root):
+        if index_dir:
+            raise DataError(f"data.index_dir applies to image folders, and data.root {root} is a pack; drop "
+                            "data.index_dir (pack the clean index with python -m data.pack --index-dir)")
+        return PackIndex.load(root, split)
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist or is not a directory")
     if index_dir:

@@ -28,8 +28,7 @@ def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, di
         val.update(members[j] for j in rng.permutation(len(members))[:k])
 
     def part(keep: bool) -> Index:
-        ids = [i for i in range(len(index)) if (i in val) == keep]
-        return Index(index.root, index.classes, [index.files[i] for i in ids], [index.labels[i] for i in ids])
+        return index.subset([i for i in range(len(index)) if (i in val) == keep])
 
     train, held = part(False), part(True)
     digest = hashlib.sha1("\n".join(held.files).encode()).hexdigest()

@@ -1,6 +1,7 @@
 """The `torch` fallback loader: PIL decode, torchvision crop/flip, timm RandAugment, a DataLoader."""
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -60,12 +61,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         epoch, i = key
-        path = self.index.path(i)
+        encoded = self.index.encoded(i)
         try:
-            with Image.open(path) as f:
+            with Image.open(io.BytesIO(encoded)) as f:
                 img = f.convert("RGB")
         except (OSError, ValueError) as e:
-            raise BadImage(bad_image(path, e)) from None
+            raise BadImage(bad_image(self.index.path(i), e)) from None
         if self.aug is None:
             rw, rh, _, _ = val_geometry(img.width, img.height, self.img_size, self.crop_pct)
             img = TF.center_crop(TF.resize(img, [rh, rw], self.interp), [self.img_size] * 2)

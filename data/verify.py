@@ -2,6 +2,8 @@
 
     python -m data.verify ROOT [--splits train val] [--workers 8] [--write-index DIR]
 
+On a pack written by python -m data.pack it checks the pack instead (data/pack_verify.py).
+
 DALI cannot skip a bad file at run time, so train on the clean index (data.index_dir=DIR) when this finds
 any. Each bad file is printed as `REASON<TAB>PATH`; the exit code is 1 when bad files were found and no
 clean index was written.
@@ -9,6 +11,7 @@ clean index was written.
 from __future__ import annotations
 
 import argparse
+import io
 import multiprocessing as mp
 import sys
 from collections import Counter
@@ -18,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.index import DataError, Index, list_classes, scan
+from data.shards import is_pack
 
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
 
@@ -25,19 +29,23 @@ MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP
 def check_file(path: Path) -> str | None:
     """Why `path` is not a clean RGB/grayscale image matching its extension, or None when it is."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        data = path.read_bytes()
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    if not head:
+    return check_bytes(data, path.suffix)
+
+
+def check_bytes(data: bytes, suffix: str) -> str | None:
+    """Why `data`, stored under a name ending in `suffix`, is not a clean RGB/grayscale image, or None."""
+    if not data:
         return "zero bytes"
-    kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)
+    kind = next((k for magic, k in MAGIC.items() if data.startswith(magic)), None)
     if kind is None:
         return "not an image"
-    if path.suffix.lower() in (".jpeg", ".jpg") and kind != "JPEG":
-        return f"{kind} content under a {path.suffix} name"
+    if suffix.lower() in (".jpeg", ".jpg") and kind != "JPEG":
+        return f"{kind} content under a {suffix} name"
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             if img.mode == "CMYK":
                 return "CMYK JPEG"
             img.load()  # the full decode: truncated or corrupt entropy data fails here
@@ -78,13 +86,20 @@ def clean(index: Index, bad: dict[Path, str]) -> Index:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path, help="dataset root with train/<wnid>/ and val/<wnid>/")
+    ap.add_argument("root", type=Path, help="dataset root with train/<wnid>/ and val/<wnid>/, or a pack")
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
     ap.add_argument("--workers", type=int, default=min(8, mp.cpu_count()), help="decoding processes")
     ap.add_argument("--write-index", type=Path, metavar="DIR",
                     help="write DIR/<split>.tsv without the bad files (train with data.index_dir=DIR)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if is_pack(args.root):
+        if args.write_index:
+            raise DataError(f"--write-index applies to image folders and {args.root} is a pack; a bad sample "
+                            "in a pack means repacking its source (python -m data.pack --index-dir)")
+        from data.pack_verify import verify_pack_cli  # here: it imports check_bytes from this module
+
+        return verify_pack_cli(args.root, args.splits, args.workers, progress=not args.quiet)
     indices, bad = verify(args.root, args.splits, args.workers, progress=not args.quiet)
     for path, reason in sorted(bad.items()):
         print(f"{reason}\t{path}")

@@ -1,0 +1,185 @@
+"""The packed-shard format (written by `python -m data.pack`) and its random-access reader.
+
+A pack is a folder:
+
+    pack.json                 format, classes, checksum kind, per split: sample count and the shard
+                              manifest (name, samples, first sample, bytes, sha256)
+    <split>.samples.npy       one row per sample index: shard, data offset, size, label, crc32c
+    <split>.files.txt         the original relative path of each sample (named in error messages)
+    <split>-NNNNNN.tar        uncompressed tar in WebDataset layout: NNNNNNNNNN.jpg + NNNNNNNNNN.cls
+    <split>-NNNNNN.idx        the same shard's index in DALI's wds2idx text format (fn.readers.webdataset)
+
+Sample indices are the positions of data.index's folder index, so a sampler draws the same images in the
+same order from a pack as from the folder it was packed from.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from data.index import BadImage, DataError, Index
+
+FORMAT = "gcvit-pack v1"
+MANIFEST = "pack.json"
+CHECKSUM = "crc32c"  # Castagnoli CRC (iSCSI, as in GCS and ext4) of the image bytes, by google-crc32c (C)
+SAMPLE_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<u4"),
+                         ("crc32c", "<u4")])
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """The CRC-32C of `data` as stored in the index."""
+    return google_crc32c.value(data)
+
+
+def shard_name(split: str, k: int) -> str:
+    """File name of shard k of a split, without the extension."""
+    return f"{split}-{k:06d}"
+
+
+def member_key(i: int) -> str:
+    """Tar member basename of sample i (WebDataset groups the .jpg and .cls members by it)."""
+    return f"{i:010d}"
+
+
+def is_pack(root: str | Path) -> bool:
+    """Whether `root` is a finished pack (its manifest exists; a crashed pack never publishes one)."""
+    return (Path(root).expanduser() / MANIFEST).is_file()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """pack.json, with a one-line error when it is not a pack of this format."""
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({e}); repack with python -m data.pack") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} manifest; repack with python -m data.pack")
+    return manifest
+
+
+def corrupt_sample(shard: Path, offset: int, original: str, index: int, reason: str) -> str:
+    """The one-line message for a sample whose bytes are not the ones packed."""
+    return (f"corrupt sample {index} in {shard} at offset {offset} (packed from {original}): {reason}; "
+            f"run python -m data.verify {shard.parent} and repack or restore that shard")
+
+
+@dataclass
+class Split:
+    """One split of a pack as the index describes it."""
+
+    root: Path  # the pack folder
+    source: str  # the dataset root it was packed from
+    name: str  # train | val
+    classes: list[str]  # label i is classes[i]
+    shards: list[dict[str, Any]]  # manifest entries: name, samples, first, bytes, sha256
+    samples: np.ndarray  # SAMPLE_DTYPE rows by sample index
+    files: list[str]  # original relative paths
+
+    @classmethod
+    def load(cls, root: str | Path, split: str) -> Split:
+        """Read the index of `split` (memory-mapped rows: cheap even for 1.28M samples)."""
+        root = Path(root).expanduser().resolve()
+        manifest = read_manifest(root)
+        if split not in manifest["splits"]:
+            raise DataError(f"{root} has no {split} split (it has {', '.join(manifest['splits'])}); "
+                            f"pack a dataset with ROOT/{split}/<class>/ folders")
+        entry = manifest["splits"][split]
+        try:
+            samples = np.load(root / f"{split}.samples.npy", mmap_mode="r")
+            files = (root / f"{split}.files.txt").read_text().splitlines()
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read the {split} index of the pack {root} ({e}); "
+                            "repack with python -m data.pack") from None
+        if not len(samples) == len(files) == entry["samples"]:
+            raise DataError(f"{root}: {split} index holds {len(samples)} rows and {len(files)} file names "
+                            f"but pack.json says {entry['samples']}; repack with python -m data.pack")
+        return cls(root, manifest["source"], split, manifest["classes"], entry["shards"], samples, files)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def shard_path(self, k: int, ext: str = "tar") -> Path:
+        """Path of shard k's tar (or .idx)."""
+        return self.root / f"{self.shards[k]['name']}.{ext}"
+
+    def original(self, i: int) -> str:
+        """The file sample i was packed from."""
+        return f"{self.source}/{self.name}/{self.files[i]}"
+
+
+class PackReader:
+    """Random access to a split's samples: shard files opened once, one os.pread per sample.
+
+    The descriptors survive fork (DataLoader workers) and pread keeps no file position, so processes and
+    threads may share them; pickling (spawn) reopens them.
+    """
+
+    def __init__(self, split: Split, check: bool = False) -> None:
+        self.split, self.check = split, check  # check: verify each sample's crc32c on read
+        # unbuffered file objects only to hold the descriptors: closed by close() or when collected
+        self._files = [open(split.shard_path(k), "rb", buffering=0)  # noqa: SIM115
+                       for k in range(len(split.shards))]
+
+    def read(self, i: int) -> bytes:
+        """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
+        data, reason = self.read_checked(i, self.check)
+        if reason:
+            row = self.split.samples[i]
+            raise BadImage(corrupt_sample(self.split.shard_path(int(row["shard"])), int(row["offset"]),
+                                          self.split.original(i), i, reason))
+        return data
+
+    def read_checked(self, i: int, check: bool = True) -> tuple[bytes, str | None]:
+        """Sample i's bytes and why they are not the packed ones (a short read; with check, the crc32c)."""
+        row = self.split.samples[i]
+        size = int(row["size"])
+        data = os.pread(self._files[int(row["shard"])].fileno(), size, int(row["offset"]))
+        if len(data) != size:
+            return data, f"{len(data)} of {size} bytes (the shard is truncated)"
+        want = int(row["crc32c"])
+        got = crc32c(data) if check else want
+        return data, None if got == want else f"crc32c {got:08x}, index says {want:08x}"
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"split": self.split, "check": self.check}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["split"], state["check"])
+
+
+@dataclass
+class PackIndex(Index):
+    """A pack's split as data.index.Index: same classes, files and labels as the folder it was packed from;
+    encoded(i) takes the bytes from the shards, crc32c-checked (~50 us for a 110 kB image, a small part of
+    its decode) so that a corrupt sample fails with its shard, offset and original file named."""
+
+    reader: PackReader | None = None
+    sample_ids: np.ndarray | None = None  # the pack's sample index of each entry of a subset (data.val_split)
+
+    @classmethod
+    def load(cls, root: str | Path, split: str) -> PackIndex:
+        """The index of `split` of the pack at `root`, its shard files open."""
+        sp = Split.load(root, split)
+        return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(),
+                   PackReader(sp, check=True))
+
+    def subset(self, ids: list[int]) -> PackIndex:
+        sub = super().subset(ids)
+        sub.sample_ids = np.asarray(ids, np.int64) if self.sample_ids is None else self.sample_ids[ids]
+        return sub
+
+    def encoded(self, i: int) -> bytes:
+        return self.reader.read(i if self.sample_ids is None else int(self.sample_ids[i]))
