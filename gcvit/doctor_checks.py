@@ -164,11 +164,16 @@ def _read_cold(path: Path) -> int:
 def timed_read(index: Index, files: int, threads: int, seed: int, budget_s: float = 20.0) -> dict[str, float]:
     """Read a random sample of `files` files with `threads` threads (as the loader does) for at most
     `budget_s` seconds; returns files, bytes and seconds."""
+    from data.shards import PackIndex
+
     sample = random.Random(seed).sample(range(len(index)), min(files, len(index)))
+    # a pack is read as training reads it: one pread per sample from shard files kept open
+    read = (lambda i: len(index.encoded(i))) if isinstance(index, PackIndex) else (
+        lambda i: _read_cold(index.path(i)))
     start = time.perf_counter()
     done, nbytes = 0, 0
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for n in pool.map(lambda i: _read_cold(index.path(i)), sample):
+        for n in pool.map(read, sample):
             done, nbytes = done + 1, nbytes + n
             if time.perf_counter() - start > budget_s:
                 pool.shutdown(cancel_futures=True)
