@@ -167,9 +167,11 @@ def timed_read(index: Index, files: int, threads: int, seed: int, budget_s: floa
     from data.shards import PackIndex
 
     sample = random.Random(seed).sample(range(len(index)), min(files, len(index)))
-    # a pack is read as training reads it: one pread per sample from shard files kept open
-    read = (lambda i: len(index.encoded(i))) if isinstance(index, PackIndex) else (
-        lambda i: _read_cold(index.path(i)))
+    if isinstance(index, PackIndex):  # read as training reads it: one pread per sample from open shards
+        index.reader.drop_page_cache()
+        read = lambda i: len(index.encoded(i))  # noqa: E731
+    else:
+        read = lambda i: _read_cold(index.path(i))  # noqa: E731
     start = time.perf_counter()
     done, nbytes = 0, 0
     with ThreadPoolExecutor(max(1, threads)) as pool:

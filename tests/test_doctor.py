@@ -289,3 +289,14 @@ def test_target_rate_reads_recorded_benchmarks(tmp_path: Path, monkeypatch) -> N
     rate, source = doctor_rows.target_rate("gcvit_tiny", None)
     assert rate == 1716.8 and "compiled" in source and "H200" in source
     assert doctor_rows.target_rate("gcvit_tiny", 900.0) == (900.0, "--target-img-s")
+
+
+def test_a_pack_is_read_through_its_shards(root: Path, tmp_path: Path, capsys) -> None:
+    from data.pack import pack
+
+    pack(root, tmp_path / "pack", shard_size=1 << 20, progress=False)
+    code, out, err, table = _run([*TINY, f"data.root={tmp_path / 'pack'}",
+                                  f"trainer.output_dir={tmp_path / 'run'}"], capsys)
+    assert code == 0 and table["data-index"] == OK and table["data-read"] in (OK, WARN), out + err
+    assert "24 train / 6 val images, 3 classes" in " ".join(out.split())
+    assert "24 files" in out  # every sample read, from the shards
