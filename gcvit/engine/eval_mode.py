@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import gcvit
 from data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
 from data.loaders import build_loader
@@ -98,11 +100,12 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     sets = _sets(cfg, env, classes, val_loader)
     model = gcvit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                **cfg.model.overrides).to(env.device)
+    net = torch.compile(model) if cfg.trainer.compile else model  # the path training's evaluations take
     rows: list[dict[str, Any]] = []
     for which in ("model", "ema") if ours and state.get("ema") else ("model",):
         gcvit.load_checkpoint(model, state[which] if ours else state)
         for eset, loader in sets:
-            preds = predict(model, loader, env, cfg.trainer.precision, eset.subset)
+            preds = predict(net, loader, env, cfg.trainer.precision, eset.subset)
             if env.is_main:
                 rows.append({"set": eset.name, "weights": which, **score(eset, preds)})
                 _print_row(rows[-1], path)
@@ -112,8 +115,9 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
 
 
 def _print_row(row: dict[str, Any], path: Path) -> None:
+    rate = f"  {row['img_per_s']:,.0f} img/s" if row["img_per_s"] else ""
     print(f"eval {row['weights']} weights of {path} on {row['set']}: top1 {row['top1']:.3f}  "
-          f"top5 {row['top5']:.3f}  count {row['count']}", flush=True)
+          f"top5 {row['top5']:.3f}  count {row['count']}{rate}", flush=True)
     if row.get("per_class"):
         print(f"  lowest top1 by class ({row['weights']}): {lowest_classes(row['per_class'])}", flush=True)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from gcvit.bench import environment
 
-COLUMNS = ("set", "weights", "top1", "top5", "count", "protocol")
+COLUMNS = ("set", "weights", "top1", "top5", "count", "img_per_s", "protocol")
 
 
 def sha256(path: Path | str) -> str:
@@ -47,7 +47,8 @@ def write(report: dict[str, Any], path: Path) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     """The summary printed at the end of an evaluation: one line per (set, weights)."""
     cells = [[r["set"], r["weights"], f"{r['top1']:.3f}", f"{r['top5']:.3f}",
-              f"{r['count']}" + (f" (+{r['excluded']} excluded)" if r.get("excluded") else ""), r["protocol"]]
+              f"{r['count']}" + (f" (+{r['excluded']} excluded)" if r.get("excluded") else ""),
+              f"{r['img_per_s']:,.0f}" if r.get("img_per_s") else "-", r["protocol"]]
              for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *cells)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [COLUMNS, *cells]]

@@ -1,6 +1,7 @@
 """Predictions over an eval set, gathered exactly once across ranks, and the scores each set's rule gives."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,23 +18,31 @@ ECE_BINS = 15
 
 @dataclass
 class Predictions:
-    """Per image of a set (rank 0 only), ordered by sample id."""
+    """Per image of a set (rank 0 only), ordered by sample id, and the rate they were made at."""
 
     ids: torch.Tensor  # (N,) sample ids into the set's index
     top5: torch.Tensor  # (N, k) predicted class indices, best first (k = min(5, classes))
     confidence: torch.Tensor  # (N,) softmax probability of the top-1 class
     labels: torch.Tensor  # (N,) true class index
+    img_per_s: float | None = None  # all ranks, each rank's first batch (compile, warm-up) left out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any, env: DistEnv, precision: str,
             subset: list[int] | None = None) -> Predictions | None:
-    """Run the set through the model on every rank; rank 0 gets every image's prediction exactly once."""
+    """Run the set through the model on every rank; rank 0 gets every image's prediction exactly once.
+    Results stay on the device until the end: no host sync per batch."""
     was_training = model.training
     model.eval()
     keep = None if subset is None else torch.tensor(subset, device=env.device)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for batch in loader:
+    start, timed = 0.0, 0
+    for i, batch in enumerate(loader):
         with autocast(env.device, precision):
             logits = model(batch.images)
         logits = logits.float() if keep is None else logits.float()[:, keep]
@@ -41,15 +50,23 @@ def predict(model: nn.Module, loader: Any, env: DistEnv, precision: str,
         conf = logits.softmax(-1).gather(1, top[:, :1]).squeeze(1)
         if keep is not None:
             top = keep[top]  # back to indices of the model's classes
-        parts.append((batch.ids, top.cpu(), conf.cpu(), batch.labels.cpu()))
+        parts.append((batch.ids, top, conf, batch.labels))
+        if i == 0:
+            _sync(env.device)
+            start = time.perf_counter()
+        else:
+            timed += len(batch.ids)
     model.train(was_training)
-    gathered = distributed.gather_object(parts)
+    mine = [torch.cat([p[j] for p in parts]).cpu() for j in range(4)] if parts else []  # waits for the GPU
+    seconds = time.perf_counter() - start if timed else 0.0
+    gathered = distributed.gather_object((mine, timed, seconds))
     if gathered is None:
         return None
-    flat = [p for rank in gathered for p in rank]
-    ids, top5, conf, labels = (torch.cat([p[i] for p in flat]) for i in range(4))
+    ids, top5, conf, labels = (torch.cat([m[j] for m, _, _ in gathered if m]) for j in range(4))
+    images, slowest = sum(g[1] for g in gathered), max(g[2] for g in gathered)
     order = ids.argsort()
-    return Predictions(ids[order], top5[order], conf[order], labels[order])
+    return Predictions(ids[order], top5[order], conf[order], labels[order],
+                       images / slowest if images and slowest > 0 else None)
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
@@ -85,7 +102,8 @@ def score(eset: EvalSet, preds: Predictions) -> dict[str, Any]:
     count = int(hit1.numel())
     out: dict[str, Any] = {"top1": 100.0 * float(hit1.double().mean()),
                            "top5": 100.0 * float(hit5.double().mean()),
-                           "count": count, "excluded": excluded, "protocol": eset.protocol}
+                           "count": count, "excluded": excluded, "protocol": eset.protocol,
+                           "img_per_s": preds.img_per_s}
     if eset.name == "val":
         correct = preds.top5[:, 0] == preds.labels
         out["ece"] = expected_calibration_error(preds.confidence, correct)
