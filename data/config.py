@@ -34,6 +34,7 @@ class DataConfig:
     interpolation: str = "bicubic"  # resize filter for train and val: bicubic | bilinear | nearest
     index_cache: str | None = None  # file list cache dir; null = ROOT/.gcvit-index (or ~/.cache if read-only)
     index_dir: str | None = None  # folder with a clean {train,val}.tsv (data.verify --write-index)
+    cache_dir: str | None = None  # local disk a pack (data.root) is copied to, once per node
     synthetic_samples: int = 1281167  # synthetic loader: samples per train epoch (val: 50000)
     synthetic_classes: int = 1000  # synthetic loader: number of classes
     val_split: float | None = None  # hold out this fraction of each class of ROOT/train as val (no ROOT/val)

@@ -97,9 +97,22 @@ def _write_run_dir(cfg: Config, run_dir: Path) -> str | None:
         (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(redact(overrides)))
     return None
 
+def _staged(root: str, cache_dir: str, env: DistEnv) -> Path:
+    """data.cache_dir: the node-local copy of the pack at data.root (data.staging; one copier per node)."""
+    from data.shards import is_pack
+    from data.staging import stage
+
+    if not is_pack(root):
+        raise SystemExit(f"config error: data.cache_dir={cache_dir} stages packs only, and data.root={root} "
+                         "is an image folder; pack it (python -m data.pack ROOT OUT) or unset data.cache_dir")
+    return stage(root, cache_dir, verbose=env.local_rank == 0)
+
+
 def resolve_data(cfg: Config, env: DistEnv) -> Any:
     """cfg.data, with the demo dataset's root filled in (generated once by rank 0, then cached)."""
     data = cfg.data
+    if data.cache_dir and data.root and data.loader != "synthetic":
+        return replace(data, root=str(_staged(data.root, data.cache_dir, env)))
     if data.loader == "synthetic" or data.root or data.train_list:  # validate() made sure one is set
         return data
     if data.loader == "dali" and importlib.util.find_spec("nvidia.dali") is None:
