@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,25 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next step
     best_top1: float = -1.0  # best selection metric so far (EMA top-1 when the EMA is on)
+
+
+class StepOutOfMemory(RuntimeError):
+    """The device ran out of memory in a training step; the message says what to change."""
+
+
+def out_of_memory(cfg: Config, env: DistEnv, step: int, accum: int, error: torch.OutOfMemoryError) -> str:
+    """One line for a CUDA OOM in training step `step`: the micro-batch that failed and what to do."""
+    b = cfg.data.batch_size
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(error))
+    # Half of an even batch keeps the global batch reachable by accumulation (and Mixup's pairs when it is
+    # a multiple of 4).
+    example = f" (e.g. data.batch_size={b // 2})" if b % 4 == 0 else ""
+    return (f"CUDA out of memory in training step {step} on {env.device} "
+            f"({asked.group(0).lower() + ' for ' if asked else ''}a micro-batch of data.batch_size={b} "
+            f"images of {cfg.model.img_size} px, {cfg.model.name}, {cfg.trainer.precision}, {accum} "
+            f"micro-batch(es) per step on each of {env.world_size} rank(s)): lower data.batch_size{example}, "
+            f"gradient accumulation then keeps trainer.global_batch_size={cfg.trainer.global_batch_size} and "
+            "so the recipe; or set model.grad_checkpointing=true (recomputes activations in backward)")
 
 
 def run(cfg: Config) -> int:
@@ -273,7 +293,10 @@ def train(cfg: Config, env: DistEnv) -> int:
             window = metrics.Window(env.device)
             while progress.step < epoch_end:
                 seed_step(t.seed, env.rank, progress.step)
-                out = train_step(p, batches, env, cfg, stop.tensor(env.device))
+                try:
+                    out = train_step(p, batches, env, cfg, stop.tensor(env.device))
+                except torch.OutOfMemoryError as e:
+                    raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
                 progress.step += 1
                 window.add(out["loss"], out["wait"])
                 log_now = progress.step % t.log_every_steps == 0 or progress.step == epoch_end
