@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from gcvit import plot
@@ -67,3 +68,33 @@ def test_run_info_and_flops() -> None:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     assert metrics.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
     assert metrics.peak_flops(torch.device("cpu"), "bf16") is None
+
+
+@pytest.mark.parametrize(("name", "bf16", "fp32"), [
+    ("NVIDIA H100 80GB HBM3", 989.0, 494.5),  # SXM
+    ("NVIDIA H100 PCIe", 756.0, 378.0),
+    ("NVIDIA H100 NVL", 835.0, 417.5),
+    ("NVIDIA H200", 989.0, 494.5),
+    ("NVIDIA H200 NVL", 835.0, 417.5),
+    ("NVIDIA GH200 480GB", 989.0, 494.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+    ("NVIDIA A100 80GB PCIe", 312.0, 156.0),
+    ("NVIDIA A10", 125.0, 62.5),
+    ("NVIDIA A10G", None, None),  # a different chip than the A10: no figure rather than a wrong one
+    ("NVIDIA H800", None, None),
+    ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_peak_tflops_by_gpu_name(name: str, bf16: float | None, fp32: float | None) -> None:
+    assert metrics.peak_tflops(name, "bf16") == bf16 and metrics.peak_tflops(name, "fp16") == bf16
+    assert metrics.peak_tflops(name, "fp32") == fp32
+
+
+def test_mfu_is_logged_as_null_without_a_known_peak() -> None:
+    window = metrics.Window(torch.device("cpu"))
+    window.add(torch.tensor(2.0), 0.0)
+    common = dict(step=1, epoch=0, lr=1e-3, grad_norm=1.0, global_batch=8, world_size=1)
+    assert window.record(**common, flops_per_image=1e9, peak=None)["mfu"] is None
+    window.add(torch.tensor(2.0), 0.0)
+    rec = window.record(**common, flops_per_image=1e9, peak=1e12)
+    assert rec["mfu"] == pytest.approx(rec["img_per_s"] * 1e9 / 1e12)
+
