@@ -33,7 +33,7 @@ EXPECTED_LINES = {
     "unwritable output": ("a-file", "trainer.output_dir"),
     "wrong variant": ("does not fit this model", "dim 16"),
     "nan stop": ("non-finite values at step 3", "loss=nan", "max_consecutive=2"),
-    "cuda oom": ("CUDA out of memory in training step 2", "tried to allocate 2.00 gib", "data.batch_size=8",
+    "cuda oom": ("CUDA out of memory in training step 2", "tried to allocate 2.00 GiB", "data.batch_size=8",
                  "lower data.batch_size (e.g. data.batch_size=4)", "trainer.global_batch_size=16",
                  "model.grad_checkpointing=true"),
 }

@@ -98,3 +98,20 @@ def test_mfu_is_logged_as_null_without_a_known_peak() -> None:
     rec = window.record(**common, flops_per_image=1e9, peak=1e12)
     assert rec["mfu"] == pytest.approx(rec["img_per_s"] * 1e9 / 1e12)
 
+
+def test_compile_warm_up_is_left_out_of_img_per_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fake perf_counter, read at: window start, restart, record + new window, restart, record + new window
+    clock = iter([0.0, 100.0, 101.0, 101.0, 130.0, 132.0, 132.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    window = metrics.Window(torch.device("cpu"))  # t0 = 0
+    common = dict(epoch=0, lr=1e-3, grad_norm=1.0, global_batch=8, world_size=1, flops_per_image=1e9,
+                  peak=1e12)
+    window.add(torch.tensor(2.0), 0.0)
+    window.restart_clock()  # t0 = 100: what the loop does after each warm-up step of a compiled run
+    rec = window.record(step=1, **common)  # at 101, then a fresh window at 101
+    assert rec["img_per_s"] is None and rec["mfu"] is None and rec["loss"] == 2.0  # the loss still counts
+    window.add(torch.tensor(1.0), 0.0)
+    window.restart_clock()  # t0 = 130
+    window.add(torch.tensor(3.0), 0.0)
+    rec = window.record(step=3, **common)  # at 132: one timed step of 8 images in 2 s
+    assert rec["loss"] == 2.0 and rec["img_per_s"] == 4.0

@@ -208,12 +208,20 @@ class Window:
     def reset(self) -> None:
         """Start a new window now."""
         self.loss = torch.zeros((), device=self.device)
-        self.steps, self.wait, self.t0 = 0, 0.0, time.perf_counter()
+        self.steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Leave the steps so far out of img/s and data wait (compile warm-up); their loss still counts."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # what the warm-up queued is charged to the warm-up
+        self.timed, self.wait, self.t0 = 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, wait: float) -> None:
         """Account one optimizer step (its loss stays on the device: no sync per step)."""
         self.loss += loss.detach().float()
         self.steps += 1
+        self.timed += 1
         self.wait += wait
 
     def record(self, *, step: int, epoch: int, lr: float, grad_norm: float, global_batch: int,
@@ -221,7 +229,7 @@ class Window:
         """The train record of this window (loss averaged over ranks and steps), then a fresh window."""
         dt = time.perf_counter() - self.t0
         loss = distributed.all_reduce_sum(self.loss.clone()).item() / (world_size * self.steps)
-        rate = self.steps * global_batch / dt
+        rate = self.timed * global_batch / dt if self.timed else None  # null: only warm-up steps so far
         rec = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "img_per_s": rate, "data_wait": self.wait / dt}
         # null where the peak is unknown (CPU, a card not in the table): no figure rather than a wrong one
