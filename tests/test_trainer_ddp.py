@@ -117,4 +117,5 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> Non
     assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["last.pt"]
     saved = state(run.run_dir)
     step = saved["progress"]["step"]
-    assert f"saved step {step} in" in run.out(0) and saved["guard"]["steps"] == step
+    assert f"a stop signal on another rank: saved step {step} in" in run.out(0)
+    assert saved["guard"]["steps"] == step

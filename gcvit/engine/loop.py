@@ -332,7 +332,8 @@ def train(cfg: Config, env: DistEnv) -> int:
                 if stopping:
                     save("last")
                     if env.is_main:
-                        bar.write(f"signal {stop.signum}: saved step {progress.step} in {ckpt.run_dir}; "
+                        why = f"signal {stop.signum}" if stop.signum else "a stop signal on another rank"
+                        bar.write(f"{why}: saved step {progress.step} in {ckpt.run_dir}; "
                                   f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
                     exit_code = PREEMPTED_EXIT_CODE
                     return exit_code
