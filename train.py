@@ -19,7 +19,7 @@ from gcvit import list_models
 from gcvit.config import from_hydra, register, with_demo_default
 from gcvit.engine.checkpoint import CheckpointError
 from gcvit.engine.guard import NonFiniteError
-from gcvit.engine.loop import run
+from gcvit.engine.loop import StepOutOfMemory, run
 from gcvit.models.checkpoint import CheckpointLoadError
 
 register()
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     config = from_hydra(cfg, list_models)
     try:
         code = run(config)
-    except (NonFiniteError, CheckpointError, CheckpointLoadError) as e:
+    except (NonFiniteError, CheckpointError, CheckpointLoadError, StepOutOfMemory) as e:
         # These carry a one-line diagnosis and what to do; a traceback would only bury it.
         sys.exit(f"error: {e}")
     if code == 0 and config.mode == "train" and config.name == "demo":

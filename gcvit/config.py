@@ -60,7 +60,7 @@ class TrainerConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = False  # torch.compile the model; null = on CUDA only (CPU stays eager)
     global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)
     ckpt_every_steps: int = 1000  # save `last` this often (and at every epoch end); 0 = epoch ends only
     keep_checkpoints: int = 3  # step-tagged checkpoints kept besides `last` and `best`

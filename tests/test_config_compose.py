@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from gcvit import list_models
@@ -92,11 +93,25 @@ def test_every_paper_recipe_composes(exp: str) -> None:
     assert cfg.aug.label_smoothing == 0.1 and cfg.aug.mixup > 0 and cfg.aug.cutmix > 0
     assert cfg.model.drop_path_rate is not None and cfg.model.drop_path_rate > 0
     assert cfg.model.img_size == 224 and cfg.model.overrides == {} and cfg.trainer.device == "auto"
+    assert cfg.trainer.compile is None  # compiled on CUDA, eager on CPU (gcvit.engine.loop.compiled)
 
 
 def test_every_model_file_names_a_registered_model() -> None:
     for f in (CONF / "model").glob("*.yaml"):
         assert _compose(f"model={f.stem}", "data=synthetic").model.name in list_models()
+
+
+def test_compile_follows_the_device_unless_set() -> None:
+    from gcvit.engine.distributed import DistEnv
+    from gcvit.engine.loop import compiled
+
+    def on(kind: str, *overrides: str) -> bool:
+        return compiled(_compose(*overrides), DistEnv(0, 1, 0, torch.device(kind)))
+
+    recipe = ("experiment=in1k_gcvit_tiny", "data.root=/data/imagenet")
+    assert on("cuda", *recipe) and not on("cpu", *recipe)
+    assert not on("cuda", *recipe, "trainer.compile=false") and on("cpu", *recipe, "trainer.compile=true")
+    assert not on("cuda") and not on("cuda", "debug=tiny")  # the demo and the smoke test stay eager
 
 
 def test_debug_tiny_and_overrides() -> None:

@@ -1,6 +1,7 @@
-"""Through the real train.py: NaN injection (skip / stop), secrets never written, bad inputs give one clear
-line, W&B without network never hangs, safetensors conversion. CPU, DALI cpu on JPEGs this test writes,
-the tiny debug model; the independent launches share one fixture and run a few at a time."""
+"""Through the real train.py: NaN injection (skip / stop), secrets never written, bad inputs and a CUDA
+out-of-memory error give one clear line, W&B without network never hangs, safetensors conversion. CPU,
+DALI cpu on JPEGs this test writes, the tiny debug model; the independent launches share one fixture and
+run a few at a time."""
 from __future__ import annotations
 
 import subprocess
@@ -14,7 +15,7 @@ from reliability_harness import REPO, Run, child_env, make_dataset, run_all, sta
 
 import gcvit
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.guard import INJECT_ENV
+from gcvit.engine.guard import INJECT_ENV, OOM_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,9 @@ EXPECTED_LINES = {
     "unwritable output": ("a-file", "trainer.output_dir"),
     "wrong variant": ("does not fit this model", "dim 16"),
     "nan stop": ("non-finite values at step 3", "loss=nan", "max_consecutive=2"),
+    "cuda oom": ("CUDA out of memory in training step 2", "tried to allocate 2.00 GiB", "data.batch_size=8",
+                 "lower data.batch_size (e.g. data.batch_size=4)", "trainer.global_batch_size=16",
+                 "model.grad_checkpointing=true"),
 }
 
 
@@ -63,6 +67,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "nan stop": (tmp / "stop", (*BASE, data, "trainer.nonfinite_policy=stop",
                                     "trainer.nonfinite_max_consecutive=2", "trainer.ckpt_every_steps=1"),
                      {INJECT_ENV: "2,3"}),
+        # torch.OutOfMemoryError raised in step 2's first micro-batch, as CUDA raises it
+        "cuda oom": (tmp / "oom", (*BASE, data), {OOM_ENV: "2"}),
         "corrupt jpegs": (tmp / "corrupt", (*BASE, f"data.root={_bad_dataset(tmp / 'bad')}"), {}),
         "unknown key": (tmp / "key", (*BASE, data, "trainer.no_such_key=1"), {}),
         "unknown value": (tmp / "value", (*BASE, data, "trainer.precision=fp8"), {}),
@@ -146,6 +152,10 @@ def test_bad_inputs_fail_fast_with_one_clear_line(runs: dict[str, Any]) -> None:
              "wrong variant")
     problems = {n: _one_line_problem(runs[n], *EXPECTED_LINES[n]) for n in names}
     assert not any(problems.values()), "\n\n".join(f"{k}: {v}" for k, v in problems.items() if v)
+
+
+def test_cuda_out_of_memory_is_one_line_naming_the_micro_batch_and_what_to_do(runs: dict[str, Any]) -> None:
+    assert _one_line_problem(runs["cuda oom"], *EXPECTED_LINES["cuda oom"]) is None
 
 
 def test_corrupt_jpegs_are_reported_by_data_verify_and_never_crash_training_opaquely(

@@ -1,21 +1,24 @@
 """Real 2-process gloo DDP through train.py: global batch B split over two ranks reaches the same parameters
 as one process with batch B, and as one process accumulating two micro-batches of B/2; the DDP wrapper's
-settings."""
+settings; a stop signal on one rank stops both at the same step."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from reliability_harness import child_env
+from reliability_harness import child_env, start, state
 
 import gcvit
 from gcvit.engine import distributed
 from gcvit.engine.checkpoint import CheckpointManager
+from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 # Deterministic per-sample pipeline (no random crop/flip/mixup, no drop path): what differs between the runs
@@ -94,3 +97,25 @@ def test_ddp_wrapper_settings_and_what_justifies_them(tmp_path: Path) -> None:
         assert len(storages) <= 2, f"{len(storages)} gradient storages: not views of DDP's (1-2) buckets"
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    """SIGUSR1 to rank 1 alone, away from log and checkpoint steps: the request travels in the step packet
+    (read one step late), both ranks save the same step once and exit 75."""
+    run = start(tmp_path / "run", "debug=tiny", "sched.epochs=50", "trainer.max_steps=1000",
+                "trainer.log_every_steps=1000", "trainer.ckpt_every_steps=0", "trainer.audit=true", nproc=2)
+    first_batch = run.run_dir / "audit" / "train-rank1.jsonl"  # rank 1 is in the loop: its handler is on
+    deadline = time.monotonic() + 240
+    while not first_batch.exists():
+        assert all(p.poll() is None for p in run.procs) and time.monotonic() < deadline, run.err(1)[-3000:]
+        time.sleep(0.05)
+    run.procs[1].send_signal(signal.SIGUSR1)
+    run.wait(300)
+    codes = [p.returncode for p in run.procs]
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, f"{codes}\n{run.err(0)[-3000:]}\n{run.err(1)[-3000:]}"
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["last.pt"]
+    saved = state(run.run_dir)
+    step = saved["progress"]["step"]
+    assert f"a stop signal on another rank: saved step {step} in" in run.out(0)
+    assert saved["guard"]["steps"] == step

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from gcvit import plot
@@ -67,3 +68,50 @@ def test_run_info_and_flops() -> None:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     assert metrics.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
     assert metrics.peak_flops(torch.device("cpu"), "bf16") is None
+
+
+@pytest.mark.parametrize(("name", "bf16", "fp32"), [
+    ("NVIDIA H100 80GB HBM3", 989.0, 494.5),  # SXM
+    ("NVIDIA H100 PCIe", 756.0, 378.0),
+    ("NVIDIA H100 NVL", 835.0, 417.5),
+    ("NVIDIA H200", 989.0, 494.5),
+    ("NVIDIA H200 NVL", 835.0, 417.5),
+    ("NVIDIA GH200 480GB", 989.0, 494.5),
+    ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+    ("NVIDIA A100 80GB PCIe", 312.0, 156.0),
+    ("NVIDIA A10", 125.0, 62.5),
+    ("NVIDIA A10G", None, None),  # a different chip than the A10: no figure rather than a wrong one
+    ("NVIDIA H800", None, None),
+    ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_peak_tflops_by_gpu_name(name: str, bf16: float | None, fp32: float | None) -> None:
+    assert metrics.peak_tflops(name, "bf16") == bf16 and metrics.peak_tflops(name, "fp16") == bf16
+    assert metrics.peak_tflops(name, "fp32") == fp32
+
+
+def test_mfu_is_logged_as_null_without_a_known_peak() -> None:
+    window = metrics.Window(torch.device("cpu"))
+    window.add(torch.tensor(2.0), 0.0)
+    common = dict(step=1, epoch=0, lr=1e-3, grad_norm=1.0, global_batch=8, world_size=1)
+    assert window.record(**common, flops_per_image=1e9, peak=None)["mfu"] is None
+    window.add(torch.tensor(2.0), 0.0)
+    rec = window.record(**common, flops_per_image=1e9, peak=1e12)
+    assert rec["mfu"] == pytest.approx(rec["img_per_s"] * 1e9 / 1e12)
+
+
+def test_compile_warm_up_is_left_out_of_img_per_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a fake perf_counter, read at: window start, restart, record + new window, restart, record + new window
+    clock = iter([0.0, 100.0, 101.0, 101.0, 130.0, 132.0, 132.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    window = metrics.Window(torch.device("cpu"))  # t0 = 0
+    common = dict(epoch=0, lr=1e-3, grad_norm=1.0, global_batch=8, world_size=1, flops_per_image=1e9,
+                  peak=1e12)
+    window.add(torch.tensor(2.0), 0.0)
+    window.restart_clock()  # t0 = 100: what the loop does after each warm-up step of a compiled run
+    rec = window.record(step=1, **common)  # at 101, then a fresh window at 101
+    assert rec["img_per_s"] is None and rec["mfu"] is None and rec["loss"] == 2.0  # the loss still counts
+    window.add(torch.tensor(1.0), 0.0)
+    window.restart_clock()  # t0 = 130
+    window.add(torch.tensor(3.0), 0.0)
+    rec = window.record(step=3, **common)  # at 132: one timed step of 8 images in 2 s
+    assert rec["loss"] == 2.0 and rec["img_per_s"] == 4.0

@@ -99,6 +99,20 @@ def test_lr_scaling_and_accumulation() -> None:
         optim.accumulation_steps(1000, 128, 4)
 
 
+@pytest.mark.parametrize("gpus", [16, 32, 48])
+def test_the_recipe_on_16_or_more_gpus_stops_with_what_to_set(gpus: int) -> None:
+    """1024 at 128 per GPU fills 8 GPUs; more cannot start, and the one line names the keys and values."""
+    with pytest.raises(SystemExit) as err:
+        optim.accumulation_steps(1024, 128, gpus)
+    msg = str(err.value)
+    assert "\n" not in msg and f"128 x {gpus} = {128 * gpus}" in msg
+    assert f"set trainer.global_batch_size={128 * gpus}" in msg and "lr scales linearly" in msg
+    assert "128 x 32 GPUs = 4096" in msg and "docs/gpu-training.md" in msg
+    keeps = f"data.batch_size={1024 // gpus} to keep the global batch"
+    assert (keeps in msg) == (1024 % gpus == 0)
+    assert optim.accumulation_steps(128 * gpus, 128, gpus) == 1  # what the line says to set starts
+
+
 def test_apex_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "apex", None)  # import apex -> ImportError even where it is installed
     monkeypatch.setitem(sys.modules, "apex.optimizers", None)

@@ -20,12 +20,14 @@ import torch
 import torch.distributed as dist
 
 POLICIES = ("skip", "stop")
-# Test-only knobs read by `inject`: comma-separated 1-based optimizer steps whose loss becomes NaN, and
+# Test-only knobs read by `inject`: comma-separated 1-based optimizer steps whose loss becomes NaN;
 # "STEP:MICRO" (0-based micro-batch) at which every rank stops for 10 minutes, printing PAUSE_MARKER, so a
-# test can SIGKILL the run in the middle of gradient accumulation.
+# test can SIGKILL the run in the middle of gradient accumulation; the 1-based step whose first micro-batch
+# raises torch.OutOfMemoryError as CUDA would (the one-line OOM report is tested without a GPU).
 INJECT_ENV = "GCVIT_TEST_NAN_AT_STEPS"
 PAUSE_ENV = "GCVIT_TEST_PAUSE_AT_MICRO"
 PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_STEP"
+OOM_ENV = "GCVIT_TEST_OOM_AT_STEP"
 
 
 class NonFiniteError(RuntimeError):
@@ -63,6 +65,7 @@ class NonFiniteGuard:
         self._inject = {int(s) for s in os.environ.get(INJECT_ENV, "").split(",") if s.strip()}
         pause = os.environ.get(PAUSE_ENV)
         self._pause_at = tuple(int(v) for v in pause.split(":")) if pause else None
+        self._oom_at = int(os.environ.get(OOM_ENV) or 0)
         self._micro = 0  # inject() calls since the last check(): the micro-batch index within the step
 
     def inject(self, loss: torch.Tensor) -> torch.Tensor:
@@ -73,6 +76,8 @@ class NonFiniteGuard:
             rank = os.environ.get("RANK", "0")
             print(f"{PAUSE_MARKER} {step}:{micro} rank {rank}", file=sys.stderr, flush=True)
             time.sleep(600)
+        if (step, micro) == (self._oom_at, 0):
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_ENV}).")
         if step in self._inject:
             return loss * float("nan")
         return loss

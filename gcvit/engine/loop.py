@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ from gcvit.engine.setup import (
     set_rng_state,
 )
 
+# Steps of a compiled run whose time is compilation (forward and backward in the first, the
+# accumulation/DDP variants and recompiles in the second), not what a step costs.
+COMPILE_WARMUP_STEPS = 2
+
 
 @dataclass
 class Progress:
@@ -50,6 +55,26 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next step
     best_top1: float = -1.0  # best selection metric so far (EMA top-1 when the EMA is on)
+
+
+class StepOutOfMemory(RuntimeError):
+    """The device ran out of memory in a training step; the message says what to change."""
+
+
+def out_of_memory(cfg: Config, env: DistEnv, step: int, accum: int, error: torch.OutOfMemoryError) -> str:
+    """One line for a CUDA OOM in training step `step`: the micro-batch that failed and what to do."""
+    b = cfg.data.batch_size
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(error))
+    size = f"tried to allocate {asked.group(1)} for " if asked else ""
+    # Half of an even batch keeps the global batch reachable by accumulation (and Mixup's pairs when it is
+    # a multiple of 4).
+    example = f" (e.g. data.batch_size={b // 2})" if b % 4 == 0 else ""
+    return (f"CUDA out of memory in training step {step} on {env.device} "
+            f"({size}a micro-batch of data.batch_size={b} "
+            f"images of {cfg.model.img_size} px, {cfg.model.name}, {cfg.trainer.precision}, {accum} "
+            f"micro-batch(es) per step on each of {env.world_size} rank(s)): lower data.batch_size{example}, "
+            f"gradient accumulation then keeps trainer.global_batch_size={cfg.trainer.global_batch_size} and "
+            "so the recipe; or set model.grad_checkpointing=true (recomputes activations in backward)")
 
 
 def run(cfg: Config) -> int:
@@ -128,7 +153,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
     smoothing = aug.label_smoothing
     return Parts(
         train_loader=train_loader, val_loader=val_loader, model=model,
-        net=torch.compile(net) if t.compile else net,
+        net=torch.compile(net) if compiled(cfg, env) else net,
         ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
         optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
@@ -143,6 +168,11 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
         accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start)
+
+
+def compiled(cfg: Config, env: DistEnv) -> bool:
+    """Whether the step runs through torch.compile: trainer.compile, where null means on CUDA only."""
+    return cfg.trainer.compile if cfg.trainer.compile is not None else env.device.type == "cuda"
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
@@ -276,6 +306,8 @@ def train(cfg: Config, env: DistEnv) -> int:
         if env.is_main:
             ckpt.save(state, tag=tags)  # written once, the other tags are hard links
 
+    # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
+    warmup_until = progress.step + (COMPILE_WARMUP_STEPS if compiled(cfg, env) else 0)
     stop = distributed.StopFlag().install()
     bar = metrics.Progress(total=target, initial=progress.step, enabled=env.is_main and cfg.logger.progress)
     exit_code = 0
@@ -292,9 +324,14 @@ def train(cfg: Config, env: DistEnv) -> int:
             window = metrics.Window(env.device)
             while progress.step < epoch_end:
                 seed_step(t.seed, env.rank, progress.step)
-                out = train_step(p, batches, env, cfg, stop.tensor(env.device))
+                try:
+                    out = train_step(p, batches, env, cfg, stop.tensor(env.device))
+                except torch.OutOfMemoryError as e:
+                    raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
                 progress.step += 1
                 window.add(out["loss"], out["wait"])
+                if progress.step <= warmup_until:
+                    window.restart_clock()
                 log_now = progress.step % t.log_every_steps == 0 or progress.step == epoch_end
                 # the epoch end saves anyway
                 periodic = bool(t.ckpt_every_steps) and progress.step % t.ckpt_every_steps == 0 \
@@ -314,7 +351,8 @@ def train(cfg: Config, env: DistEnv) -> int:
                 if stopping:
                     save("last")
                     if env.is_main:
-                        bar.write(f"signal {stop.signum}: saved step {progress.step} in {ckpt.run_dir}; "
+                        why = f"signal {stop.signum}" if stop.signum else "a stop signal on another rank"
+                        bar.write(f"{why}: saved step {progress.step} in {ckpt.run_dir}; "
                                   f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
                     exit_code = PREEMPTED_EXIT_CODE
                     return exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -23,28 +24,40 @@ from tqdm import tqdm
 from gcvit.engine import distributed
 from gcvit.engine.secrets import redact, redacted_argv
 
-# Dense peak TFLOP/s by (device-name fragment, precision), from the vendors' data sheets.
-_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},  # fp32 runs as TF32 on tensor cores
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
-    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
-}
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a pattern of torch.cuda.get_device_name():
+# (bf16 = fp16, fp32 as TF32 on tensor cores, which the trainer enables). The first match wins, so the PCIe
+# and NVL cards come before the SXM parts that share their name ("NVIDIA H100 80GB HBM3"). A card that
+# matches nothing gets no figure (mfu: null), never a guessed one.
+_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756.0, 378.0),
+    (r"\bH100\b.*\bNVL\b", 835.0, 417.5),
+    (r"\bH200\b.*\bNVL\b", 835.0, 417.5),
+    (r"\bG?H200\b", 989.0, 494.5),  # H200 SXM, GH200
+    (r"\bH100\b", 989.0, 494.5),  # H100 SXM
+    (r"\bA100\b", 312.0, 156.0),  # every A100 form factor
+    (r"\bL40S\b", 362.0, 183.0),
+    (r"\bA10\b", 125.0, 62.5),  # not the A10G, a different chip
+)
 _PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow",
              "nvidia-dali-cuda130", "nvidia-dali-cuda120", "submitit")
 
 
+def peak_tflops(name: str, precision: str) -> float | None:
+    """Dense peak TFLOP/s of the GPU named `name` at `precision` (fp32 as TF32); None if not in the table."""
+    for pattern, half, tf32 in _PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return tf32 if precision == "fp32" else half
+    return None
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one accelerator at `precision`, None on CPU or an unknown card."""
+    """Peak FLOP/s of one accelerator at `precision`, None on CPU, an unknown card or fp32 without TF32."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for frag, table in _PEAK_TFLOPS.items():
-        if frag in name and table.get(precision):
-            return table[precision] * 1e12
-    return None
+    if precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
+        return None  # trainer.deterministic turns TF32 off: plain fp32 peaks are not in the table
+    tflops = peak_tflops(torch.cuda.get_device_name(device), precision)
+    return None if tflops is None else tflops * 1e12
 
 
 def train_flops_per_image(model: nn.Module, img_size: int, device: torch.device) -> float:
@@ -202,12 +215,20 @@ class Window:
     def reset(self) -> None:
         """Start a new window now."""
         self.loss = torch.zeros((), device=self.device)
-        self.steps, self.wait, self.t0 = 0, 0.0, time.perf_counter()
+        self.steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Leave the steps so far out of img/s and data wait (compile warm-up); their loss still counts."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # what the warm-up queued is charged to the warm-up
+        self.timed, self.wait, self.t0 = 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, wait: float) -> None:
         """Account one optimizer step (its loss stays on the device: no sync per step)."""
         self.loss += loss.detach().float()
         self.steps += 1
+        self.timed += 1
         self.wait += wait
 
     def record(self, *, step: int, epoch: int, lr: float, grad_norm: float, global_batch: int,
@@ -215,10 +236,12 @@ class Window:
         """The train record of this window (loss averaged over ranks and steps), then a fresh window."""
         dt = time.perf_counter() - self.t0
         loss = distributed.all_reduce_sum(self.loss.clone()).item() / (world_size * self.steps)
+        rate = self.timed * global_batch / dt if self.timed else None  # null: only warm-up steps so far
         rec = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "img_per_s": self.steps * global_batch / dt, "data_wait": self.wait / dt}
-        if flops_per_image and peak:
-            rec["mfu"] = rec["img_per_s"] * flops_per_image / (peak * world_size)
+               "img_per_s": rate, "data_wait": self.wait / dt}
+        # null where the peak is unknown (CPU, a card not in the table): no figure rather than a wrong one
+        known = rate and flops_per_image and peak
+        rec["mfu"] = rate * flops_per_image / (peak * world_size) if known else None
         self.reset()
         return rec
 
@@ -233,7 +256,8 @@ class Progress:
     def show(self, rec: Mapping[str, Any]) -> None:
         """Move to the record's step and show its loss, lr, img/s, data-wait share (and MFU on GPU)."""
         keys = {"loss": "loss", "lr": "lr", "img_per_s": "img/s", "data_wait": "wait", "mfu": "mfu"}
-        self.bar.set_postfix({name: f"{rec[k]:.3g}" for k, name in keys.items() if k in rec}, refresh=False)
+        self.bar.set_postfix({name: f"{rec[k]:.3g}" for k, name in keys.items() if rec.get(k) is not None},
+                             refresh=False)
         self.bar.update(rec["step"] - self.bar.n)
 
     def write(self, msg: str) -> None:

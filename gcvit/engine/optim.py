@@ -20,6 +20,16 @@ def scaled_lr(lr: float, lr_batch_size: int, global_batch_size: int) -> float:
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Micro-batches each rank accumulates per optimizer step so that the step sees `global_batch_size`."""
     per_step = micro_batch_size * world_size
+    if global_batch_size < per_step:
+        # The recipe's 1024 at 128 per GPU fills 8 GPUs; more GPUs need a larger global batch (and with it
+        # the larger lr that optim.lr's linear scaling gives) or smaller micro-batches.
+        keep = (f", or data.batch_size={global_batch_size // world_size} to keep the global batch"
+                if global_batch_size % world_size == 0 else "")
+        raise SystemExit(
+            f"trainer.global_batch_size={global_batch_size} is smaller than data.batch_size x world size = "
+            f"{micro_batch_size} x {world_size} = {per_step}: set trainer.global_batch_size={per_step} "
+            "(the lr scales linearly with it from optim.lr at optim.lr_batch_size; the official GC ViT runs "
+            f"used 128 x 32 GPUs = 4096){keep}; table: docs/gpu-training.md")
     if global_batch_size % per_step:
         raise SystemExit(
             f"trainer.global_batch_size={global_batch_size} is not a multiple of data.batch_size x world size"
