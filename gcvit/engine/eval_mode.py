@@ -20,7 +20,7 @@ from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import lowest_classes, predict, score
 from gcvit.engine.metrics import WandbLogger
-from gcvit.engine.setup import resolve_data, run_dir_for, trained_run_dir
+from gcvit.engine.setup import compiled, resolve_data, run_dir_for, trained_run_dir
 
 
 def _checkpoint(cfg: Config) -> tuple[Path, Path]:
@@ -100,7 +100,7 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     sets = _sets(cfg, env, classes, val_loader)
     model = gcvit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                **cfg.model.overrides).to(env.device)
-    net = torch.compile(model) if cfg.trainer.compile else model  # the path training's evaluations take
+    net = torch.compile(model) if compiled(cfg, env) else model  # the path training takes
     rows: list[dict[str, Any]] = []
     for which in ("model", "ema") if ours and state.get("ema") else ("model",):
         gcvit.load_checkpoint(model, state[which] if ours else state)

@@ -35,6 +35,7 @@ from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.secrets import install_log_redaction, redact
 from gcvit.engine.setup import (
     autocast,
+    compiled,
     configure_runtime,
     prepare_run_dir,
     resolve_data,
@@ -168,11 +169,6 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
         accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start)
-
-
-def compiled(cfg: Config, env: DistEnv) -> bool:
-    """Whether the step runs through torch.compile: trainer.compile, where null means on CUDA only."""
-    return cfg.trainer.compile if cfg.trainer.compile is not None else env.device.type == "cuda"
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
