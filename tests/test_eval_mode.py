@@ -98,9 +98,13 @@ def test_an_external_set_alone_needs_no_data_root_and_runs_at_another_resolution
         layout: dict[str, Path], tmp_path: Path) -> None:
     args = [a for a in _overrides(layout, "eval.sets=[v2]")
             if not a.startswith(("data.root", "model.img_size"))]
-    run = train(tmp_path / "run", *args, "model.img_size=64",
+    run = train(tmp_path / "run", *args, "model.img_size=64", "logger.wandb.mode=offline",
                 "model.overrides.window_size=[8,8,4,2]")  # tables of windows 4, 4, 2, 1 resampled
     report = json.loads((tmp_path / "run" / "eval" / "weights.json").read_text())
     (row,) = report["results"]
     assert (row["set"], row["count"], report["img_size"]) == ("v2", 4, 64)
     assert "v2" in run.out(0)
+    (table,) = (tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/eval_*.table.json")
+    logged = json.loads(table.read_text())  # the W&B table holds the printed rows
+    assert logged["columns"][:3] == ["set", "weights", "top1"]
+    assert logged["data"][0][:3] == ["v2", "model", row["top1"]]
