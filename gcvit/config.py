@@ -38,7 +38,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
     eps: float = 1e-8  # AdamW denominator epsilon
     clip_grad: float | None = 5.0  # max global grad L2 norm; null disables clipping
-    impl: str = "torch"  # torch (fused kernels on CUDA) | apex (FusedAdam)
+    impl: str = "torch"  # torch (fused AdamW kernels, CPU and CUDA) | apex (FusedAdam)
     layer_decay: float | None = None  # layer-wise lr decay: layer i of n gets lr x this^(n-1-i); null = off
 
 
