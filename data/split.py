@@ -37,11 +37,12 @@ def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, di
     return train, held, record
 
 
-def describe(record: dict, root: str) -> str:
+def describe(record: dict) -> str:
     """The one line a run prints about the split it made."""
+    unused = f"; {record['unused_val']} is not used" if record.get("unused_val") else ""
     return (f"val split: held out {record['val_images']} of {record['train_images'] + record['val_images']} "
-            f"images of {root}/train ({record['fraction']:.0%} of each of {record['classes']} classes, seed "
-            f"{record['seed']}); {record['train_images']} train on; recorded in run_info.json")
+            f"images of {record['source']} ({record['fraction']:.0%} of each of {record['classes']} classes, "
+            f"seed {record['seed']}); {record['train_images']} train on; recorded in run_info.json{unused}")
 
 
 def split_index(data: Any, train: bool) -> tuple[Index, dict | None]:
@@ -55,7 +56,10 @@ def split_index(data: Any, train: bool) -> tuple[Index, dict | None]:
         whole = load_index(data.root, "train", index_cache=data.index_cache, index_dir=data.index_dir)
     if data.val_split:
         parts = held_out(whole, data.val_split, data.val_split_seed)
-        return parts[0 if train else 1], parts[2]
+        record = {**parts[2], "source": data.train_list or str(whole.root)}
+        if not data.train_list and (whole.root.parent / "val").is_dir():
+            record["unused_val"] = str(whole.root.parent / "val")  # a surprise worth a word
+        return parts[0 if train else 1], record
     if train:
         return whole, None
     if data.val_list:

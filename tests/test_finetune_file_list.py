@@ -55,6 +55,9 @@ def test_loaders_and_train_py_read_the_lists(images, tmp_path) -> None:
                        device=torch.device("cpu"))
     assert val.classes == ["Bolt-2", "apple pie"] and val.num_samples == 4
     assert sorted(torch.cat([b.labels for b in val]).tolist()) == [0, 0, 1, 1]
+    held = build_loader(DataConfig(**{**data.__dict__, "val_list": None, "val_split": 0.5}), AugConfig(),
+                        split="val", img_size=32, seed=0, rank=0, world_size=1, device=torch.device("cpu"))
+    assert held.num_samples == 6 and held.split_record["source"] == train_csv  # half of each class's six
 
     run_dir = tmp_path / "run"
     res = train(run_dir, f"data.root={root}", "data.loader=torch", f"data.train_list={train_csv}",

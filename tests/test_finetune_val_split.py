@@ -13,7 +13,7 @@ from finetune_harness import FOLDERS, make_folder_dataset, train
 from data.config import AugConfig, DataConfig
 from data.index import DataError, Index
 from data.loaders import build_loader
-from data.split import held_out
+from data.split import describe, held_out
 
 SIZES = {"a": 10, "b": 20, "c": 1, "d": 3}
 
@@ -50,6 +50,10 @@ def test_loaders_read_the_split_from_a_folder_without_val(tmp_path) -> None:
     va = build_loader(data, AugConfig(), split="val", **common)
     assert (tr.num_samples, va.num_samples) == (18, 6) and va.classes == tr.classes == sorted(FOLDERS)
     assert va.split_record == tr.split_record and va.split_record["val_images"] == 6
+    assert va.split_record["source"] == str(root / "train") and "unused_val" not in va.split_record
+    (root / "val" / "x").mkdir(parents=True)  # a val folder next to the split is left unused, and said so
+    record = build_loader(data, AugConfig(), split="val", **common).split_record
+    assert describe(record).endswith(f"recorded in run_info.json; {root / 'val'} is not used")
     labels = torch.cat([b.labels for b in va])
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]  # two of each class's eight
 

@@ -90,7 +90,7 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
         data = resolve_data(cfg, env)
         val_loader = _val_loader(cfg, data, env)
         if val_loader.split_record and env.is_main:
-            print(describe_split(val_loader.split_record, data.root), flush=True)
+            print(describe_split(val_loader.split_record), flush=True)
         _check_classes(trained_on, val_loader, path, data.root)
         classes = val_loader.classes
         num_classes = val_loader.num_classes

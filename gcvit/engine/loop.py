@@ -257,7 +257,7 @@ def train(cfg: Config, env: DistEnv) -> int:
     latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
     p = build(cfg, env, data, init_weights=not latest)
     if p.val_loader.split_record and env.is_main:
-        print(describe_split(p.val_loader.split_record, data.root), flush=True)
+        print(describe_split(p.val_loader.split_record), flush=True)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
     wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
