@@ -126,3 +126,14 @@ def test_bad_starting_weights_are_one_line(tmp_path) -> None:
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointLoadError, match="is not a GC ViT checkpoint"):
         read(tmp_path / "other.pth")
+
+
+def test_asking_for_model_weights_of_an_ema_only_file_takes_the_ema_in_one_line(tmp_path) -> None:
+    avg = _model(3).state_dict()
+    torch.save({"state_dict_ema": avg, "epoch": 3}, tmp_path / "ema_only.pth")  # a trimmed timm file
+    src = read(tmp_path / "ema_only.pth", "model")
+    assert src.weights == "ema" and src.notes == [f"{tmp_path / 'ema_only.pth'} has no model weights; using "
+                                                  "its EMA weights"]
+    dst = _model(3)
+    initialise(dst, src, head_init_scale=1.0)
+    assert all(torch.equal(v, avg[k]) for k, v in dst.state_dict().items())

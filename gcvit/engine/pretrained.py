@@ -67,12 +67,12 @@ def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained")
     notes = []
     if found["ema"] is None and found["model"] is None:
         chosen, which = obj, "plain"
-    elif weights == "ema" and found["ema"] is not None:
-        chosen, which = obj[found["ema"]], "ema"
     else:
-        if weights == "ema":
-            notes.append(f"{p} has no EMA weights; using its model weights")
-        chosen, which = obj[found["model"] or found["ema"]], "model" if found["model"] else "ema"
+        which = weights if found[weights] is not None else next(w for w in WEIGHTS if w != weights)
+        if which != weights:
+            notes.append(f"{p} has no {weights.upper() if weights == 'ema' else weights} weights; using its "
+                         f"{which.upper() if which == 'ema' else which} weights")
+        chosen = obj[found[which]]
     state = unwrap(chosen)
     classes = obj.get("classes") if isinstance(obj.get("classes"), list) else None
     config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else None
