@@ -9,7 +9,8 @@ rounds that alternate between the loaders, so load from other processes hits bot
 Pipeline construction and warm-up batches are not timed. Besides wall-clock img/s, each loader's images
 per CPU-second are reported (DALI: its threads plus the main thread while DALI is timed; torch: its
 worker processes plus the main thread while torch is timed): it is what a core delivers when fully used,
-and unlike img/s it barely moves when other processes share the machine.
+and unlike img/s it barely moves when other processes share the machine. `*_main_us_per_img` is the CPU
+the training thread itself spends per image inside the loader (what it cannot spend launching kernels).
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
         timed(streams[kind], args.warmup)
     wall: dict[str, list[float]] = {"dali": [], "torch": []}
     images, cpu = {"dali": 0, "torch": 0}, {"dali": 0.0, "torch": 0.0}
+    main = dict(cpu)
     # CPU is split by who spends it, not by when: DALI's threads and the DataLoader workers keep
     # prefetching while the other loader is timed. The main thread is charged to the loader being timed.
     # Between its rounds a loader refills its queue (DALI: prefetch batches; torch: prefetch per worker),
@@ -116,6 +118,7 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
             wall[kind].append(n / seconds)
             images[kind] += n_all
             cpu[kind] += main_cpu
+            main[kind] += main_cpu
     threads1, workers1 = background_cpu()
     cpu["dali"] += threads1 - threads0
     cpu["torch"] += workers1 - workers0
@@ -126,7 +129,10 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
             "dali_img_s": round(med["dali"], 1),
             "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
             "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
-            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3), "load_avg": round(os.getloadavg()[0], 1),
+            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3),
+            "dali_main_us_per_img": round(1e6 * main["dali"] / images["dali"], 1),
+            "torch_main_us_per_img": round(1e6 * main["torch"] / images["torch"], 1),
+            "load_avg": round(os.getloadavg()[0], 1),
             "rounds_img_s": {k: [round(v, 1) for v in vs] for k, vs in wall.items()}}
 
 
