@@ -1,10 +1,10 @@
 """DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
 
-Python reads each file and draws the sample's crop, flip and RandAugment choices from the sample's own
-generator (data.sampler.sample_rng); DALI gets them as per-sample inputs of an external_source (the feeder,
-data/feeder.py), run in DALI's worker processes so the training thread only hands batches over. So an
-image's augmentation depends on (seed, epoch, index) only: not on the rank, the batch, a restart or which
-process computed it.
+Python reads each file's header and draws the sample's crop, flip and RandAugment choices from the sample's
+own generator (data.sampler.sample_rng); DALI gets them, and the path it reads the file from, as inputs of an
+external_source (the feeder, data/feeder.py) that runs in DALI's worker processes, so the training thread
+only hands a few arrays per batch over. So an image's augmentation depends on (seed, epoch, index) only:
+not on the rank, the batch, a restart or which process computed it.
 """
 from __future__ import annotations
 
@@ -23,18 +23,20 @@ from data import dali_augment
 from data.augment import RandAugmentSpec
 from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
 from data.dali_resize import TorchResize, resize_center_crop, to_square
-from data.feeder import TRAIN_INPUTS, VAL_INPUTS, Feeder, PassPlan
+from data.feeder import INPUTS, TRAIN_PARAMS, Feeder, PassPlan
 from data.index import BadImage, DataError, Index, bad_image
 from data.loaders import Batch, Loader
 from data.sampler import GlobalSampler
 
 
-def _inputs(source: Any, num_outputs: int, ahead: int) -> Any:
-    """The feeder's outputs for one batch; ahead > 0: computed in DALI's worker processes, that many
-    batches ahead of the pipeline (one batch is one worker's task, so `ahead` workers run at once)."""
+def _inputs(source: Any, ahead: int) -> list[Any]:
+    """The encoded files (read by DALI's threads from the feeder's paths) and the feeder's other outputs
+    for one batch; ahead > 0: the feeder runs in DALI's worker processes, that many batches ahead of the
+    pipeline (one batch is one worker's task, so `ahead` workers run at once)."""
     parallel = {"parallel": True, "prefetch_queue_depth": ahead} if ahead else {}
-    return fn.external_source(source=source, num_outputs=num_outputs, batch=True, batch_info=True,
-                              **parallel)
+    paths, *rest = fn.external_source(source=source, num_outputs=len(INPUTS), batch=True, batch_info=True,
+                                      **parallel)
+    return [fn.io.file.read(paths), *rest]
 
 
 def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
@@ -49,26 +51,27 @@ def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
                    torch_resize: TorchResize | None, half: bool, ahead: int = 0):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
-    inputs = _inputs(source, len(TRAIN_INPUTS) - (3 if spec is None else 0), ahead)
-    encoded, anchor, shape, flip, ids, labels = inputs[:6]
-    images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+    encoded, params, keys = _inputs(source, ahead)
+    images = fn.decoders.image_slice(encoded, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      adjust_orientation=False, jpeg_fancy_upsampling=True)
     images = to_square(images, img_size, interp, torch_resize)
     if spec is not None:
-        images = dali_augment.rand_augment(images, *inputs[6:], spec, img_size)
-    return _normalize(images, half, flip), labels, ids
+        n, first = spec.num_layers, len(TRAIN_PARAMS)
+        ops, bins, signs = (params[first + k * n:first + (k + 1) * n] for k in range(3))
+        images = dali_augment.rand_augment(images, ops, bins, signs, spec, img_size)
+    return _normalize(images, half, params[4]), keys[1:2], keys[0:1]
 
 
 @pipeline_def
 def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
                  half: bool, ahead: int = 0):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
-    encoded, geometry, ids, labels = _inputs(source, len(VAL_INPUTS), ahead)
+    encoded, geometry, keys = _inputs(source, ahead)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True)
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
-    return _normalize(images, half), labels, ids
+    return _normalize(images, half), keys[1:2], keys[0:1]
 
 
 class DaliLoader(Loader):
@@ -136,18 +139,25 @@ class DaliLoader(Loader):
         self._pass = self.plan.append(self.sampler.epoch, self.sampler.position, self.sampler.remaining())
         self._taken = 0
         while True:
+            failure = None
             try:
                 images, labels, ids = self._pipe.run()
             except StopIteration:
                 self._end_pass()
                 return
             except Exception as e:  # noqa: BLE001 - a failed pipeline is not reused, whatever failed
-                error = self._failure(e)
-                self._pipe, self._pass = None, None
-                raise error from None
+                failure = self._failure(e)
+            if failure is not None:  # raised out here, the one-line error holds no frame of the pipeline
+                self._pipe, self._pass = None, None  # its feeder processes end with it
+                raise failure
             self._taken += 1
             yield Batch(self._to_torch(images).permute(0, 3, 1, 2), self._to_torch(labels).view(-1),
                         torch.from_dlpack(ids.as_tensor()).view(-1))
+
+    def feeder_pids(self) -> list[int]:
+        """Processes running the feeder (none while it runs inline or before the first pass)."""
+        pool = getattr(self._pipe, "_py_pool", None)  # DALI exposes the pool only as an attribute
+        return list(pool.pids()) if pool is not None else []
 
     def _to_torch(self, out: Any) -> torch.Tensor:
         """A DALI batch as a torch tensor on the training device.
@@ -169,8 +179,8 @@ class DaliLoader(Loader):
     def _failure(self, error: Exception) -> DataError | Exception:
         """One line naming the bad file: the feeder's own (raised inline, or as text from a worker process,
         whose traceback DALI forwards), else the file DALI could not decode among the batches in flight."""
-        if isinstance(error, (BadImage, DataError)):
-            return DataError(str(error).removeprefix("data error: "))
+        if isinstance(error, BadImage):
+            return DataError(str(error))
         if "BadImage: " in str(error):
             return DataError(str(error).rsplit("BadImage: ", 1)[-1].strip().splitlines()[0])
         if not isinstance(error, RuntimeError):

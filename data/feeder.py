@@ -19,12 +19,17 @@ import numpy as np
 from data import dali_augment
 from data.augment import RandAugmentSpec, rrc_params, val_geometry
 from data.config import AugConfig
-from data.image_header import image_size
+from data.image_header import image_size, jpeg_size
 from data.index import BadImage, DataError, Index
 from data.sampler import GlobalSampler, sample_rng
 
-TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops", "ra_bins", "ra_signs")
-VAL_INPUTS = ("encoded", "geometry", "ids", "labels")
+# The feeder's outputs per batch: paths (zero-padded bytes), params (int32 per sample), keys (int64: id,
+# label). params holds TRAIN_PARAMS then, with RandAugment, the op ids, magnitude bins and signs of each
+# layer; val: VAL_PARAMS.
+INPUTS = ("paths", "params", "keys")
+TRAIN_PARAMS = ("top", "left", "height", "width", "flip")
+VAL_PARAMS = ("resized_height", "resized_width", "top", "left")
+HEAD_BYTES = 16384  # enough for the start-of-frame of nearly every JPEG; the rest is read only when not
 
 
 class PassPlan:
@@ -75,8 +80,10 @@ class PassPlan:
 class Feeder:
     """The external source callable: batch `iteration` of DALI epoch `epoch_idx`, as whole-batch arrays.
 
-    Small per-sample inputs leave as one stacked array each (one DALI tensor list, not one tensor per
-    sample: fewer objects for the training thread to hand to DALI); the encoded files as a list.
+    Each output leaves as one stacked array (one DALI tensor list, not one tensor per sample), so what the
+    training thread hands to DALI per batch is a few small arrays whatever the batch size: the files'
+    paths (zero-padded bytes; DALI's fn.io.file.read reads the files on its own threads) and the drawn
+    parameters. The feeder itself reads only each file's header, for the size the crop is drawn from.
     """
 
     def __init__(self, index: Index, sampler: GlobalSampler, aug: AugConfig | None, img_size: int,
@@ -90,7 +97,7 @@ class Feeder:
         epoch, position, batches = self.plan.read(pass_row)
         return self.sampler.batch(epoch, position, iteration) if iteration < batches else None
 
-    def __call__(self, info: Any) -> tuple[Any, ...]:
+    def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         epoch = self.plan.read(info.epoch_idx)[0]
         ids = self.ids(info.epoch_idx, info.iteration)
         if ids is None:
@@ -99,34 +106,38 @@ class Feeder:
             samples = [self.train_sample(epoch, int(i)) if self.aug else self.val_sample(int(i)) for i in ids]
         except DataError as e:  # SystemExit would kill a worker process: travel as an Exception instead
             raise BadImage(str(e).removeprefix("data error: ")) from None
-        encoded, *small = zip(*samples)
-        return (list(encoded), *(np.stack(col) for col in small))
+        paths, params = zip(*samples)
+        padded = np.zeros((len(paths), max(map(len, paths))), np.uint8)  # DALI stops at the first NUL
+        for row, path in zip(padded, paths):
+            row[:len(path)] = np.frombuffer(path, np.uint8)
+        keys = np.stack([ids, np.asarray(self.index.labels)[ids]], axis=1).astype(np.int64)
+        return padded, np.stack(params), keys
 
-    def _read(self, i: int) -> tuple[np.ndarray, int, int]:
+    def _read(self, i: int) -> tuple[bytes, int, int]:
+        """The file's path as bytes and its (width, height) from the header."""
         path = self.index.path(i)
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                head = f.read(HEAD_BYTES)
+                size = jpeg_size(head)
+                if size is None:  # not a JPEG, or a header longer than HEAD_BYTES
+                    size = image_size(head + f.read(), path)
         except OSError as e:
             raise BadImage(f"cannot read {path} ({e.strerror}); run python -m data.verify on the dataset "
                            "root") from None
-        return (np.frombuffer(raw, np.uint8), *image_size(raw, path))  # a view: DALI copies it once
+        return (os.fsencode(path), *size)
 
-    def _tail(self, i: int) -> list[np.ndarray]:
-        return [np.array([i], np.int64), np.array([self.index.labels[i]], np.int64)]
-
-    def train_sample(self, epoch: int, i: int) -> list[np.ndarray]:
-        """encoded, crop anchor/shape (y, x), flip, id, label, RandAugment ops/bins/signs."""
-        encoded, w, h = self._read(i)
+    def train_sample(self, epoch: int, i: int) -> tuple[bytes, np.ndarray]:
+        """path, TRAIN_PARAMS: crop (top, left, height, width), flip, RandAugment ops, bins, signs."""
+        path, w, h = self._read(i)
         rng = sample_rng(self.seed, epoch, i)
-        top, left, ch, cw = rrc_params(rng, w, h, tuple(self.aug.scale), tuple(self.aug.ratio))
-        flip = np.array(rng.random() < self.aug.hflip, np.int32)
+        crop = rrc_params(rng, w, h, tuple(self.aug.scale), tuple(self.aug.ratio))
+        flip = int(rng.random() < self.aug.hflip)
         ra = dali_augment.draw(self.spec, rng) if self.spec else ()
-        return [encoded, np.array([top, left], np.int32), np.array([ch, cw], np.int32), flip,
-                *self._tail(i), *ra]
+        return path, np.concatenate([crop, [flip], *ra]).astype(np.int32)
 
-    def val_sample(self, i: int) -> list[np.ndarray]:
-        """encoded, (height, width) of the resized image and (top, left) of the crop in it, id, label."""
-        encoded, w, h = self._read(i)
+    def val_sample(self, i: int) -> tuple[bytes, np.ndarray]:
+        """path, (height, width) of the resized image and (top, left) of the crop in it."""
+        path, w, h = self._read(i)
         rw, rh, top, left = val_geometry(w, h, self.img_size, self.crop_pct)
-        return [encoded, np.array([rh, rw, top, left], np.int32), *self._tail(i)]
+        return path, np.array([rh, rw, top, left], np.int32)
