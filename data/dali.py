@@ -200,5 +200,5 @@ class DaliLoader(Loader):
     def _in_flight(self) -> list[int]:
         """Sample ids of the batches the pipeline and the feeder may have been working on."""
         depth = self.data.prefetch + max(self.data.feeder_workers, self.data.prefetch) + 1
-        batches = [self.feeder.ids(self._pass, k) for k in range(self._taken, self._taken + depth)]
+        batches = [self.feeder.ids(self._pass, k)[1] for k in range(self._taken, self._taken + depth)]
         return [int(i) for ids in batches if ids is not None for i in ids]

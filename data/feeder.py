@@ -24,11 +24,10 @@ from data.index import BadImage, DataError, Index
 from data.sampler import GlobalSampler, sample_rng
 
 # The feeder's outputs per batch: paths (zero-padded bytes), params (int32 per sample), keys (int64: id,
-# label). params holds TRAIN_PARAMS then, with RandAugment, the op ids, magnitude bins and signs of each
-# layer; val: VAL_PARAMS.
+# label). Train params hold TRAIN_PARAMS then, with RandAugment, the op ids, magnitude bins and signs of
+# each layer; val params the resized height and width, then the crop's top and left.
 INPUTS = ("paths", "params", "keys")
 TRAIN_PARAMS = ("top", "left", "height", "width", "flip")
-VAL_PARAMS = ("resized_height", "resized_width", "top", "left")
 HEAD_BYTES = 16384  # enough for the start-of-frame of nearly every JPEG; the rest is read only when not
 
 
@@ -92,14 +91,14 @@ class Feeder:
         self.img_size, self.crop_pct, self.seed = img_size, crop_pct, seed
         self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
 
-    def ids(self, pass_row: int, iteration: int) -> np.ndarray | None:
-        """Global sample indices of batch `iteration` of a planned pass (None past its end)."""
+    def ids(self, pass_row: int, iteration: int) -> tuple[int, np.ndarray | None]:
+        """A planned pass's training epoch and the global sample indices of its batch `iteration` (None past
+        the pass's end)."""
         epoch, position, batches = self.plan.read(pass_row)
-        return self.sampler.batch(epoch, position, iteration) if iteration < batches else None
+        return epoch, self.sampler.batch(epoch, position, iteration) if iteration < batches else None
 
     def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        epoch = self.plan.read(info.epoch_idx)[0]
-        ids = self.ids(info.epoch_idx, info.iteration)
+        epoch, ids = self.ids(info.epoch_idx, info.iteration)
         if ids is None:
             raise StopIteration  # also for the iterations DALI's workers prefetch past the end
         try:
