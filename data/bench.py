@@ -7,9 +7,11 @@ ROOT is a dataset root (ROOT/train/<wnid>/) or a bare folder of class folders (t
 configuration (with and without RandAugment) prints one JSON line with both loaders' img/s (the median of
 rounds that alternate between the loaders, so load from other processes hits both alike) and the ratio.
 Pipeline construction and warm-up batches are not timed. Besides wall-clock img/s, each loader's images
-per CPU-second are reported (DALI: its threads plus the main thread while DALI is timed; torch: its
-worker processes plus the main thread while torch is timed): it is what a core delivers when fully used,
-and unlike img/s it barely moves when other processes share the machine.
+per CPU-second are reported (DALI: its threads and feeder processes plus the main thread while DALI is
+timed; torch: its worker processes plus the main thread while torch is timed): it is what a core delivers
+when fully used, and unlike img/s it barely moves when other processes share the machine.
+`*_main_us_per_img` is the CPU the training thread itself spends per image inside the loader (what it
+cannot spend launching kernels); compare --feeder-workers 0 (the feeder on that thread) with the default.
 """
 from __future__ import annotations
 
@@ -61,16 +63,16 @@ class Endless:
             return next(self.it)
 
 
-def children_cpu_seconds() -> float:
-    """CPU time of this process's live children (the DataLoader workers)."""
-    total = 0.0
+def children_cpu_seconds() -> dict[int, float]:
+    """CPU time of each live child process of this one (DataLoader workers, DALI's feeder workers)."""
+    out = {}
     me = str(os.getpid())
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if fields[1] == me:  # ppid
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+                out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def timed(stream: Endless, batches: int, queued: int = 0) -> tuple[int, float, int, float]:
@@ -86,9 +88,12 @@ def timed(stream: Endless, batches: int, queued: int = 0) -> tuple[int, float, i
     return n, time.perf_counter() - tic, first + n, time.thread_time() - cpu
 
 
-def background_cpu() -> tuple[float, float]:
-    """(CPU of this process's other threads: DALI's, CPU of the child processes: the DataLoader workers)."""
-    return time.process_time() - time.thread_time(), children_cpu_seconds()
+def background_cpu(dali_pids: set[int]) -> dict[str, float]:
+    """CPU each loader spent off the main thread: DALI's threads (this process's other threads) and feeder
+    processes (`dali_pids`); torch's DataLoader workers (the other child processes)."""
+    children = children_cpu_seconds()
+    mine = sum(t for pid, t in children.items() if pid in dali_pids)
+    return {"dali": time.process_time() - time.thread_time() + mine, "torch": sum(children.values()) - mine}
 
 
 def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,36 +102,44 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
     streams = {}
     for kind in ("dali", "torch"):
         data = DataConfig(root=str(root), loader=kind, dali_device=args.dali_device, batch_size=args.batch,
-                          workers=args.threads, prefetch=args.prefetch, index_cache=args.index_cache)
+                          workers=args.threads, prefetch=args.prefetch, index_cache=args.index_cache,
+                          feeder_workers=args.feeder_workers)
         loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0, world_size=1,
                               device=torch.device("cuda" if args.dali_device == "gpu" else "cpu"))
         streams[kind] = Endless(loader)
         timed(streams[kind], args.warmup)
     wall: dict[str, list[float]] = {"dali": [], "torch": []}
     images, cpu = {"dali": 0, "torch": 0}, {"dali": 0.0, "torch": 0.0}
+    main = dict(cpu)
     # CPU is split by who spends it, not by when: DALI's threads and the DataLoader workers keep
     # prefetching while the other loader is timed. The main thread is charged to the loader being timed.
     # Between its rounds a loader refills its queue (DALI: prefetch batches; torch: prefetch per worker),
     # taking CPU from the other's round; those batches are not timed, so neither gets a head start.
     queued = {"dali": args.prefetch, "torch": args.prefetch * args.threads}
-    threads0, workers0 = background_cpu()
+    dali_pids = set(streams["dali"].loader.feeder_pids())
+    before = background_cpu(dali_pids)
     for _ in range(args.rounds):
         for kind, stream in streams.items():
             n, seconds, n_all, main_cpu = timed(stream, args.batches, queued[kind])
             wall[kind].append(n / seconds)
             images[kind] += n_all
             cpu[kind] += main_cpu
-    threads1, workers1 = background_cpu()
-    cpu["dali"] += threads1 - threads0
-    cpu["torch"] += workers1 - workers0
+            main[kind] += main_cpu
+    after = background_cpu(dali_pids)
+    for kind in cpu:
+        cpu[kind] += after[kind] - before[kind]
     med = {k: statistics.median(v) for k, v in wall.items()}
     cpu = {k: images[k] / cpu[k] for k in cpu}
     return {"bench": "data.train_loader", "dali_device": args.dali_device, "rand_augment": rand_augment,
             "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
+            "feeder_workers": args.feeder_workers,
             "dali_img_s": round(med["dali"], 1),
             "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
             "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
-            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3), "load_avg": round(os.getloadavg()[0], 1),
+            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3),
+            "dali_main_us_per_img": round(1e6 * main["dali"] / images["dali"], 1),
+            "torch_main_us_per_img": round(1e6 * main["torch"] / images["torch"], 1),
+            "load_avg": round(os.getloadavg()[0], 1),
             "rounds_img_s": {k: [round(v, 1) for v in vs] for k, vs in wall.items()}}
 
 
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--feeder-workers", type=int, default=DataConfig.feeder_workers,
+                    help="DALI feeder processes (0: the feeder runs on the training thread)")
     ap.add_argument("--batches", type=int, default=20, help="timed batches per round and loader")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)

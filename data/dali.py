@@ -1,17 +1,18 @@
 """DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
 
-Python reads each file and draws the sample's crop, flip and RandAugment choices from the sample's own
-generator (data.sampler.sample_rng); DALI gets them as per-sample inputs of an external_source. So an
-image's augmentation depends on (seed, epoch, index) only: not on the rank, the batch or a restart.
+Python reads each file's header and draws the sample's crop, flip and RandAugment choices from the sample's
+own generator (data.sampler.sample_rng); DALI gets them, and the path it reads the file from, as inputs of an
+external_source (the feeder, data/feeder.py) that runs in DALI's worker processes, so the training thread
+only hands a few arrays per batch over. So an image's augmentation depends on (seed, epoch, index) only:
+not on the rank, the batch, a restart or which process computed it.
 """
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -19,16 +20,23 @@ from nvidia.dali.tensors import TensorListGPU
 from PIL import Image
 
 from data import dali_augment
-from data.augment import RandAugmentSpec, rrc_params, val_geometry
+from data.augment import RandAugmentSpec
 from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
 from data.dali_resize import TorchResize, resize_center_crop, to_square
-from data.image_header import image_size
-from data.index import DataError, Index, bad_image
+from data.feeder import INPUTS, TRAIN_PARAMS, Feeder, PassPlan
+from data.index import BadImage, DataError, Index, bad_image
 from data.loaders import Batch, Loader, labels_on
-from data.sampler import GlobalSampler, sample_rng
+from data.sampler import GlobalSampler
 
-TRAIN_INPUTS = ("encoded", "anchor", "shape", "flip", "ids", "labels", "ra_ops", "ra_bins", "ra_signs")
-VAL_INPUTS = ("encoded", "geometry", "ids", "labels")
+
+def _inputs(source: Any, ahead: int) -> list[Any]:
+    """The encoded files (read by DALI's threads from the feeder's paths) and the feeder's other outputs
+    for one batch; ahead > 0: the feeder runs in DALI's worker processes, that many batches ahead of the
+    pipeline (one batch is one worker's task, so `ahead` workers run at once)."""
+    parallel = {"parallel": True, "prefetch_queue_depth": ahead} if ahead else {}
+    paths, *rest = fn.external_source(source=source, num_outputs=len(INPUTS), batch=True, batch_info=True,
+                                      **parallel)
+    return [fn.io.file.read(paths), *rest]
 
 
 def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
@@ -41,150 +49,120 @@ def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
-                   torch_resize: TorchResize | None, half: bool):
+                   torch_resize: TorchResize | None, half: bool, ahead: int = 0):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
-    inputs = fn.external_source(source=source, num_outputs=len(TRAIN_INPUTS) - (3 if spec is None else 0),
-                                batch=True)
-    encoded, anchor, shape, flip, ids, labels = inputs[:6]
-    images = fn.decoders.image_slice(encoded, anchor, shape, device=decoder, output_type=types.RGB,
+    encoded, params, keys = _inputs(source, ahead)
+    images = fn.decoders.image_slice(encoded, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      adjust_orientation=False, jpeg_fancy_upsampling=True)
     images = to_square(images, img_size, interp, torch_resize)
     if spec is not None:
-        images = dali_augment.rand_augment(images, *inputs[6:], spec, img_size)
-    return _normalize(images, half, flip), labels, ids
+        n, first = spec.num_layers, len(TRAIN_PARAMS)
+        ops, bins, signs = (params[first + k * n:first + (k + 1) * n] for k in range(3))
+        images = dali_augment.rand_augment(images, ops, bins, signs, spec, img_size)
+    return _normalize(images, half, params[4]), keys[1:2], keys[0:1]
 
 
 @pipeline_def
 def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
-                 half: bool):
+                 half: bool, ahead: int = 0):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
-    encoded, geometry, ids, labels = fn.external_source(source=source, num_outputs=len(VAL_INPUTS),
-                                                        batch=True)
+    encoded, geometry, keys = _inputs(source, ahead)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True)
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
-    return _normalize(images, half), labels, ids
-
-
-class Feeder:
-    """The external source: per-batch inputs computed from (seed, epoch, index) and the file alone.
-
-    One pipeline lives as long as the loader (building one with RandAugment takes seconds), so each pass
-    points the feeder at the sampler's batches for the current epoch and position.
-    """
-
-    def __init__(self, index: Index, aug: AugConfig | None, img_size: int, crop_pct: float,
-                 seed: int) -> None:
-        self.index, self.aug, self.img_size, self.crop_pct, self.seed = index, aug, img_size, crop_pct, seed
-        self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
-        self.epoch, self.batches = 0, iter(())
-        self.recent: deque[list[int]] = deque(maxlen=8)  # ids fed lately: suspects when DALI fails
-
-    def start(self, sampler: GlobalSampler) -> None:
-        """Feed the rest of the sampler's current epoch."""
-        self.epoch, self.batches = sampler.epoch, sampler.batches()
-
-    def stop(self) -> None:
-        """End the pass early: the next call reports the end of the epoch to DALI."""
-        self.batches = iter(())
-
-    def __call__(self) -> tuple[list[np.ndarray], ...]:
-        ids = next(self.batches)  # StopIteration ends DALI's epoch
-        self.recent.append([int(i) for i in ids])
-        samples = [self.train_sample(int(i)) if self.aug else self.val_sample(int(i)) for i in ids]
-        return tuple(list(col) for col in zip(*samples))
-
-    def _read(self, i: int) -> tuple[np.ndarray, int, int]:
-        path = self.index.path(i)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise DataError(f"cannot read {path} ({e.strerror}); run python -m data.verify on the dataset "
-                            "root") from None
-        return (np.frombuffer(raw, np.uint8), *image_size(raw, path))  # a view: DALI copies it once
-
-    def _tail(self, i: int) -> list[np.ndarray]:
-        return [np.array([i], np.int64), np.array([self.index.labels[i]], np.int64)]
-
-    def train_sample(self, i: int) -> list[np.ndarray]:
-        """encoded, crop anchor/shape (y, x), flip, id, label, RandAugment ops/bins/signs."""
-        encoded, w, h = self._read(i)
-        rng = sample_rng(self.seed, self.epoch, i)
-        top, left, ch, cw = rrc_params(rng, w, h, tuple(self.aug.scale), tuple(self.aug.ratio))
-        flip = np.array(rng.random() < self.aug.hflip, np.int32)
-        ra = dali_augment.draw(self.spec, rng) if self.spec else ()
-        return [encoded, np.array([top, left], np.int32), np.array([ch, cw], np.int32), flip,
-                *self._tail(i), *ra]
-
-    def val_sample(self, i: int) -> list[np.ndarray]:
-        """encoded, (height, width) of the resized image and (top, left) of the crop in it, id, label."""
-        encoded, w, h = self._read(i)
-        rw, rh, top, left = val_geometry(w, h, self.img_size, self.crop_pct)
-        return [encoded, np.array([rh, rw, top, left], np.int32), *self._tail(i)]
+    return _normalize(images, half), keys[1:2], keys[0:1]
 
 
 class DaliLoader(Loader):
-    """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next."""
+    """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next.
+
+    Each pass (the rest of an epoch from the sampler's position) is one DALI epoch: the loader plans it
+    (data.feeder.PassPlan) before running the pipeline, and the feeder, wherever it runs, reads the plan.
+    """
 
     def __init__(self, index: Index, data: DataConfig, aug: AugConfig | None, sampler: GlobalSampler, *,
                  img_size: int, seed: int, device: torch.device, dtype: torch.dtype, split: str,
                  audit: bool) -> None:
         super().__init__(sampler, len(index.classes), split, audit)
+        if getattr(index, "reader", None) is not None:  # a pack (data.shards.PackIndex)
+            raise DataError(f"data.root={data.root} is a pack, which the DALI loader cannot read yet (DALI "
+                            "reads files by path); use data.loader=torch or the folder it was packed from")
         if data.dali_device == "gpu" and device.type != "cuda":
             raise DataError(f"data.dali_device=gpu needs a CUDA training device, got {device}; "
                             "use data.dali_device=cpu")
+        if data.feeder_workers < 0:
+            raise DataError(f"data.feeder_workers={data.feeder_workers} must be >= 0 (0 feeds DALI from the "
+                            "training thread)")
         self.index, self.data, self.aug, self.img_size, self.seed = index, data, aug, img_size, seed
         self.device, self.dtype = device, dtype
-        self.feeder = Feeder(index, aug, img_size, data.crop_pct, seed)
+        self.plan = PassPlan()
+        weakref.finalize(self, self.plan.remove)
+        self.feeder = Feeder(index, sampler, aug, img_size, data.crop_pct, seed, self.plan)
         self._pipe: Any = None
         self._interp = checked_interpolation(data.interpolation)
         # the cpu pipelines resize on torch's kernels (data/dali_resize.py); the gpu ones use DALI's
         self._torch_resize = None if data.dali_device == "gpu" else TorchResize(self._interp, data.workers)
-        self._in_pass = False  # a pass was started and not run to its end
+        self._pass: int | None = None  # the DALI epoch of a pass started and not run to its end
+        self._taken = 0  # batches the current pass has yielded
 
     def _pipeline(self) -> Any:
-        gpu = self.data.dali_device == "gpu"
+        gpu, workers = self.data.dali_device == "gpu", self.data.feeder_workers
+        # all workers busy, and never fewer batches ahead than the pipeline's own queue
+        ahead = max(workers, self.data.prefetch) if workers else 0
         kw = dict(batch_size=self.data.batch_size, num_threads=max(1, self.data.workers),
                   device_id=(self.device.index or 0) if gpu else None, seed=self.seed, exec_dynamic=True,
-                  prefetch_queue_depth=self.data.prefetch, source=self.feeder, img_size=self.img_size,
+                  prefetch_queue_depth=self.data.prefetch, py_num_workers=max(1, workers),
+                  py_start_method="spawn", source=self.feeder, ahead=ahead, img_size=self.img_size,
                   decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize,
                   half=self.dtype == torch.float16)
+        self.plan.clear()  # a new pipeline counts its epochs from 0
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
         return pipe
 
+    def _end_pass(self) -> None:
+        """After DALI reported the end of its epoch: ready for the next one."""
+        self._pipe.reset()
+        self._pass = None
+
     def _drain(self) -> None:
-        """Discard what the pipeline prefetched for an abandoned pass (at most prefetch batches)."""
-        self.feeder.stop()
+        """Discard what the pipeline and its workers prefetched for an abandoned pass."""
+        self.plan.end(self._pass)
         with contextlib.suppress(StopIteration):
             while True:
                 self._pipe.run()
-        self._pipe.reset()
-        self._in_pass = False
+        self._end_pass()
 
     def _produce(self) -> Iterator[Batch]:
         if self._pipe is None:
             self._pipe = self._pipeline()
-        elif self._in_pass:
+        elif self._pass is not None:
             self._drain()
-        self.feeder.start(self.sampler)
-        self._in_pass = True
+        self._pass = self.plan.append(self.sampler.epoch, self.sampler.position, self.sampler.remaining())
+        self._taken = 0
         while True:
+            failure = None
             try:
                 images, labels, ids = self._pipe.run()
             except StopIteration:
-                self._pipe.reset()
-                self._in_pass = False
+                self._end_pass()
                 return
-            except RuntimeError as e:
-                self._pipe, self._in_pass = None, False  # a failed pipeline is not reused
-                raise self._decode_error(e) from None
+            except Exception as e:  # noqa: BLE001 - a failed pipeline is not reused, whatever failed
+                failure = self._failure(e)
+            if failure is not None:  # raised out here, the one-line error holds no frame of the pipeline
+                self._pipe, self._pass = None, None  # its feeder processes end with it
+                raise failure
+            self._taken += 1
             # labels are always a cpu output: labels_on copies them out of DALI's buffer safely
             yield Batch(self._to_torch(images).permute(0, 3, 1, 2),
                         labels_on(torch.from_dlpack(labels.as_tensor()).view(-1), self.device),
                         torch.from_dlpack(ids.as_tensor()).view(-1))
+
+    def feeder_pids(self) -> list[int]:
+        """Processes running the feeder (none while it runs inline or before the first pass)."""
+        pool = getattr(self._pipe, "_py_pool", None)  # DALI exposes the pool only as an attribute
+        return list(pool.pids()) if pool is not None else []
 
     def _to_torch(self, out: Any) -> torch.Tensor:
         """A DALI batch as a torch tensor on the training device.
@@ -203,16 +181,29 @@ class DaliLoader(Loader):
         # .to() returns, before the shared buffer can be released.
         return torch.from_dlpack(out.as_tensor()).to(self.device, non_blocking=True)
 
-    def _decode_error(self, error: RuntimeError) -> DataError:
-        """Name the file DALI could not decode (checked with PIL among the batches in flight)."""
-        for ids in reversed(self.feeder.recent):
-            for i in ids:
-                path = self.index.path(i)
-                try:
-                    with Image.open(path) as img:
-                        img.convert("RGB")
-                except Exception as e:  # noqa: BLE001 - any failure marks the culprit
-                    return DataError(bad_image(path, e))
+    def _failure(self, error: Exception) -> DataError | Exception:
+        """One line naming the bad file: the feeder's own (raised inline, or as text from a worker process,
+        whose traceback DALI forwards), else the file DALI could not decode among the batches in flight."""
+        if isinstance(error, BadImage):
+            return DataError(str(error))
+        if "BadImage: " in str(error):
+            return DataError(str(error).rsplit("BadImage: ", 1)[-1].strip().splitlines()[0])
+        if not isinstance(error, RuntimeError):
+            return error
+        suspects = self._in_flight()
+        for i in suspects:
+            path = self.index.path(i)
+            try:
+                with Image.open(path) as img:
+                    img.convert("RGB")
+            except Exception as e:  # noqa: BLE001 - any failure marks the culprit
+                return DataError(bad_image(path, e))
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return DataError(f"DALI failed on one of the last {sum(map(len, self.feeder.recent))} images "
-                         f"({first}); run python -m data.verify on the dataset root to find bad files")
+        return DataError(f"DALI failed on one of {len(suspects)} images in flight ({first}); run "
+                         "python -m data.verify on the dataset root to find bad files")
+
+    def _in_flight(self) -> list[int]:
+        """Sample ids of the batches the pipeline and the feeder may have been working on."""
+        depth = self.data.prefetch + max(self.data.feeder_workers, self.data.prefetch) + 1
+        batches = [self.feeder.ids(self._pass, k)[1] for k in range(self._taken, self._taken + depth)]
+        return [int(i) for ids in batches if ids is not None for i in ids]

@@ -16,6 +16,7 @@ samples, so a sample is augmented identically whichever rank, batch or restart r
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -23,9 +24,12 @@ from typing import Any
 import numpy as np
 
 
+@functools.lru_cache(maxsize=2)  # a pass asks for it per batch; 1.28M samples take ~30 ms to permute
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The global order of epoch `epoch`: a function of (seed, epoch) only."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
+    """The global order of epoch `epoch`: a function of (seed, epoch) only (shared: read-only)."""
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples)
+    perm.flags.writeable = False
+    return perm
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -66,16 +70,25 @@ class GlobalSampler:
 
         Readers prefetch ahead of the consumer, so only the consumer knows what was really used.
         """
+        epoch, position = self.epoch, self.position
+        return (self.batch(epoch, position, k) for k in range(self.remaining()))
+
+    def remaining(self) -> int:
+        """Micro-batches this rank has left in the epoch from the current position."""
+        return len(self) - self.position // self.global_batch if self.train else len(self)
+
+    def batch(self, epoch: int, position: int, k: int) -> np.ndarray:
+        """This rank's k-th micro-batch of a pass that starts at `position` of `epoch` (k < remaining()).
+
+        A function of its arguments and the sampler's configuration only, never of the sampler's own
+        epoch or position: worker processes holding a copy compute the very batches batches() yields.
+        """
         if not self.train:
-            mine = np.arange(self.rank, self.num_samples, self.world_size)
-            for start in range(0, len(mine), self.batch_size):
-                yield mine[start:start + self.batch_size]
-            return
-        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
-        gb = self.global_batch
-        for start in range(self.position, len(self) * gb, gb):
-            lo = start + self.rank * self.batch_size
-            yield perm[lo:lo + self.batch_size]
+            start = (k * self.batch_size) * self.world_size + self.rank
+            return np.arange(start, min(start + self.batch_size * self.world_size, self.num_samples),
+                             self.world_size)
+        lo = position + k * self.global_batch + self.rank * self.batch_size
+        return epoch_permutation(self.num_samples, self.seed, epoch)[lo:lo + self.batch_size].copy()
 
     def advance(self) -> None:
         """Record that the consumer took one more micro-batch on every rank."""

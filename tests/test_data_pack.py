@@ -364,3 +364,12 @@ def test_png_sources_become_png_members(tmp_path: Path) -> None:
     assert members[4:6] == ["0000000002.png", "0000000002.cls"]
     assert (tmp_path / "pack" / "train-000000.idx").read_text().splitlines()[3].startswith("png ")
     assert load_index(tmp_path / "pack", "train").encoded(2) == jpeg.with_suffix(".png").read_bytes()
+
+
+def test_the_dali_loader_refuses_a_pack_with_one_line(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "src", train_per_class=2, val_per_class=1, num_classes=2)
+    pack_module.pack(root, tmp_path / "pack", shard_size=1 << 20, progress=False)
+    data = DataConfig(root=str(tmp_path / "pack"), loader="dali", batch_size=2, workers=1)
+    with pytest.raises(DataError, match="is a pack, which the DALI loader cannot read yet.*loader=torch"):
+        build_loader(data, AugConfig(), split="val", img_size=32, seed=0, rank=0, world_size=1,
+                     device=torch.device("cpu"))

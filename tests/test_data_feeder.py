@@ -1,0 +1,121 @@
+"""The DALI feeder in worker processes: the same batches as inline, the pass plan, errors from workers."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.config import AugConfig, DataConfig
+from data.demo import write_image_folder
+from data.feeder import PassPlan
+from data.index import DataError
+from data.loaders import build_loader
+
+RA = "rand-m9-mstd0.5-inc1"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes of 10 train and 3 val images, sides 24..80 px."""
+    return write_image_folder(tmp_path_factory.mktemp("jpegs"), train_per_class=10, val_per_class=3,
+                              num_classes=3, sizes=(24, 80), seed=2)
+
+
+def _loader(root: Path, feeder_workers: int, *, split: str = "train", batch: int = 4, rank: int = 0,
+            world: int = 1):
+    data = DataConfig(root=str(root), loader="dali", batch_size=batch, workers=1, prefetch=2,
+                      feeder_workers=feeder_workers)
+    return build_loader(data, AugConfig(rand_augment=RA), split=split, img_size=24, seed=5, rank=rank,
+                        world_size=world, device=torch.device("cpu"))
+
+
+def _flat(batches) -> list[tuple[int, int, torch.Tensor]]:
+    return [(int(i), int(y), x.clone()) for b in batches for i, y, x in zip(b.ids, b.labels, b.images)]
+
+
+def _assert_same(a, b) -> None:
+    assert [(i, y) for i, y, _ in a] == [(i, y) for i, y, _ in b]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(a, b))  # bitwise
+
+
+def test_workers_feed_what_the_training_thread_fed(root: Path) -> None:
+    """Worker processes (2 and 3 of them) and the inline feeder give bitwise equal batches: a whole epoch,
+    a mid-epoch resume at another world size, the epoch after an abandoned pass, and val."""
+    inline = _loader(root, 0)
+    inline.set_epoch(2)
+    ref = _flat(inline)
+    assert inline.feeder_pids() == []
+    for workers in (2, 3):
+        par = _loader(root, workers)
+        par.set_epoch(2)
+        _assert_same(_flat(par), ref)
+        pids = par.feeder_pids()
+        assert len(pids) == workers and os.getpid() not in pids  # the feeder really ran elsewhere
+    state = {"epoch": 2, "position": 8, "seed": 5, "num_samples": 30}
+    tail = []
+    for rank in range(2):  # 2 ranks x 2 resume what 1 rank x 4 started
+        two = _loader(root, 2, batch=2, rank=rank, world=2)
+        two.set_epoch(2)
+        two.load_state_dict(state)
+        tail += _flat(two)
+    by_id = {i: x for i, _, x in ref}
+    assert len(tail) == len(ref) - 8 and {i for i, _, _ in tail} == {i for i, _, _ in ref[8:]}
+    assert all(torch.equal(x, by_id[i]) for i, _, x in tail)
+
+    par.set_epoch(3)
+    list(itertools.islice(iter(par), 1))  # abandoned after one batch: the workers were ahead
+    par.set_epoch(2)
+    _assert_same(_flat(par), ref)
+    _assert_same(_flat(_loader(root, 2, split="val")), _flat(_loader(root, 0, split="val")))
+
+
+def test_pass_plan_rows_are_what_the_workers_read() -> None:
+    plan = PassPlan()
+    try:
+        assert plan.append(1, 0, 7) == 0 and plan.append(1, 12, 4) == 1
+        plan.end(0)
+        assert plan.read(0) == (1, 0, 0) and plan.read(1) == (1, 12, 4)
+        plan.clear()
+        assert plan.append(3, 0, 2) == 0 and plan.read(0) == (3, 0, 2)
+    finally:
+        plan.remove()
+    assert not Path(plan.path).exists()
+
+
+def test_a_file_gone_after_indexing_is_one_line_from_a_worker(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "gone", train_per_class=4, val_per_class=1, num_classes=2)
+    loader = _loader(root, 2, batch=8)
+    victim = sorted((root / "train").rglob("*.JPEG"))[5]
+    victim.unlink()
+    with pytest.raises(DataError) as err:
+        list(loader)
+    msg = str(err.value)
+    assert f"cannot read {victim}" in msg and "data.verify" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("feeder_workers", [0, 2])
+def test_a_file_dali_cannot_decode_is_named(tmp_path: Path, feeder_workers: int) -> None:
+    """A JPEG whose header reads but whose data ends right after the scan header: DALI fails, not the
+    feeder, and the loader names the file among the batches in flight."""
+    root = write_image_folder(tmp_path / "bad", train_per_class=4, val_per_class=1, num_classes=2)
+    victim = sorted((root / "train").rglob("*.JPEG"))[2]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:raw.index(b"\xff\xda") + 12])
+    with pytest.raises(DataError) as err:
+        list(_loader(root, feeder_workers, batch=4))
+    msg = str(err.value)
+    assert f"cannot decode {victim}" in msg and "\n" not in msg
+
+
+def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest.CaptureFixture) -> None:
+    from data.bench_feeder import main
+
+    assert main(["--root", str(root / "train"), "--feeder-workers", "0", "1", "--batch", "4", "--img-size",
+                 "24", "--step-ms", "1", "--batches", "2", "--warmup", "1"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert [r["feeder_workers"] for r in lines] == [0, 1]
+    assert all(r["main_us_per_img_median"] > 0 and r["wait_us_per_img_median"] >= 0 for r in lines)
