@@ -89,6 +89,21 @@ if [ "$cuda" = 1 ]; then
             cp "$json" "$OUT/" 2>/dev/null
         done
     done
+    if python3 -c "import nvidia.dali" 2>/dev/null; then
+        # the data path at GPU speed: nvJPEG decode + GPU ops, full recipe, on 2,000 generated ImageNet-sized
+        # JPEGs (the lent machine has no dataset), against the torch loader with as many workers
+        data_root=/tmp/gcvit-kit-jpegs
+        [ -d "$data_root" ] || python3 -c "from pathlib import Path; from data.demo import write_image_folder; \
+write_image_folder(Path('$data_root'), train_per_class=200, val_per_class=1, num_classes=10, sizes=(375, 500))"
+        json="$RESULTS/gpu-data-bench-$STAMP.json"
+        step "data benchmark: DALI gpu pipeline vs torch loader, full recipe -> $json"
+        timeout 600 python3 -m data.bench --root "$data_root/train" --dali-device gpu --threads "$(nproc)" \
+            --batch 128 --batches 20 --rounds 2 --rand-augment rand-m9-mstd0.5-inc1 --json-out "$json" \
+            2>&1 | tee "$OUT/data-bench.log" || status=1
+        cp "$json" "$OUT/" 2>/dev/null
+    else
+        step "data benchmark: DALI is not installed (carry it in .dali/), skipped"
+    fi
 else
     step "benchmarks: no CUDA device, skipped (they time bf16 training on a GPU)"
 fi

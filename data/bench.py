@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-cache", default=None, help="index cache dir (default: beside the data)")
     ap.add_argument("--dali-device", choices=("cpu", "gpu"), default="cpu",
                     help="gpu: nvJPEG decode and every op on the GPU; both loaders then deliver to cuda:0")
+    ap.add_argument("--json-out", type=Path, default=None,
+                    help="also write the rows with the device, versions and commit (benchmarks/results)")
     args = ap.parse_args(argv)
     if args.dali_device == "gpu" and not torch.cuda.is_available():
         ap.error("--dali-device gpu needs a CUDA GPU, and torch sees none here")
@@ -169,9 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = dataset_root(args.root, Path(tmp))
         args.index_cache = args.index_cache or str(Path(tmp) / "index")
+        rows = []
         for ra in args.rand_augment:
-            print(json.dumps(bench(root, None if ra == "none" else ra, args)), flush=True)
+            rows.append(bench(root, None if ra == "none" else ra, args))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json_out:
+        from gcvit.bench import environment
+
+        device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
+        report = {**environment(device), "dali": _dali_version(), "cpus": os.cpu_count(),
+                  "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _dali_version() -> str:
+    from nvidia.dali import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

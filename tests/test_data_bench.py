@@ -13,14 +13,18 @@ from data.demo import write_image_folder
 
 def test_bench_prints_both_loaders_and_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = write_image_folder(tmp_path / "flat", train_per_class=8, val_per_class=1, num_classes=2)
+    out = tmp_path / "results" / "bench.json"
     assert main(["--root", str(root / "train"), "--threads", "1", "--batch", "4", "--img-size", "32",
-                 "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none"]) == 0
+                 "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none",
+                 "--json-out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     rec = json.loads(lines[0])
     assert rec["rand_augment"] is None and rec["dali_img_s"] > 0 and rec["torch_img_s"] > 0
     assert rec["ratio"] == pytest.approx(rec["dali_img_s"] / rec["torch_img_s"], rel=0.01)
     assert rec["dali_img_per_cpu_s"] > 0 and rec["torch_img_per_cpu_s"] > 0
+    report = json.loads(out.read_text())  # what benchmarks/results records: the rows and where they ran
+    assert report["results"] == [rec] and report["torch"] == torch.__version__ and report["dali"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
