@@ -9,7 +9,7 @@ not on the rank, the batch, a restart or which process computed it.
 from __future__ import annotations
 
 import contextlib
-import weakref
+import multiprocessing.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,7 +97,9 @@ class DaliLoader(Loader):
         self.index, self.data, self.aug, self.img_size, self.seed = index, data, aug, img_size, seed
         self.device, self.dtype = device, dtype
         self.plan = PassPlan()
-        weakref.finalize(self, self.plan.remove)
+        # multiprocessing's finalizers run when the loader goes and at exit, also in a process started by
+        # torch.multiprocessing (which ends with os._exit, skipping atexit), never in a forked child
+        multiprocessing.util.Finalize(self, self.plan.remove, exitpriority=0)
         self.feeder = Feeder(index, sampler, aug, img_size, data.crop_pct, seed, self.plan)
         self._pipe: Any = None
         self._interp = checked_interpolation(data.interpolation)
@@ -119,6 +121,9 @@ class DaliLoader(Loader):
         self.plan.clear()  # a new pipeline counts its epochs from 0
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
+        pool = getattr(pipe, "_py_pool", None)  # DALI closes it only at garbage collection or atexit
+        if pool is not None:  # so a multiprocessing child's exit, which joins its children, can end
+            multiprocessing.util.Finalize(pipe, pool.close, exitpriority=0)
         return pipe
 
     def _end_pass(self) -> None:

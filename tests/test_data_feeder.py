@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,25 @@ def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest
     lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     assert [r["feeder_workers"] for r in lines] == [0, 1]
     assert all(r["main_us_per_img_median"] > 0 and r["wait_us_per_img_median"] >= 0 for r in lines)
+
+
+_KEPT: list = []
+
+
+def _rank_keeping_its_loader(rank: int, root: str) -> None:
+    loader = _loader(Path(root), 1)
+    list(itertools.islice(iter(loader), 1))
+    _KEPT.append(loader)  # alive until the process ends: its exit must still close the feeder processes
+    print(loader.plan.path, flush=True)
+
+
+def test_a_torch_multiprocessing_rank_exits_with_a_live_loader(root: Path, tmp_path: Path) -> None:
+    """A rank started by torch.multiprocessing ends with os._exit after joining its children: the feeder
+    pool is closed and the plan file removed before that (it hung, and leaked the file, otherwise)."""
+    code = ("import sys; import torch.multiprocessing as mp; from tests.test_data_feeder import "
+            "_rank_keeping_its_loader as f\nif __name__ == '__main__': mp.spawn(f, args=(sys.argv[1],))")
+    res = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = res.stdout.strip().splitlines()[-1]
+    assert plan.endswith(".plan") and not Path(plan).exists()
