@@ -10,7 +10,9 @@ Deliberately torch-free: every worker process imports this module to unpickle th
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
 from typing import Any
 
@@ -90,6 +92,15 @@ class Feeder:
         self.index, self.sampler, self.aug, self.plan = index, sampler, aug, plan
         self.img_size, self.crop_pct, self.seed = img_size, crop_pct, seed
         self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled only in DALI's worker processes. A preemption signal (SLURM's USR1 or TERM to every
+        # process of the job, a Ctrl-C to the process group) is the training process's to act on: it
+        # saves, then ends this pool. A worker the signal killed would leave the pipeline waiting forever.
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the worker's main thread: nothing to change
+                signal.signal(sig, signal.SIG_IGN)
+        self.__dict__.update(state)
 
     def ids(self, pass_row: int, iteration: int) -> tuple[int, np.ndarray | None]:
         """A planned pass's training epoch and the global sample indices of its batch `iteration` (None past

@@ -143,3 +143,37 @@ def test_a_torch_multiprocessing_rank_exits_with_a_live_loader(root: Path, tmp_p
     assert res.returncode == 0, res.stderr[-2000:]
     plan = res.stdout.strip().splitlines()[-1]
     assert plan.endswith(".plan") and not Path(plan).exists()
+
+
+SIGNALLED = """
+import os, signal, sys, time, torch
+from pathlib import Path
+from data.config import AugConfig, DataConfig
+from data.demo import write_image_folder
+from data.loaders import build_loader
+if __name__ == "__main__":
+    root = write_image_folder(Path(sys.argv[1]), train_per_class=16, val_per_class=1, num_classes=2)
+    data = DataConfig(root=str(root), loader="dali", batch_size=4, workers=1, feeder_workers=2)
+    signal.signal(signal.SIGUSR1, lambda *a: None)  # the trainer's handler: save at the next step
+    loader = build_loader(data, AugConfig(), split="train", img_size=32, seed=0, rank=0, world_size=1,
+                          device=torch.device("cpu"))
+    batches = iter(loader)
+    next(batches)
+    pids = loader.feeder_pids()
+    os.killpg(os.getpgrp(), signal.SIGUSR1)  # SLURM's preemption warning goes to every process of the job
+    time.sleep(0.5)
+    alive = all(os.path.exists(f"/proc/{p}") for p in pids)
+    print("batches", 1 + sum(1 for _ in batches), "workers alive", alive)
+"""
+
+
+def test_a_preemption_signal_to_the_whole_job_leaves_the_feeder_workers_running(tmp_path: Path) -> None:
+    """USR1/TERM reach every process of a SLURM job: the workers must leave them to the trainer, whose
+    handler saves and ends the pool, or the pipeline would wait forever for the killed workers' batches."""
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "jpegs")], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+                         start_new_session=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "batches 8 workers alive True" in res.stdout
