@@ -25,7 +25,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/kit-$(date -u +%Y%m%d-%H%M)}
 RESULTS=benchmarks/results
 mkdir -p "$OUT" "$RESULTS"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# data/ installs as gcvit_data (setup.cfg); the kit runs from the checkout uninstalled, so a link names it
+mkdir -p /tmp/gcvit-src && ln -sfn "$PWD/data" /tmp/gcvit-src/gcvit_data
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/gcvit-src${PYTHONPATH:+:$PYTHONPATH}"
 unset HYDRA_FULL_ERROR  # the one-line-error tests read the plain messages
 STAMP=$(date -u +%Y%m%d-%H%M)
 status=0
@@ -93,11 +95,11 @@ if [ "$cuda" = 1 ]; then
         # the data path at GPU speed: nvJPEG decode + GPU ops, full recipe, on 2,000 generated ImageNet-sized
         # JPEGs (the lent machine has no dataset), against the torch loader with as many workers
         data_root=/tmp/gcvit-kit-jpegs
-        [ -d "$data_root" ] || python3 -c "from pathlib import Path; from data.demo import write_image_folder; \
+        [ -d "$data_root" ] || python3 -c "from pathlib import Path; from gcvit_data.demo import write_image_folder; \
 write_image_folder(Path('$data_root'), train_per_class=200, val_per_class=1, num_classes=10, sizes=(375, 500))"
         json="$RESULTS/gpu-data-bench-$STAMP.json"
         step "data benchmark: DALI gpu pipeline vs torch loader, full recipe -> $json"
-        timeout 600 python3 -m data.bench --root "$data_root/train" --dali-device gpu --threads "$(nproc)" \
+        timeout 600 python3 -m gcvit_data.bench --root "$data_root/train" --dali-device gpu --threads "$(nproc)" \
             --batch 128 --batches 20 --rounds 2 --rand-augment rand-m9-mstd0.5-inc1 --json-out "$json" \
             2>&1 | tee "$OUT/data-bench.log" || status=1
         cp "$json" "$OUT/" 2>/dev/null

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.index import DataError
+from gcvit_data.index import DataError
 
 LEVEL_DENOM = 10.0  # timm's magnitude scale: m=10 is the full range of every op
 

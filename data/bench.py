@@ -1,7 +1,7 @@
 """Train-loader throughput: DALI vs the torch/timm DataLoader with the same threads/workers, side by side.
 
-    python -m data.bench --root ../shared/imagenet-sample --threads 2 --batch 64 --img-size 224
-    python -m data.bench --root /data/imagenet --threads 8 --batch 256 --dali-device gpu   # on a GPU
+    python -m gcvit_data.bench --root ../shared/imagenet-sample --threads 2 --batch 64 --img-size 224
+    python -m gcvit_data.bench --root /data/imagenet --threads 8 --batch 256 --dali-device gpu   # on a GPU
 
 ROOT is a dataset root (ROOT/train/<wnid>/) or a bare folder of class folders (the sample). Each
 configuration (with and without RandAugment) prints one JSON line with both loaders' img/s (the median of
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from data.config import AugConfig, DataConfig
-from data.loaders import build_loader
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.loaders import build_loader
 
 FULL = "rand-m9-mstd0.5-inc1"
 
@@ -145,7 +145,7 @@ def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gcvit_data.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader worker processes")
     ap.add_argument("--batch", type=int, default=64)

@@ -1,6 +1,6 @@
 """The training thread's cost of the DALI loader: its CPU per image in next(), feeder inline vs in workers.
 
-    python -m data.bench_feeder --root ../shared/imagenet-sample --batch 128 --feeder-workers 0 2
+    python -m gcvit_data.bench_feeder --root ../shared/imagenet-sample --batch 128 --feeder-workers 0 2
 
 Between batches the main thread sleeps for --step-ms, standing in for a training step on the GPU during
 which the loader works ahead; what it then spends inside next() is the loader's toll on the thread that
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from data.bench import FULL, Endless, dataset_root
-from data.config import AugConfig, DataConfig
-from data.loaders import build_loader
+from gcvit_data.bench import FULL, Endless, dataset_root
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.loaders import build_loader
 
 
 def measure(root: Path, feeder_workers: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -55,7 +55,8 @@ def measure(root: Path, feeder_workers: int, args: argparse.Namespace) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m data.bench_feeder", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gcvit_data.bench_feeder",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True, help="dataset root or a bare folder of class folders")
     ap.add_argument("--feeder-workers", type=int, nargs="+", default=[0, DataConfig.feeder_workers])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads")

@@ -1,7 +1,7 @@
 """DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
 
 Python reads each file's header and draws the sample's crop, flip and RandAugment choices from the sample's
-own generator (data.sampler.sample_rng); DALI gets them, and the path it reads the file from, as inputs of an
+own generator (sampler.sample_rng); DALI gets them, and the path it reads the file from, as inputs of an
 external_source (the feeder, data/feeder.py) that runs in DALI's worker processes, so the training thread
 only hands a few arrays per batch over. So an image's augmentation depends on (seed, epoch, index) only:
 not on the rank, the batch, a restart or which process computed it.
@@ -19,14 +19,14 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorListGPU
 from PIL import Image
 
-from data import dali_augment
-from data.augment import RandAugmentSpec
-from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
-from data.dali_resize import TorchResize, resize_center_crop, to_square
-from data.feeder import INPUTS, TRAIN_PARAMS, Feeder, PassPlan
-from data.index import BadImage, DataError, Index, bad_image
-from data.loaders import Batch, Loader, labels_on
-from data.sampler import GlobalSampler
+from gcvit_data import dali_augment
+from gcvit_data.augment import RandAugmentSpec
+from gcvit_data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig, checked_interpolation
+from gcvit_data.dali_resize import TorchResize, resize_center_crop, to_square
+from gcvit_data.feeder import INPUTS, TRAIN_PARAMS, Feeder, PassPlan
+from gcvit_data.index import BadImage, DataError, Index, bad_image
+from gcvit_data.loaders import Batch, Loader, labels_on
+from gcvit_data.sampler import GlobalSampler
 
 
 def _inputs(source: Any, ahead: int) -> list[Any]:
@@ -78,14 +78,14 @@ class DaliLoader(Loader):
     """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next.
 
     Each pass (the rest of an epoch from the sampler's position) is one DALI epoch: the loader plans it
-    (data.feeder.PassPlan) before running the pipeline, and the feeder, wherever it runs, reads the plan.
+    (feeder.PassPlan) before running the pipeline, and the feeder, wherever it runs, reads the plan.
     """
 
     def __init__(self, index: Index, data: DataConfig, aug: AugConfig | None, sampler: GlobalSampler, *,
                  img_size: int, seed: int, device: torch.device, dtype: torch.dtype, split: str,
                  audit: bool) -> None:
         super().__init__(sampler, len(index.classes), split, audit)
-        if getattr(index, "reader", None) is not None:  # a pack (data.shards.PackIndex)
+        if getattr(index, "reader", None) is not None:  # a pack (gcvit_data.shards.PackIndex)
             raise DataError(f"data.root={data.root} is a pack, which the DALI loader cannot read yet (DALI "
                             "reads files by path); use data.loader=torch or the folder it was packed from")
         if data.dali_device == "gpu" and device.type != "cuda":
@@ -205,7 +205,7 @@ class DaliLoader(Loader):
                 return DataError(bad_image(path, e))
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DataError(f"DALI failed on one of {len(suspects)} images in flight ({first}); run "
-                         "python -m data.verify on the dataset root to find bad files")
+                         "python -m gcvit_data.verify on the dataset root to find bad files")
 
     def _in_flight(self) -> list[int]:
         """Sample ids of the batches the pipeline and the feeder may have been working on."""

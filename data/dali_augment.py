@@ -1,7 +1,7 @@
 """timm's RandAugment ('rand-...-inc1' op set and level functions) built from DALI auto_aug operations.
 
 Which ops a sample gets, whether each is applied, and its magnitude and sign are drawn in Python from the
-sample's own generator (data.augment) and enter the pipeline as per-sample inputs, so the result depends on
+sample's own generator (augment.py) and enter the pipeline as per-sample inputs, so the result depends on
 the sample alone. Magnitudes are quantized to 0.1 on timm's 0..10 scale (NUM_BINS bins).
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import do_not_convert
 
-from data.augment import LEVEL_DENOM, RandAugmentSpec
-from data.config import IMAGENET_MEAN
+from gcvit_data.augment import LEVEL_DENOM, RandAugmentSpec
+from gcvit_data.config import IMAGENET_MEAN
 
 NUM_BINS = 101  # magnitudes 0.0, 0.1, ..., 10.0
 _FRAC = np.linspace(0.0, 1.0, NUM_BINS)  # magnitude / LEVEL_DENOM per bin

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from data import dali_augment
-from data.augment import RandAugmentSpec, rrc_params, val_geometry
-from data.config import AugConfig
-from data.image_header import image_size, jpeg_size
-from data.index import BadImage, DataError, Index
-from data.sampler import GlobalSampler, sample_rng
+from gcvit_data import dali_augment
+from gcvit_data.augment import RandAugmentSpec, rrc_params, val_geometry
+from gcvit_data.config import AugConfig
+from gcvit_data.image_header import image_size, jpeg_size
+from gcvit_data.index import BadImage, DataError, Index
+from gcvit_data.sampler import GlobalSampler, sample_rng
 
 # The feeder's outputs per batch: paths (zero-padded bytes), params (int32 per sample), keys (int64: id,
 # label). Train params hold TRAIN_PARAMS then, with RandAugment, the op ids, magnitude bins and signs of
@@ -133,8 +133,8 @@ class Feeder:
                 if size is None:  # not a JPEG, or a header longer than HEAD_BYTES
                     size = image_size(head + f.read(), path)
         except OSError as e:
-            raise BadImage(f"cannot read {path} ({e.strerror}); run python -m data.verify on the dataset "
-                           "root") from None
+            raise BadImage(f"cannot read {path} ({e.strerror}); run python -m gcvit_data.verify on the "
+                           "dataset root") from None
         return (os.fsencode(path), *size)
 
     def train_sample(self, epoch: int, i: int) -> tuple[bytes, np.ndarray]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data.index import DataError, Index
+from gcvit_data.index import DataError, Index
 
 
 def _rows(path: Path, key: str) -> list[tuple[int, str, str]]:

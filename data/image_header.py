@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.index import DataError, bad_image
+from gcvit_data.index import DataError, bad_image
 
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic): they carry the size.
 # 0xC4 (Huffman tables), 0xC8 (reserved) and 0xCC (arithmetic conditioning) share the range but do not.

@@ -2,7 +2,7 @@
 
 A cache file is reused while its fingerprint (the class folders' names and mtimes, which change whenever a
 file is added or removed) matches, so 1.28M files are listed once, not at every start. A clean index
-written by `python -m data.verify --write-index` is used as is.
+written by `python -m gcvit_data.verify --write-index` is used as is.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ class BadImage(ValueError):
 
 def bad_image(path: Path | str, reason: object) -> str:
     """The one-line message for a file that cannot be read or decoded."""
-    return (f"cannot decode {path} ({reason}); run python -m data.verify on the dataset root and train on "
-            "the clean index it writes (data.index_dir)")
+    return (f"cannot decode {path} ({reason}); run python -m gcvit_data.verify on the dataset root and train "
+            "on the clean index it writes (data.index_dir)")
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Index:
         with open(path) as f:
             header = json.loads(f.readline())
             if header.get("format") != FORMAT:
-                raise DataError(f"{path} is not a {FORMAT} file; rebuild it with python -m data.verify")
+                raise DataError(f"{path} is not a {FORMAT} file; rebuild it with python -m gcvit_data.verify")
             labels, files = [], []
             for line in f:
                 y, p = line.rstrip("\n").split("\t", 1)
@@ -95,7 +95,7 @@ def list_classes(split_dir: Path) -> list[str]:
         hint = ("; or, with no val split, hold out part of ROOT/train: data.val_split=0.1"
                 if split_dir.name == "val" and (split_dir.parent / "train").is_dir() else "")
         raise DataError(f"{split_dir} does not exist; expected ImageFolder layout ROOT/train/<wnid>/*.JPEG "
-                        f"and ROOT/val/<wnid>/*.JPEG (python -m data.prepare imagenet builds it){hint}")
+                        f"and ROOT/val/<wnid>/*.JPEG (python -m gcvit_data.prepare imagenet builds it){hint}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<wnid>/*.JPEG")
@@ -143,21 +143,21 @@ def cache_dir_for(root: Path, index_cache: str | None) -> Path:
 def load_index(root: str | Path, split: str, *, index_cache: str | None = None,
                index_dir: str | None = None) -> Index:
     """The index of ROOT/<split>, from index_dir (a clean index), a valid cache, or a fresh scan; for a pack
-    (python -m data.pack), its index, reading samples from the shards."""
+    (python -m gcvit_data.pack), its index, reading samples from the shards."""
     root = Path(root).expanduser().resolve()
-    from data.shards import PackIndex, is_pack  # here: data.shards builds on this module
+    from gcvit_data.shards import PackIndex, is_pack  # here: gcvit_data.shards builds on this module
 
     if is_pack(root):
         if index_dir:
-            raise DataError(f"data.index_dir applies to image folders, and data.root {root} is a pack; drop "
-                            "data.index_dir (pack the clean index with python -m data.pack --index-dir)")
+            raise DataError(f"data.index_dir applies to image folders, and data.root {root} is a pack; "
+                            "drop data.index_dir (pack a clean index: gcvit_data.pack --index-dir)")
         return PackIndex.load(root, split)
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist or is not a directory")
     if index_dir:
         path = Path(index_dir) / f"{split}.tsv"
         if not path.is_file():
-            raise DataError(f"{path} does not exist; write it with python -m data.verify {root} "
+            raise DataError(f"{path} does not exist; write it with python -m gcvit_data.verify {root} "
                             f"--write-index {index_dir}")
         index = Index.read(path)[0]
         if index.root != root / split:

@@ -10,10 +10,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
-from data.index import BadImage, DataError, Index
-from data.sampler import GlobalSampler
-from data.split import split_index
+from gcvit_data.config import DALI_DEVICES, IMAGENET_MEAN, IMAGENET_STD, LOADERS, AugConfig, DataConfig
+from gcvit_data.index import BadImage, DataError, Index
+from gcvit_data.sampler import GlobalSampler
+from gcvit_data.split import split_index
 
 AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
 SYNTHETIC_VAL_SAMPLES = 50000
@@ -39,7 +39,7 @@ class Loader:
 
     classes: list[str] | None = None  # class names (label i is classes[i]); None for synthetic data
     index: Index | None = None  # the images it reads; None for synthetic data
-    split_record: dict | None = None  # what data.val_split held out (data.split.held_out), else None
+    split_record: dict | None = None  # what data.val_split held out (gcvit_data.split.held_out), else None
 
     def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
         self.sampler, self.num_classes, self.split = sampler, num_classes, split
@@ -165,9 +165,9 @@ class TorchLoader(Loader):
 def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,
                  world_size: int, device: torch.device, audit: bool = False,
                  precision: str = "fp32", index: Index | None = None) -> Loader:
-    """The loader of one split for this rank (see data.sampler for the sharding and resume guarantees);
+    """The loader of one split for this rank (see gcvit_data.sampler for the sharding and resume guarantees);
     `precision` is the step's (trainer.precision): it sets the images' dtype (image_dtype). `index` (an
-    eval set's images, data.eval_sets) is read with the val transform instead of data.root's split."""
+    eval set's images, gcvit_data.eval_sets) is read with the val transform instead of data.root's split."""
     if data.loader not in LOADERS:
         raise DataError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
     if split not in ("train", "val"):
@@ -191,14 +191,14 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
     sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
                             seed=seed, train=train)
     if data.loader in ("torch", "synthetic"):  # synthetic runs given real images: the torch reader
-        from data.torch_loader import torch_batches
+        from gcvit_data.torch_loader import torch_batches
 
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
         loader: Loader = TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
     else:
         if data.dali_device not in DALI_DEVICES:
             raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
-        from data.dali import DaliLoader
+        from gcvit_data.dali import DaliLoader
 
         loader = DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
                             device=device, dtype=dtype, split=split, audit=audit)

@@ -1,8 +1,8 @@
 """Pack an ImageFolder into few large tar shards with a random-access index (format: data/shards.py).
 
-    python -m data.pack ROOT OUT [--shard-size 1GB] [--workers N] [--splits train val] [--index-dir DIR]
+    python -m gcvit_data.pack ROOT OUT [--shard-size 1GB] [--workers N] [--splits train val] [--index-dir DIR]
 
-The original image bytes are stored unchanged, in data.index's sample order, so training on OUT gives the
+The original image bytes are stored unchanged, in index.py's sample order, so training on OUT gives the
 batches that training on ROOT gives. Atomic: the pack is built in OUT's hidden sibling `.OUT.partial` and
 renamed to OUT when complete; a crashed run leaves no OUT, and running the same command again keeps the
 shards it had finished and writes the rest.
@@ -27,8 +27,17 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from data.index import DataError, Index, load_index
-from data.shards import CHECKSUM, FORMAT, MANIFEST, SAMPLE_DTYPE, crc32c, is_pack, member_key, shard_name
+from gcvit_data.index import DataError, Index, load_index
+from gcvit_data.shards import (
+    CHECKSUM,
+    FORMAT,
+    MANIFEST,
+    SAMPLE_DTYPE,
+    crc32c,
+    is_pack,
+    member_key,
+    shard_name,
+)
 
 BLOCK = tarfile.BLOCKSIZE
 STAT_THREADS = 32
@@ -98,7 +107,7 @@ def _size(path: str, root: Path) -> int:
     try:
         return os.stat(path).st_size
     except OSError as e:
-        raise DataError(f"cannot stat {path} ({e.strerror}); run python -m data.verify {root} and pack "
+        raise DataError(f"cannot stat {path} ({e.strerror}); run python -m gcvit_data.verify {root} and pack "
                         "its clean index (--index-dir)") from None
 
 
@@ -255,13 +264,14 @@ def _write_shard_star(args: tuple[ShardJob, Path]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m data.pack", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gcvit_data.pack", description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, help="dataset root with train/<class>/ and val/<class>/")
     ap.add_argument("out", type=Path, help="the pack folder to create (must not exist or be empty)")
     ap.add_argument("--shard-size", default="1GB", help="target bytes per shard (1GB, 512MB, 500MiB)")
     ap.add_argument("--workers", type=int, default=1, help="shards written in parallel")
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
-    ap.add_argument("--index-dir", help="pack the clean index written by python -m data.verify --write-index")
+    ap.add_argument("--index-dir",
+                    help="pack the clean index written by python -m gcvit_data.verify --write-index")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     start = time.perf_counter()

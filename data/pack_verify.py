@@ -1,4 +1,4 @@
-"""`python -m data.verify PACK` on a pack: shard sha256s, every sample's crc32c and decode, the counts.
+"""`python -m gcvit_data.verify PACK` on a pack: shard sha256s, every sample's crc32c and decode, the counts.
 
 Each problem is printed as one line naming the shard (and for a sample its offset and original file);
 the exit code is 1 when any was found.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.shards import PackReader, Split, corrupt_sample, read_manifest
-from data.verify import check_bytes
+from gcvit_data.shards import PackReader, Split, corrupt_sample, read_manifest
+from gcvit_data.verify import check_bytes
 
 CHUNK = 8 << 20
 

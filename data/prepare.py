@@ -1,6 +1,6 @@
 """Turn the raw ImageNet-1K downloads into ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG.
 
-    python -m data.prepare imagenet --train-tar ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
+    python -m gcvit_data.prepare imagenet --train-tar ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
         (--val-solution LOC_val_solution.csv | --devkit ILSVRC2012_devkit_t12.tar.gz) --out ROOT
 
 The train tar holds one tar per class (n01440764.tar, ...); the val tar (or folder) is flat
@@ -26,7 +26,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from data.index import DataError
+from gcvit_data.index import DataError
 
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 
@@ -162,7 +162,7 @@ def place_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, so
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gcvit_data.prepare", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
     im = sub.add_parser("imagenet", help="ILSVRC2012 train/val tars to ImageFolder layout")
     im.add_argument("--train-tar", type=Path, required=True, help="ILSVRC2012_img_train.tar")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     n_val = place_val(args.val, val_labels, wnids, args.out, source)
     n_train = sum(1 for _ in (args.out / "train").rglob("*.JPEG"))
     print(f"{args.out}: {len(wnids)} classes, {n_train} train and {n_val} val images; "
-          f"next: python -m data.verify {args.out}")
+          f"next: python -m gcvit_data.verify {args.out}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The packed-shard format (written by `python -m data.pack`) and its random-access reader.
+"""The packed-shard format (written by `python -m gcvit_data.pack`) and its random-access reader.
 
 A pack is a folder:
 
@@ -9,7 +9,7 @@ A pack is a folder:
     <split>-NNNNNN.tar        uncompressed tar in WebDataset layout: NNNNNNNNNN.jpg + NNNNNNNNNN.cls
     <split>-NNNNNN.idx        the same shard's index in DALI's wds2idx text format (fn.readers.webdataset)
 
-Sample indices are the positions of data.index's folder index, so a sampler draws the same images in the
+Sample indices are the positions of gcvit_data.index's folder index, so a sampler draws the same images in the
 same order from a pack as from the folder it was packed from.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from data.index import BadImage, DataError, Index
+from gcvit_data.index import BadImage, DataError, Index
 
 FORMAT = "gcvit-pack v1"
 MANIFEST = "pack.json"
@@ -58,16 +58,16 @@ def read_manifest(root: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); repack with python -m data.pack") from None
+        raise DataError(f"cannot read {path} ({e}); repack with python -m gcvit_data.pack") from None
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} manifest; repack with python -m data.pack")
+        raise DataError(f"{path} is not a {FORMAT} manifest; repack with python -m gcvit_data.pack")
     return manifest
 
 
 def corrupt_sample(shard: Path, offset: int, original: str, index: int, reason: str) -> str:
     """The one-line message for a sample whose bytes are not the ones packed."""
     return (f"corrupt sample {index} in {shard} at offset {offset} (packed from {original}): {reason}; "
-            f"run python -m data.verify {shard.parent} and repack or restore that shard")
+            f"run python -m gcvit_data.verify {shard.parent} and repack or restore that shard")
 
 
 @dataclass
@@ -96,10 +96,10 @@ class Split:
             files = (root / f"{split}.files.txt").read_text().splitlines()
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read the {split} index of the pack {root} ({e}); "
-                            "repack with python -m data.pack") from None
+                            "repack with python -m gcvit_data.pack") from None
         if not len(samples) == len(files) == entry["samples"]:
             raise DataError(f"{root}: {split} index holds {len(samples)} rows and {len(files)} file names "
-                            f"but pack.json says {entry['samples']}; repack with python -m data.pack")
+                            f"but pack.json says {entry['samples']}; repack with python -m gcvit_data.pack")
         return cls(root, manifest["source"], split, manifest["classes"], entry["shards"], samples, files)
 
     def __len__(self) -> int:
@@ -168,7 +168,7 @@ class PackReader:
 
 @dataclass
 class PackIndex(Index):
-    """A pack's split as data.index.Index: same classes, files and labels as the folder it was packed from;
+    """A pack's split as index.Index: same classes, files and labels as the folder it was packed from;
     encoded(i) takes the bytes from the shards, crc32c-checked (~50 us for a 110 kB image, a small part of
     its decode) so that a corrupt sample fails with its shard, offset and original file named."""
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from data.file_list import read_list
-from data.index import DataError, Index, load_index
+from gcvit_data.file_list import read_list
+from gcvit_data.index import DataError, Index, load_index
 
 
 def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, dict]:

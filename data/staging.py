@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from data.index import DataError
-from data.shards import MANIFEST, read_manifest
+from gcvit_data.index import DataError
+from gcvit_data.shards import MANIFEST, read_manifest
 
 DONE = ".staged"  # written into the copy once every file is in place
 BLOCK = 1 << 24
@@ -45,7 +45,7 @@ def _copy(src: Path, dst: Path, sha256: str | None) -> None:
     if sha256 is not None and h.hexdigest() != sha256:
         tmp.unlink()
         raise DataError(f"{src} does not match the sha256 in {src.parent / MANIFEST} (copy to {dst} "
-                        f"abandoned); run python -m data.verify {src.parent}")
+                        f"abandoned); run python -m gcvit_data.verify {src.parent}")
     os.replace(tmp, dst)
 
 

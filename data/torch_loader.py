@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from data.augment import RandAugmentSpec, rrc_params, val_geometry
-from data.config import IMAGENET_MEAN, AugConfig, DataConfig, checked_interpolation
-from data.index import BadImage, Index, bad_image
-from data.sampler import GlobalSampler, sample_rng
+from gcvit_data.augment import RandAugmentSpec, rrc_params, val_geometry
+from gcvit_data.config import IMAGENET_MEAN, AugConfig, DataConfig, checked_interpolation
+from gcvit_data.index import BadImage, Index, bad_image
+from gcvit_data.sampler import GlobalSampler, sample_rng
 
 _PIL = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
         "nearest": Image.Resampling.NEAREST}

@@ -1,8 +1,8 @@
 """Scan a dataset for files DALI cannot decode; optionally write a clean index that leaves them out.
 
-    python -m data.verify ROOT [--splits train val] [--workers 8] [--write-index DIR]
+    python -m gcvit_data.verify ROOT [--splits train val] [--workers 8] [--write-index DIR]
 
-On a pack written by python -m data.pack it checks the pack instead (data/pack_verify.py).
+On a pack written by python -m gcvit_data.pack it checks the pack instead (data/pack_verify.py).
 
 DALI cannot skip a bad file at run time, so train on the clean index (data.index_dir=DIR) when this finds
 any. Each bad file is printed as `REASON<TAB>PATH`; the exit code is 1 when bad files were found and no
@@ -20,8 +20,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data.index import DataError, Index, list_classes, scan
-from data.shards import is_pack
+from gcvit_data.index import DataError, Index, list_classes, scan
+from gcvit_data.shards import is_pack
 
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
 
@@ -85,7 +85,7 @@ def clean(index: Index, bad: dict[Path, str]) -> Index:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gcvit_data.verify", description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, help="dataset root with train/<wnid>/ and val/<wnid>/, or a pack")
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
     ap.add_argument("--workers", type=int, default=min(8, mp.cpu_count()), help="decoding processes")
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_pack(args.root):
         if args.write_index:
             raise DataError(f"--write-index applies to image folders and {args.root} is a pack; a bad sample "
-                            "in a pack means repacking its source (python -m data.pack --index-dir)")
-        from data.pack_verify import verify_pack_cli  # here: it imports check_bytes from this module
+                            "in a pack means repacking its source (python -m gcvit_data.pack --index-dir)")
+        from gcvit_data.pack_verify import verify_pack_cli  # here: it imports check_bytes from this module
 
         return verify_pack_cli(args.root, args.splits, args.workers, progress=not args.quiet)
     indices, bad = verify(args.root, args.splits, args.workers, progress=not args.quiet)

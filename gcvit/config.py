@@ -8,9 +8,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
-from data.eval_sets import SETS as EVAL_SETS
 from gcvit.engine.param_groups import FREEZE
+from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
+from gcvit_data.eval_sets import SETS as EVAL_SETS
 
 
 @dataclass
@@ -116,8 +116,8 @@ class Config:
     mode: str = "train"  # train | eval
     checkpoint: str | None = None  # mode=eval: the weights to evaluate (train: see model.pretrained)
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
-    data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (data.config)
-    aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (data.config)
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (gcvit_data.config)
+    aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (gcvit_data.config)
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer
     sched: SchedConfig = field(default_factory=SchedConfig)  # lr schedule
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop

@@ -64,7 +64,7 @@ def _dataset(cfg: Config, env: DistEnv, args: argparse.Namespace, facts: Facts) 
             facts.read = doctor_checks.timed_read(index, args.sample_files, data.workers, seed=env.rank)
         except OSError as e:
             return Row("data-index", FAIL, f"cannot read {e.filename} ({e.strerror}); run python -m "
-                       f"data.verify {data.root} --write-index DIR and train on that clean index "
+                       f"gcvit_data.verify {data.root} --write-index DIR and train on that clean index "
                        "(data.index_dir=DIR)")
         facts.jpeg = next((index.path(i) for i in range(min(len(index), 100))
                            if index.files[i].lower().endswith((".jpeg", ".jpg"))), None)

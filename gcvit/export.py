@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from data.config import IMAGENET_MEAN, IMAGENET_STD
 from gcvit.engine.pretrained import WEIGHTS, Pretrained, read
 from gcvit.models.checkpoint import CheckpointLoadError, describe
 from gcvit.models.gcvit import GCViT
 from gcvit.predict import build
+from gcvit_data.config import IMAGENET_MEAN, IMAGENET_STD
 
 TARGETS = ("onnx", "torchscript", "exported")
 Runner = Callable[[torch.Tensor], torch.Tensor]

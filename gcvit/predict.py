@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from data.index import IMAGE_EXTENSIONS, BadImage, Index
-from data.loaders import normalize_on
-from data.torch_loader import ImageDataset
 from gcvit.engine.pretrained import Pretrained, read
 from gcvit.models.checkpoint import CheckpointLoadError, infer_config, load_checkpoint
 from gcvit.models.gcvit import GCViT
+from gcvit_data.index import IMAGE_EXTENSIONS, BadImage, Index
+from gcvit_data.loaders import normalize_on
+from gcvit_data.torch_loader import ImageDataset
 
 
 def build(src: Pretrained, img_size: int | None = None) -> GCViT:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.demo import ensure_demo_dataset
+from gcvit_data.demo import ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

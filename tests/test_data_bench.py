@@ -1,4 +1,4 @@
-"""python -m data.bench runs both loaders side by side and prints one JSON line per configuration."""
+"""python -m gcvit_data.bench runs both loaders side by side and prints one JSON line per configuration."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.bench import main
-from data.demo import write_image_folder
+from gcvit_data.bench import main
+from gcvit_data.demo import write_image_folder
 
 
 def test_bench_prints_both_loaders_and_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import dali
-from data.augment import RandAugmentSpec
-from data.config import IMAGENET_STD, AugConfig, DataConfig
-from data.dali_resize import TorchResize
-from data.demo import write_image_folder
-from data.loaders import build_loader
+from gcvit_data import dali
+from gcvit_data.augment import RandAugmentSpec
+from gcvit_data.config import IMAGENET_STD, AugConfig, DataConfig
+from gcvit_data.dali_resize import TorchResize
+from gcvit_data.demo import write_image_folder
+from gcvit_data.loaders import build_loader
 
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data.config import AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.loaders import build_loader
-from data.sampler import epoch_permutation
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.loaders import build_loader
+from gcvit_data.sampler import epoch_permutation
 
 pytestmark = pytest.mark.slow
 WORLD, BATCH, TRAIN, VAL = 2, 3, 5 * 11, 5 * 3  # 55 train images: 55 mod 6 = 1 sample dropped per epoch

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.feeder import PassPlan
-from data.index import DataError
-from data.loaders import build_loader
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.feeder import PassPlan
+from gcvit_data.index import DataError
+from gcvit_data.loaders import build_loader
 
 RA = "rand-m9-mstd0.5-inc1"
 
@@ -96,7 +96,7 @@ def test_a_file_gone_after_indexing_is_one_line_from_a_worker(tmp_path: Path) ->
     with pytest.raises(DataError) as err:
         list(loader)
     msg = str(err.value)
-    assert f"cannot read {victim}" in msg and "data.verify" in msg and "\n" not in msg
+    assert f"cannot read {victim}" in msg and "gcvit_data.verify" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("feeder_workers", [0, 2])
@@ -114,7 +114,7 @@ def test_a_file_dali_cannot_decode_is_named(tmp_path: Path, feeder_workers: int)
 
 
 def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest.CaptureFixture) -> None:
-    from data.bench_feeder import main
+    from gcvit_data.bench_feeder import main
 
     assert main(["--root", str(root / "train"), "--feeder-workers", "0", "1", "--batch", "4", "--img-size",
                  "24", "--step-ms", "1", "--batches", "2", "--warmup", "1"]) == 0
@@ -148,9 +148,9 @@ def test_a_torch_multiprocessing_rank_exits_with_a_live_loader(root: Path, tmp_p
 SIGNALLED = """
 import os, signal, sys, time, torch
 from pathlib import Path
-from data.config import AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.loaders import build_loader
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.loaders import build_loader
 if __name__ == "__main__":
     root = write_image_folder(Path(sys.argv[1]), train_per_class=16, val_per_class=1, num_classes=2)
     data = DataConfig(root=str(root), loader="dali", batch_size=4, workers=1, feeder_workers=2)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.image_header import image_size, jpeg_size
-from data.index import DataError
+from gcvit_data.image_header import image_size, jpeg_size
+from gcvit_data.index import DataError
 
 
 def _encoded(mode: str, size: tuple[int, int], fmt: str = "JPEG", **save: object) -> bytes:
@@ -51,7 +51,7 @@ def test_other_formats_go_to_pil() -> None:
 
 
 def test_junk_is_one_line_naming_the_file() -> None:
-    with pytest.raises(DataError, match=r"cannot decode bad/junk.JPEG .*data.verify"):
+    with pytest.raises(DataError, match=r"cannot decode bad/junk.JPEG .*gcvit_data.verify"):
         image_size(b"this is not an image", "bad/junk.JPEG")
 
 

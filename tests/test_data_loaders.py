@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import AugConfig, DataConfig
-from data.demo import ensure_demo_dataset, write_image_folder
-from data.index import DataError
-from data.loaders import Batch, build_loader
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import ensure_demo_dataset, write_image_folder
+from gcvit_data.index import DataError
+from gcvit_data.loaders import Batch, build_loader
 
 CPU = torch.device("cpu")
 RA = "rand-m9-mstd0.5-inc1"
@@ -149,7 +149,7 @@ def test_unreadable_image_is_one_line_naming_the_file(tmp_path: Path, kind: str)
     with pytest.raises(DataError) as err:
         _take(_loader(root, kind, batch=8))
     msg = str(err.value)
-    assert str(victim) in msg and "data.verify" in msg and "\n" not in msg
+    assert str(victim) in msg and "gcvit_data.verify" in msg and "\n" not in msg
 
 
 def test_bad_roots_are_one_line(tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_timm_posterize_at_magnitude_10_is_clamped_to_one_bit() -> None:
     """timm asks for 0 bits at magnitude 10, which Pillow 13 refuses; the torch loader gives 1 bit."""
     from PIL import Image, ImageOps
 
-    from data.torch_loader import timm_rand_augment
+    from gcvit_data.torch_loader import timm_rand_augment
 
     ra = timm_rand_augment("rand-m10-mstd0-inc1", 32, "bicubic")
     op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")

@@ -1,5 +1,5 @@
-"""python -m data.pack writes shards that hold the source bytes in index order, that tar, webdataset and
-DALI read as they are, atomically; python -m data.verify finds a changed byte and names where it is."""
+"""python -m gcvit_data.pack writes shards that hold the source bytes in index order, that tar, webdataset and
+DALI read as they are, atomically; python -m gcvit_data.verify finds a changed byte and names where it is."""
 from __future__ import annotations
 
 import hashlib
@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from data import pack as pack_module
-from data.config import AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.index import BadImage, DataError, load_index
-from data.loaders import build_loader
-from data.pack import main as pack_main
-from data.shards import PackReader, Split, is_pack
-from data.verify import main as verify_main
+from gcvit_data import pack as pack_module
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.index import BadImage, DataError, load_index
+from gcvit_data.loaders import build_loader
+from gcvit_data.pack import main as pack_main
+from gcvit_data.shards import PackReader, Split, is_pack
+from gcvit_data.verify import main as verify_main
 
 SHARD = "16KB"  # 3-6 images of 40-90 px per shard: several shards per split
 
@@ -105,7 +105,7 @@ def test_dali_webdataset_reader_reads_the_shards(source: Path, packed: Path) -> 
 
 KILLED_MIDWAY = """
 import os, signal, sys
-from data import pack
+from gcvit_data import pack
 real, members = pack._Tar.member, []
 
 def member(self, name, data):  # SIGKILL (no cleanup runs) at the 19th member: 2 shards done, the 3rd begun
@@ -235,8 +235,8 @@ def test_verify_catches_a_shard_changed_outside_any_sample(packed: Path, tmp_pat
 
 
 def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "data.pack", str(source), str(tmp_path / "p"), "--splits",
-                          "val"], capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-m", "gcvit_data.pack", str(source), str(tmp_path / "p"),
+                          "--splits", "val"], capture_output=True, text=True, check=True)
     assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
 
 

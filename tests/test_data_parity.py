@@ -10,10 +10,10 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision.transforms import functional as TF
 
-from data.augment import val_geometry
-from data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.loaders import build_loader
+from gcvit_data.augment import val_geometry
+from gcvit_data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.loaders import build_loader
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 

@@ -1,4 +1,4 @@
-"""python -m data.prepare imagenet on small tars in the real layout (generated and sample JPEGs)."""
+"""python -m gcvit_data.prepare imagenet on small tars in the real layout (generated and sample JPEGs)."""
 from __future__ import annotations
 
 import io
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from data.demo import draw
-from data.index import DataError, load_index
-from data.prepare import main
+from gcvit_data.demo import draw
+from gcvit_data.index import DataError, load_index
+from gcvit_data.prepare import main
 
 # ILSVRC2012_ID order (1, 2, 3) differs from sorted-wnid order: a mapping through the IDs' order would
 # put every val image into the wrong class.

@@ -11,10 +11,10 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image
 from timm.data.auto_augment import LEVEL_TO_ARG, NAME_TO_OP
 
-from data import dali_augment
-from data.augment import RandAugmentSpec
-from data.config import IMAGENET_MEAN
-from data.demo import draw
+from gcvit_data import dali_augment
+from gcvit_data.augment import RandAugmentSpec
+from gcvit_data.config import IMAGENET_MEAN
+from gcvit_data.demo import draw
 
 SIZE, MAG = 64, 9.0
 SPEC = RandAugmentSpec.parse("rand-m9-mstd0.5-inc1")

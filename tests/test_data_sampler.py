@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from data.sampler import GlobalSampler, epoch_permutation
+from gcvit_data.sampler import GlobalSampler, epoch_permutation
 
 
 def _epoch(n: int, batch: int, world: int, *, train: bool, epoch: int = 0,

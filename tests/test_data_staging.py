@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import DataConfig
-from data.demo import write_image_folder
-from data.index import DataError, load_index
-from data.pack import pack
-from data.staging import DONE, stage, staged_path
 from gcvit.config import Config
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.setup import resolve_data
+from gcvit_data.config import DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.index import DataError, load_index
+from gcvit_data.pack import pack
+from gcvit_data.staging import DONE, stage, staged_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_a_copy_is_made_once_then_reused(packed: Path, tmp_path: Path, capsys) -
 
 
 def test_processes_of_a_node_copy_once_and_all_get_the_copy(packed: Path, tmp_path: Path) -> None:
-    code = f"from data.staging import stage; print(stage({str(packed)!r}, {str(tmp_path / 'c')!r}))"
+    code = f"from gcvit_data.staging import stage; print(stage({str(packed)!r}, {str(tmp_path / 'c')!r}))"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -84,7 +84,7 @@ def test_a_shard_that_is_not_the_packed_one_is_refused(packed: Path, tmp_path: P
 
 
 def test_too_little_space_is_one_line(packed: Path, tmp_path: Path, monkeypatch) -> None:
-    import data.staging as staging
+    import gcvit_data.staging as staging
 
     monkeypatch.setattr(staging.shutil, "disk_usage", lambda _: type("U", (), {"free": 1000})())
     with pytest.raises(DataError, match=r"has 0.0 GB free but the pack .* needs 0.0 GB more"):

@@ -1,4 +1,4 @@
-"""python -m data.verify finds every kind of bad file; its clean index lets DALI read a whole epoch."""
+"""python -m gcvit_data.verify finds every kind of bad file; its clean index lets DALI read a whole epoch."""
 from __future__ import annotations
 
 import io
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.config import AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.index import DataError
-from data.loaders import build_loader
-from data.verify import main
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.index import DataError
+from gcvit_data.loaders import build_loader
+from gcvit_data.verify import main
 
 
 def _bad_files(root: Path) -> dict[str, str]:

@@ -16,10 +16,10 @@ import torch
 from timm.utils import ModelEmaV3
 
 import gcvit
-from data.demo import write_image_folder
 from gcvit import cluster, doctor, doctor_checks, doctor_rows
 from gcvit.doctor_checks import FAIL, OK, WARN, Row
 from gcvit.engine import optim
+from gcvit_data.demo import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("config", "torch", "cuda", "gpus", "dali", "launcher", "interconnect", "allreduce", "grad-sync",
@@ -292,7 +292,7 @@ def test_target_rate_reads_recorded_benchmarks(tmp_path: Path, monkeypatch) -> N
 
 
 def test_a_pack_is_read_through_its_shards(root: Path, tmp_path: Path, capsys) -> None:
-    from data.pack import pack
+    from gcvit_data.pack import pack
 
     pack(root, tmp_path / "pack", shard_size=1 << 20, progress=False)
     code, out, err, table = _run([*TINY, f"data.root={tmp_path / 'pack'}",

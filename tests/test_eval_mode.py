@@ -11,7 +11,7 @@ from PIL import Image
 from reliability_harness import train
 
 import gcvit
-from data.eval_sets import timm_info
+from gcvit_data.eval_sets import timm_info
 
 WNIDS = timm_info("imagenet_synsets.txt").split()
 A = timm_info("imagenet_a_synsets.txt").split()

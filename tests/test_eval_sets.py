@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data.eval_sets import build_eval_set, timm_info
-from data.index import DataError, Index
-from data.loaders import Batch
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import Predictions, expected_calibration_error, predict, score
+from gcvit_data.eval_sets import build_eval_set, timm_info
+from gcvit_data.index import DataError, Index
+from gcvit_data.loaders import Batch
 
 WNIDS = timm_info("imagenet_synsets.txt").split()
 A_WNIDS = timm_info("imagenet_a_synsets.txt").split()
@@ -69,7 +69,7 @@ def test_predictions_restricted_to_a_subset_map_back_to_model_classes() -> None:
 
 
 def build_subset_set(subset: list[int]):
-    from data.eval_sets import EvalSet
+    from gcvit_data.eval_sets import EvalSet
 
     return EvalSet("a", Index(Path("."), WNIDS[:10], ["x", "y"], [9, 7]), "restricted", subset=subset)
 
@@ -126,7 +126,7 @@ def test_ece_matches_a_hand_computed_value_and_is_zero_when_calibrated() -> None
 
 
 def test_val_reports_per_class_accuracy_and_ece() -> None:
-    from data.eval_sets import EvalSet
+    from gcvit_data.eval_sets import EvalSet
 
     es = EvalSet("val", Index(Path("."), ["n1", "n2"], ["a", "b", "c"], [0, 1, 1]), "val")
     res = score(es, _preds([[0, 1], [0, 1], [1, 0]], [0, 1, 1], [0.9, 0.8, 0.7]))

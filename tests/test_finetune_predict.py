@@ -15,10 +15,10 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import gcvit
-from data.config import AugConfig, DataConfig
-from data.loaders import build_loader
 from gcvit.models.checkpoint import from_native
 from gcvit.predict import main
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.loaders import build_loader
 
 ARCH = dict(dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=(4, 4, 2, 1), mlp_ratio=2.0)
 NAMES = ["Bolt-2", "apple pie", "zebra_stripes"]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from finetune_harness import FOLDERS, make_folder_dataset, train
 
-from data.config import AugConfig, DataConfig
-from data.index import DataError, Index
-from data.loaders import build_loader
-from data.split import describe, held_out
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.index import DataError, Index
+from gcvit_data.loaders import build_loader
+from gcvit_data.split import describe, held_out
 
 SIZES = {"a": 10, "b": 20, "c": 1, "d": 3}
 

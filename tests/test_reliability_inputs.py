@@ -160,13 +160,13 @@ def test_cuda_out_of_memory_is_one_line_naming_the_micro_batch_and_what_to_do(ru
 
 def test_corrupt_jpegs_are_reported_by_data_verify_and_never_crash_training_opaquely(
         runs: dict[str, Any]) -> None:
-    verify = subprocess.run([sys.executable, "-m", "data.verify", str(runs["bad root"])], cwd=REPO,
+    verify = subprocess.run([sys.executable, "-m", "gcvit_data.verify", str(runs["bad root"])], cwd=REPO,
                             capture_output=True, text=True, timeout=180, env=child_env())
     report = verify.stdout + verify.stderr
     assert verify.returncode != 0 and "truncated.JPEG" in report and "notes.JPEG" in report, report[-3000:]
     run = runs["corrupt jpegs"]
     if run.procs[0].returncode != 0:  # refusing is fine with a line naming a bad file and the tool
-        assert _one_line_problem(run, "data.verify") is None
+        assert _one_line_problem(run, "gcvit_data.verify") is None
         assert "truncated.JPEG" in run.err() or "notes.JPEG" in run.err()
 
 

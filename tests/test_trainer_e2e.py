@@ -13,9 +13,9 @@ import pytest
 import torch
 from reliability_harness import child_env
 
-from data.demo import ensure_demo_dataset
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE
+from gcvit_data.demo import ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = child_env()
@@ -99,8 +99,8 @@ def test_eval_only_reproduces_the_training_eval(tiny_run) -> None:
 def test_eval_only_on_a_timm_checkpoint_matches_timm(tmp_path: Path) -> None:
     from timm.models.gcvit import GlobalContextVit
 
-    from data.config import AugConfig, DataConfig
-    from data.loaders import build_loader
+    from gcvit_data.config import AugConfig, DataConfig
+    from gcvit_data.loaders import build_loader
 
     torch.manual_seed(1)
     # dim 32: at 16 timm rounds the squeeze-excite width up to 8 channels where the official code has 4.

@@ -11,9 +11,6 @@ from typing import Any
 import torch
 
 import gcvit
-from data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
-from data.loaders import build_loader
-from data.split import describe as describe_split
 from gcvit.config import Config, to_container
 from gcvit.engine import eval_report
 from gcvit.engine.checkpoint import CheckpointManager
@@ -21,6 +18,9 @@ from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import lowest_classes, predict, score
 from gcvit.engine.metrics import WandbLogger
 from gcvit.engine.setup import compiled, resolve_data, run_dir_for, trained_run_dir
+from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
+from gcvit_data.loaders import build_loader
+from gcvit_data.split import describe as describe_split
 
 
 def _checkpoint(cfg: Config) -> tuple[Path, Path]:

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.eval_sets import EvalSet
 from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.setup import autocast
+from gcvit_data.eval_sets import EvalSet
 
 ECE_BINS = 15
 

@@ -23,8 +23,6 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import gcvit
-from data.loaders import AUDIT_ENV, build_loader, trim_audit
-from data.split import describe as describe_split
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
@@ -43,6 +41,8 @@ from gcvit.engine.setup import (
     seed_step,
     set_rng_state,
 )
+from gcvit_data.loaders import AUDIT_ENV, build_loader, trim_audit
+from gcvit_data.split import describe as describe_split
 
 # Steps of a compiled run whose time is compilation (forward and backward in the first, the
 # accumulation/DDP variants and recompiles in the second), not what a step costs.

@@ -98,13 +98,14 @@ def _write_run_dir(cfg: Config, run_dir: Path) -> str | None:
     return None
 
 def _staged(root: str, cache_dir: str, env: DistEnv) -> Path:
-    """data.cache_dir: the node-local copy of the pack at data.root (data.staging; one copier per node)."""
-    from data.shards import is_pack
-    from data.staging import stage
+    """data.cache_dir: the node-local copy of the pack at data.root (gcvit_data.staging: one per node)."""
+    from gcvit_data.shards import is_pack
+    from gcvit_data.staging import stage
 
     if not is_pack(root):
         raise SystemExit(f"config error: data.cache_dir={cache_dir} stages packs only, and data.root={root} "
-                         "is an image folder; pack it (python -m data.pack ROOT OUT) or unset data.cache_dir")
+                         "is an image folder; pack it (python -m gcvit_data.pack ROOT OUT) or unset "
+                         "data.cache_dir")
     return stage(root, cache_dir, verbose=env.local_rank == 0)
 
 
@@ -120,7 +121,7 @@ def resolve_data(cfg: Config, env: DistEnv) -> Any:
         if env.is_main:
             print("demo: DALI is not installed (pip install -e '.[dali]'); reading with data.loader=torch")
         data = replace(data, loader="torch")
-    from data.demo import ensure_demo_dataset
+    from gcvit_data.demo import ensure_demo_dataset
 
     root = str(ensure_demo_dataset()) if env.is_main else None
     return replace(data, root=distributed.broadcast_object(root))  # also a barrier: others wait for the files

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import IMAGENET_STD, AugConfig, DataConfig
-from data.demo import write_image_folder
-from data.loaders import Batch, build_loader
+from gcvit_data.config import IMAGENET_STD, AugConfig, DataConfig
+from gcvit_data.demo import write_image_folder
+from gcvit_data.loaders import Batch, build_loader
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (the kit installs it from carried parts)")
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255  # normalized units -> 0..255 pixel units

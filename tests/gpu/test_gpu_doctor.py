@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.demo import write_image_folder
+from gcvit_data.demo import write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
