@@ -1,14 +1,16 @@
 """DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
 
 Python reads each file's header and draws the sample's crop, flip and RandAugment choices from the sample's
-own generator (sampler.sample_rng); DALI gets them, and the path it reads the file from, as inputs of an
-external_source (the feeder, data/feeder.py) that runs in DALI's worker processes, so the training thread
-only hands a few arrays per batch over. So an image's augmentation depends on (seed, epoch, index) only:
+own generator (sampler.sample_rng); DALI gets them, and the path it reads the file from (from a pack: the
+encoded bytes, read from the shard with one pread), as inputs of an external_source (the feeder,
+data/feeder.py) that runs in DALI's worker processes, so the training thread only hands a few arrays per
+batch over. So an image's augmentation depends on (seed, epoch, index) only:
 not on the rank, the batch, a restart or which process computed it.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing.util
 from collections.abc import Iterator
 from typing import Any
@@ -29,14 +31,15 @@ from gcvit_data.loaders import Batch, Loader, labels_on
 from gcvit_data.sampler import GlobalSampler
 
 
-def _inputs(source: Any, ahead: int) -> list[Any]:
-    """The encoded files (read by DALI's threads from the feeder's paths) and the feeder's other outputs
-    for one batch; ahead > 0: the feeder runs in DALI's worker processes, that many batches ahead of the
-    pipeline (one batch is one worker's task, so `ahead` workers run at once)."""
+def _inputs(source: Any, ahead: int, packed: bool) -> list[Any]:
+    """The encoded files (read by DALI's threads from the feeder's paths; from a pack, the feeder's own
+    output) and the feeder's other outputs for one batch; ahead > 0: the feeder runs in DALI's worker
+    processes, that many batches ahead of the pipeline (one batch is one worker's task, so `ahead` workers
+    run at once)."""
     parallel = {"parallel": True, "prefetch_queue_depth": ahead} if ahead else {}
     paths, *rest = fn.external_source(source=source, num_outputs=len(INPUTS), batch=True, batch_info=True,
                                       **parallel)
-    return [fn.io.file.read(paths), *rest]
+    return [paths if packed else fn.io.file.read(paths), *rest]
 
 
 def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
@@ -49,9 +52,9 @@ def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
-                   torch_resize: TorchResize | None, half: bool, ahead: int = 0):
+                   torch_resize: TorchResize | None, half: bool, ahead: int = 0, packed: bool = False):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
-    encoded, params, keys = _inputs(source, ahead)
+    encoded, params, keys = _inputs(source, ahead, packed)
     images = fn.decoders.image_slice(encoded, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      adjust_orientation=False, jpeg_fancy_upsampling=True)
@@ -65,9 +68,9 @@ def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: 
 
 @pipeline_def
 def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
-                 half: bool, ahead: int = 0):
+                 half: bool, ahead: int = 0, packed: bool = False):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
-    encoded, geometry, keys = _inputs(source, ahead)
+    encoded, geometry, keys = _inputs(source, ahead, packed)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True)
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
@@ -85,9 +88,6 @@ class DaliLoader(Loader):
                  img_size: int, seed: int, device: torch.device, dtype: torch.dtype, split: str,
                  audit: bool) -> None:
         super().__init__(sampler, len(index.classes), split, audit)
-        if getattr(index, "reader", None) is not None:  # a pack (gcvit_data.shards.PackIndex)
-            raise DataError(f"data.root={data.root} is a pack, which the DALI loader cannot read yet (DALI "
-                            "reads files by path); use data.loader=torch or the folder it was packed from")
         if data.dali_device == "gpu" and device.type != "cuda":
             raise DataError(f"data.dali_device=gpu needs a CUDA training device, got {device}; "
                             "use data.dali_device=cpu")
@@ -117,7 +117,7 @@ class DaliLoader(Loader):
                   prefetch_queue_depth=self.data.prefetch, py_num_workers=max(1, workers),
                   py_start_method="spawn", source=self.feeder, ahead=ahead, img_size=self.img_size,
                   decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize,
-                  half=self.dtype == torch.float16)
+                  half=self.dtype == torch.float16, packed=self.feeder.packed)
         self.plan.clear()  # a new pipeline counts its epochs from 0
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()
@@ -197,12 +197,13 @@ class DaliLoader(Loader):
             return error
         suspects = self._in_flight()
         for i in suspects:
-            path = self.index.path(i)
             try:
-                with Image.open(path) as img:
+                with Image.open(io.BytesIO(self.index.encoded(i))) as img:  # a pack's: from its shard
                     img.convert("RGB")
+            except BadImage as e:
+                return DataError(str(e))
             except Exception as e:  # noqa: BLE001 - any failure marks the culprit
-                return DataError(bad_image(path, e))
+                return DataError(bad_image(self.index.path(i), e))
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return DataError(f"DALI failed on one of {len(suspects)} images in flight ({first}); run "
                          "python -m gcvit_data.verify on the dataset root to find bad files")

@@ -24,10 +24,12 @@ from gcvit_data.config import AugConfig
 from gcvit_data.image_header import image_size, jpeg_size
 from gcvit_data.index import BadImage, DataError, Index
 from gcvit_data.sampler import GlobalSampler, sample_rng
+from gcvit_data.shards import PackIndex
 
-# The feeder's outputs per batch: paths (zero-padded bytes), params (int32 per sample), keys (int64: id,
-# label). Train params hold TRAIN_PARAMS then, with RandAugment, the op ids, magnitude bins and signs of
-# each layer; val params the resized height and width, then the crop's top and left.
+# The feeder's outputs per batch: paths (zero-padded bytes; from a pack: the encoded images, one uint8 array
+# each), params (int32 per sample), keys (int64: id, label). Train params hold TRAIN_PARAMS then, with
+# RandAugment, the op ids, magnitude bins and signs of each layer; val params the resized height and width,
+# then the crop's top and left.
 INPUTS = ("paths", "params", "keys")
 TRAIN_PARAMS = ("top", "left", "height", "width", "flip")
 HEAD_BYTES = 16384  # enough for the start-of-frame of nearly every JPEG; the rest is read only when not
@@ -85,6 +87,10 @@ class Feeder:
     training thread hands to DALI per batch is a few small arrays whatever the batch size: the files'
     paths (zero-padded bytes; DALI's fn.io.file.read reads the files on its own threads) and the drawn
     parameters. The feeder itself reads only each file's header, for the size the crop is drawn from.
+
+    From a pack (gcvit_data.shards.PackIndex) there is no file to name: the feeder reads each sample's
+    bytes with one pread from its shard (crc32c-checked; the shards are opened once per process, at the
+    first read) and hands DALI the encoded images themselves, a list of arrays, instead of the paths.
     """
 
     def __init__(self, index: Index, sampler: GlobalSampler, aug: AugConfig | None, img_size: int,
@@ -92,6 +98,7 @@ class Feeder:
         self.index, self.sampler, self.aug, self.plan = index, sampler, aug, plan
         self.img_size, self.crop_pct, self.seed = img_size, crop_pct, seed
         self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
+        self.packed = isinstance(index, PackIndex)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled only in DALI's worker processes. A preemption signal (SLURM's USR1 or TERM to every
@@ -117,15 +124,22 @@ class Feeder:
         except DataError as e:  # SystemExit would kill a worker process: travel as an Exception instead
             raise BadImage(str(e).removeprefix("data error: ")) from None
         paths, params = zip(*samples)
+        keys = np.stack([ids, np.asarray(self.index.labels)[ids]], axis=1).astype(np.int64)
+        if self.packed:
+            return list(paths), np.stack(params), keys
         padded = np.zeros((len(paths), max(map(len, paths))), np.uint8)  # DALI stops at the first NUL
         for row, path in zip(padded, paths):
             row[:len(path)] = np.frombuffer(path, np.uint8)
-        keys = np.stack([ids, np.asarray(self.index.labels)[ids]], axis=1).astype(np.int64)
         return padded, np.stack(params), keys
 
-    def _read(self, i: int) -> tuple[bytes, int, int]:
-        """The file's path as bytes and its (width, height) from the header."""
+    def _read(self, i: int) -> tuple[Any, int, int]:
+        """The file's path as bytes (from a pack: the encoded image) and its (width, height) from the
+        header."""
         path = self.index.path(i)
+        if self.packed:
+            encoded = self.index.encoded(i)
+            size = jpeg_size(encoded[:HEAD_BYTES]) or image_size(encoded, path)
+            return (np.frombuffer(encoded, np.uint8), *size)
         try:
             with open(path, "rb") as f:
                 head = f.read(HEAD_BYTES)
@@ -137,8 +151,9 @@ class Feeder:
                            "dataset root") from None
         return (os.fsencode(path), *size)
 
-    def train_sample(self, epoch: int, i: int) -> tuple[bytes, np.ndarray]:
-        """path, TRAIN_PARAMS: crop (top, left, height, width), flip, RandAugment ops, bins, signs."""
+    def train_sample(self, epoch: int, i: int) -> tuple[Any, np.ndarray]:
+        """path (or encoded image), TRAIN_PARAMS: crop (top, left, height, width), flip, RandAugment ops,
+        bins, signs."""
         path, w, h = self._read(i)
         rng = sample_rng(self.seed, epoch, i)
         crop = rrc_params(rng, w, h, tuple(self.aug.scale), tuple(self.aug.ratio))
@@ -146,8 +161,8 @@ class Feeder:
         ra = dali_augment.draw(self.spec, rng) if self.spec else ()
         return path, np.concatenate([crop, [flip], *ra]).astype(np.int32)
 
-    def val_sample(self, i: int) -> tuple[bytes, np.ndarray]:
-        """path, (height, width) of the resized image and (top, left) of the crop in it."""
+    def val_sample(self, i: int) -> tuple[Any, np.ndarray]:
+        """path (or encoded image), (height, width) of the resized image and (top, left) of the crop in it."""
         path, w, h = self._read(i)
         rw, rh, top, left = val_geometry(w, h, self.img_size, self.crop_pct)
         return path, np.array([rh, rw, top, left], np.int32)

@@ -115,17 +115,30 @@ class Split:
 
 
 class PackReader:
-    """Random access to a split's samples: shard files opened once, one os.pread per sample.
+    """Random access to a split's samples: shard files opened once, at the first read, one os.pread per
+    sample.
 
     The descriptors survive fork (DataLoader workers) and pread keeps no file position, so processes and
-    threads may share them; pickling (spawn) reopens them.
+    threads may share them; an unpickled reader (a spawned DALI feeder or DataLoader worker) opens its own
+    at its first read, so a process that never reads opens nothing.
     """
 
     def __init__(self, split: Split, check: bool = False) -> None:
         self.split, self.check = split, check  # check: verify each sample's crc32c on read
-        # unbuffered file objects only to hold the descriptors: closed by close() or when collected
-        self._files = [open(split.shard_path(k), "rb", buffering=0)  # noqa: SIM115
-                       for k in range(len(split.shards))]
+        self._opened: list[Any] = []
+
+    @property
+    def _files(self) -> list[Any]:
+        if not self._opened:
+            # unbuffered file objects only to hold the descriptors: closed by close() or when collected
+            for k in range(len(self.split.shards)):
+                try:
+                    self._opened.append(open(self.split.shard_path(k), "rb", buffering=0))  # noqa: SIM115
+                except OSError as e:
+                    self.close()
+                    raise BadImage(f"cannot open {self.split.shard_path(k)} ({e.strerror}); run python -m "
+                                   f"gcvit_data.verify {self.split.root} and restore that shard") from None
+        return self._opened
 
     def read(self, i: int) -> bytes:
         """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
@@ -154,10 +167,10 @@ class PackReader:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        """Close the shard files."""
-        for f in self._files:
+        """Close the shard files (a later read opens them again)."""
+        for f in self._opened:
             f.close()
-        self._files = []
+        self._opened = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {"split": self.split, "check": self.check}

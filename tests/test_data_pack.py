@@ -240,65 +240,81 @@ def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
     assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
 
 
-def _torch_batches(root: Path, split: str, workers: int, resume_after: int | None = None,
-                   val_split: float | None = None) -> list[tuple]:
-    data = DataConfig(root=str(root), loader="torch", batch_size=5, workers=workers, val_split=val_split)
-    loader = build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
-                          seed=3, rank=0, world_size=1, device=torch.device("cpu"))
-    loader.set_epoch(1)
+def _batches(root: Path, split: str, workers: int, resume_after: int | None = None,
+             val_split: float | None = None, loader: str = "torch") -> list[tuple]:
+    """A whole epoch; workers: DataLoader workers (torch) or feeder processes (dali, on 1 DALI thread)."""
+    procs = {"workers": workers} if loader == "torch" else {"workers": 1, "feeder_workers": workers}
+    data = DataConfig(root=str(root), loader=loader, batch_size=5, val_split=val_split, **procs)
+
+    def build():
+        return build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
+                            seed=3, rank=0, world_size=1, device=torch.device("cpu"))
+    loader_ = build()
+    loader_.set_epoch(1)
     out = []
-    for batch in loader:
+    for batch in loader_:
         out.append((batch.images, batch.labels, batch.ids))
         if resume_after is not None and len(out) == resume_after:  # a restart from the saved position
-            state = loader.state_dict()
-            loader = build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split,
-                                  img_size=24, seed=3, rank=0, world_size=1, device=torch.device("cpu"))
-            loader.load_state_dict(state)
-            out += [(b.images, b.labels, b.ids) for b in loader]
+            state = loader_.state_dict()
+            loader_ = build()
+            loader_.load_state_dict(state)
+            out += [(b.images, b.labels, b.ids) for b in loader_]
             break
     return out
 
 
+def _assert_same(got: list[tuple], want: list[tuple]) -> None:
+    assert len(got) == len(want)
+    for (x, y, i), (fx, fy, fi) in zip(got, want):
+        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_torch_loader_gives_bitwise_the_folder_batches_from_a_pack(source: Path, packed: Path, split: str,
-                                                                   tmp_path: Path) -> None:
-    folder = _torch_batches(source, split, workers=0)
+def test_loaders_give_bitwise_the_folder_batches_from_a_pack(source: Path, packed: Path, split: str,
+                                                             loader: str, tmp_path: Path) -> None:
+    folder = _batches(source, split, workers=0, loader=loader)
     assert len(folder) >= 2
     pack = _orphan(packed, tmp_path)
-    runs = [_torch_batches(pack, split, workers=2)]
+    runs = [_batches(pack, split, workers=2, loader=loader)]
     if split == "train":  # val passes always start at the beginning
-        runs.append(_torch_batches(pack, split, workers=0, resume_after=1))
+        runs.append(_batches(pack, split, workers=0, resume_after=1, loader=loader))
     for got in runs:
-        assert len(got) == len(folder)
-        for (x, y, i), (fx, fy, fi) in zip(got, folder):
-            assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+        _assert_same(got, folder)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_val_split_of_a_pack_is_the_val_split_of_its_folder(source: Path, packed: Path, split: str,
                                                             tmp_path: Path) -> None:
     pack = _orphan(packed, tmp_path)
-    folder = _torch_batches(source, split, workers=0, val_split=0.4)
-    got = _torch_batches(pack, split, workers=0, val_split=0.4)
-    assert len(got) == len(folder) >= 1
-    for (x, y, i), (fx, fy, fi) in zip(got, folder):
-        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+    folder = _batches(source, split, workers=0, val_split=0.4)
+    got = _batches(pack, split, workers=0, val_split=0.4)
+    assert len(folder) >= 1
+    _assert_same(got, folder)
 
 
-def test_torch_loader_names_the_corrupt_sample_of_a_pack(packed: Path, tmp_path: Path) -> None:
-    pack = _copy(packed, tmp_path)
-    split = Split.load(pack, "val")
-    row = split.samples[4]
+def _flip_a_byte_of(pack: Path, split_name: str, i: int) -> tuple[Path, int]:
+    """Corrupt sample i inside its shard; returns the shard and the sample's offset."""
+    split = Split.load(pack, split_name)
+    row = split.samples[i]
     shard = split.shard_path(int(row["shard"]))
     data = bytearray(shard.read_bytes())
     data[int(row["offset"]) + 100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    at = int(row["offset"])
+    return shard, int(row["offset"])
+
+
+@pytest.mark.parametrize("loader,workers", [("torch", 1), ("dali", 0), ("dali", 2)])
+def test_loaders_name_the_corrupt_sample_of_a_pack(packed: Path, tmp_path: Path, loader: str,
+                                                   workers: int) -> None:
+    pack = _copy(packed, tmp_path)
+    shard, at = _flip_a_byte_of(pack, "val", 4)
     with pytest.raises(DataError, match=rf"^data error: corrupt sample 4 in {shard} at offset {at} "
                                         r"\(packed from .*/val/.*\.JPEG\): crc32c .*data\.verify"):
-        list(_torch_batches(pack, "val", workers=1))
-    with pytest.raises(DataError, match="data.index_dir applies to image folders"):
-        load_index(pack, "val", index_dir=str(tmp_path))
+        list(_batches(pack, "val", workers=workers, loader=loader))
+    if loader == "torch":
+        with pytest.raises(DataError, match="data.index_dir applies to image folders"):
+            load_index(pack, "val", index_dir=str(tmp_path))
 
 
 def test_verify_catches_an_index_that_disagrees_with_the_manifest(packed: Path, tmp_path: Path,
@@ -366,10 +382,15 @@ def test_png_sources_become_png_members(tmp_path: Path) -> None:
     assert load_index(tmp_path / "pack", "train").encoded(2) == jpeg.with_suffix(".png").read_bytes()
 
 
-def test_the_dali_loader_refuses_a_pack_with_one_line(tmp_path: Path) -> None:
-    root = write_image_folder(tmp_path / "src", train_per_class=2, val_per_class=1, num_classes=2)
+def test_dali_names_the_original_file_of_a_packed_image_it_cannot_decode(tmp_path: Path) -> None:
+    """Packed as it was (its crc32c holds), a JPEG whose data ends after the scan header: DALI fails,
+    and the loader names the file the sample was packed from."""
+    root = write_image_folder(tmp_path / "src", train_per_class=4, val_per_class=1, num_classes=2)
+    victim = sorted((root / "train").rglob("*.JPEG"))[2]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:raw.index(b"\xff\xda") + 12])
     pack_module.pack(root, tmp_path / "pack", shard_size=1 << 20, progress=False)
-    data = DataConfig(root=str(tmp_path / "pack"), loader="dali", batch_size=2, workers=1)
-    with pytest.raises(DataError, match="is a pack, which the DALI loader cannot read yet.*loader=torch"):
-        build_loader(data, AugConfig(), split="val", img_size=32, seed=0, rank=0, world_size=1,
-                     device=torch.device("cpu"))
+    with pytest.raises(DataError) as err:
+        _batches(tmp_path / "pack", "train", workers=2, loader="dali")
+    msg = str(err.value)
+    assert f"cannot decode {victim}" in msg and "\n" not in msg
