@@ -12,6 +12,15 @@ timed; torch: its worker processes plus the main thread while torch is timed): i
 when fully used, and unlike img/s it barely moves when other processes share the machine.
 `*_main_us_per_img` is the CPU the training thread itself spends per image inside the loader (what it
 cannot spend launching kernels); compare --feeder-workers 0 (the feeder on that thread) with the default.
+
+Folder vs packed shards (docs/shards.md), the same images both ways:
+
+    python -m gcvit_data.bench --root ../shared/imagenet-sample --format folder shards --loaders dali --fs-ops
+
+packs ROOT's train split into a temporary folder once, then times every loader on either format in the
+same alternating rounds (keys `<loader>_<format>_img_s`, and `<loader>_shards_vs_folder`, the ratio of
+img/s). Images per CPU-second need one loader of each kind and are left out then. --fs-ops also counts
+the opens and stats of dataset files per image of each (gcvit_data.bench_fs: strace on a child process).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -28,16 +38,19 @@ from typing import Any
 
 import torch
 
+from gcvit_data import bench_fs
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
+from gcvit_data.pack import pack, parse_size
 
 FULL = "rand-m9-mstd0.5-inc1"
 
 
 def dataset_root(root: Path, tmp: Path) -> Path:
     """ROOT itself, or a temporary ROOT whose train/ and val/ link to a bare folder of class folders."""
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or (root / "pack.json").is_file():
         return root
+    tmp.mkdir(exist_ok=True)
     for split in ("train", "val"):
         (tmp / split).symlink_to(root.resolve())
     return tmp
@@ -96,51 +109,71 @@ def background_cpu(dali_pids: set[int]) -> dict[str, float]:
     return {"dali": time.process_time() - time.thread_time() + mine, "torch": sum(children.values()) - mine}
 
 
-def bench(root: Path, rand_augment: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Both loaders on the same images and recipe; medians over alternating rounds."""
+def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Every loader on every format (folder, shards) of the same images and recipe; medians over
+    alternating rounds."""
     aug = AugConfig(rand_augment=rand_augment)
     streams = {}
-    for kind in ("dali", "torch"):
-        data = DataConfig(root=str(root), loader=kind, dali_device=args.dali_device, batch_size=args.batch,
-                          workers=args.threads, prefetch=args.prefetch, index_cache=args.index_cache,
-                          feeder_workers=args.feeder_workers)
-        loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0, world_size=1,
-                              device=torch.device("cuda" if args.dali_device == "gpu" else "cpu"))
-        streams[kind] = Endless(loader)
-        timed(streams[kind], args.warmup)
-    wall: dict[str, list[float]] = {"dali": [], "torch": []}
-    images, cpu = {"dali": 0, "torch": 0}, {"dali": 0.0, "torch": 0.0}
-    main = dict(cpu)
+    for fmt, root in roots.items():
+        for kind in args.loaders:
+            data = DataConfig(root=str(root), loader=kind, dali_device=args.dali_device,
+                              batch_size=args.batch, workers=args.threads, prefetch=args.prefetch,
+                              index_cache=args.index_cache, feeder_workers=args.feeder_workers)
+            device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
+            loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0,
+                                  world_size=1, device=device)
+            label = kind if len(roots) == 1 else f"{kind}_{fmt}"
+            streams[label] = Endless(loader)
+            timed(streams[label], args.warmup)
+    wall: dict[str, list[float]] = {k: [] for k in streams}
+    images, main = dict.fromkeys(streams, 0), dict.fromkeys(streams, 0.0)
     # CPU is split by who spends it, not by when: DALI's threads and the DataLoader workers keep
     # prefetching while the other loader is timed. The main thread is charged to the loader being timed.
     # Between its rounds a loader refills its queue (DALI: prefetch batches; torch: prefetch per worker),
     # taking CPU from the other's round; those batches are not timed, so neither gets a head start.
-    queued = {"dali": args.prefetch, "torch": args.prefetch * args.threads}
-    dali_pids = set(streams["dali"].loader.feeder_pids())
+    queued = {k: args.prefetch * (1 if k.startswith("dali") else args.threads) for k in streams}
+    # only with one DALI and one torch loader do threads and processes tell whose CPU it was
+    per_cpu = set(streams) == {"dali", "torch"}
+    dali_pids = set(streams["dali"].loader.feeder_pids()) if per_cpu else set()
     before = background_cpu(dali_pids)
     for _ in range(args.rounds):
         for kind, stream in streams.items():
             n, seconds, n_all, main_cpu = timed(stream, args.batches, queued[kind])
             wall[kind].append(n / seconds)
             images[kind] += n_all
-            cpu[kind] += main_cpu
             main[kind] += main_cpu
     after = background_cpu(dali_pids)
-    for kind in cpu:
-        cpu[kind] += after[kind] - before[kind]
     med = {k: statistics.median(v) for k, v in wall.items()}
-    cpu = {k: images[k] / cpu[k] for k in cpu}
-    return {"bench": "data.train_loader", "dali_device": args.dali_device, "rand_augment": rand_augment,
-            "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
-            "feeder_workers": args.feeder_workers,
-            "dali_img_s": round(med["dali"], 1),
-            "torch_img_s": round(med["torch"], 1), "ratio": round(med["dali"] / med["torch"], 3),
-            "dali_img_per_cpu_s": round(cpu["dali"], 1), "torch_img_per_cpu_s": round(cpu["torch"], 1),
-            "cpu_ratio": round(cpu["dali"] / cpu["torch"], 3),
-            "dali_main_us_per_img": round(1e6 * main["dali"] / images["dali"], 1),
-            "torch_main_us_per_img": round(1e6 * main["torch"] / images["torch"], 1),
-            "load_avg": round(os.getloadavg()[0], 1),
-            "rounds_img_s": {k: [round(v, 1) for v in vs] for k, vs in wall.items()}}
+    row: dict[str, Any] = {"bench": "data.train_loader", "dali_device": args.dali_device,
+                           "rand_augment": rand_augment, "img_size": args.img_size, "batch": args.batch,
+                           "threads": args.threads, "feeder_workers": args.feeder_workers}
+    row.update({f"{k}_img_s": round(med[k], 1) for k in streams})
+    if per_cpu:
+        cpu = {k: images[k] / (main[k] + after[k] - before[k]) for k in streams}
+        row.update(ratio=round(med["dali"] / med["torch"], 3), dali_img_per_cpu_s=round(cpu["dali"], 1),
+                   torch_img_per_cpu_s=round(cpu["torch"], 1), cpu_ratio=round(cpu["dali"] / cpu["torch"], 3))
+    if len(roots) == 2:
+        row.update({f"{k}_shards_vs_folder": round(med[f"{k}_shards"] / med[f"{k}_folder"], 3)
+                    for k in args.loaders})
+    row.update({f"{k}_main_us_per_img": round(1e6 * main[k] / images[k], 1) for k in streams})
+    row.update(load_avg=round(os.getloadavg()[0], 1),
+               rounds_img_s={k: [round(v, 1) for v in vs] for k, vs in wall.items()})
+    return row
+
+
+def formats(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
+    """The dataset root of each --format: the folder itself; its train split packed into `tmp` once."""
+    roots = {}
+    for fmt in args.format:
+        if fmt == "folder":
+            roots[fmt] = root
+        else:
+            manifest = pack(root, tmp / "pack", shard_size=parse_size(args.shard_size),
+                            workers=max(1, args.threads), splits=("train",), progress=False)
+            roots[fmt] = tmp / "pack"
+            print(f"packed the train split into {len(manifest['splits']['train']['shards'])} shards in "
+                  f"{tmp / 'pack'}", file=sys.stderr)
+    return roots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-cache", default=None, help="index cache dir (default: beside the data)")
     ap.add_argument("--dali-device", choices=("cpu", "gpu"), default="cpu",
                     help="gpu: nvJPEG decode and every op on the GPU; both loaders then deliver to cuda:0")
+    ap.add_argument("--loaders", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
+    ap.add_argument("--format", nargs="+", choices=("folder", "shards"), default=["folder"],
+                    help="read the images from their folder or packed into shards first; both: side by side")
+    ap.add_argument("--shard-size", default="1GB", help="shard size of --format shards (as gcvit_data.pack)")
+    ap.add_argument("--fs-ops", action="store_true",
+                    help="also count opens and stats of dataset files per image (strace on a child process)")
+    ap.add_argument("--fs-batches", type=int, default=4, help="batches the two --fs-ops runs differ by")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds an --fs-ops run waits for the loader's queues to fill before it exits")
     ap.add_argument("--json-out", type=Path, default=None,
                     help="also write the rows with the device, versions and commit (benchmarks/results)")
     args = ap.parse_args(argv)
@@ -169,12 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:
-        root = dataset_root(args.root, Path(tmp))
+        root = dataset_root(args.root, Path(tmp) / "root")
         args.index_cache = args.index_cache or str(Path(tmp) / "index")
+        roots = formats(root, args, Path(tmp))
         rows = []
         for ra in args.rand_augment:
-            rows.append(bench(root, None if ra == "none" else ra, args))
+            rows.append(bench(roots, None if ra == "none" else ra, args))
             print(json.dumps(rows[-1]), flush=True)
+        for fmt, fmt_root in roots.items() if args.fs_ops else ():
+            for kind in args.loaders:
+                rows.append({"bench": "data.fs_ops", "loader": kind, "format": fmt, "batch": args.batch,
+                             **bench_fs.fs_ops(fmt_root, kind, args)})
+                print(json.dumps(rows[-1]), flush=True)
     if args.json_out:
         from gcvit.bench import environment
 

@@ -115,30 +115,34 @@ class Split:
 
 
 class PackReader:
-    """Random access to a split's samples: shard files opened once, at the first read, one os.pread per
-    sample.
+    """Random access to a split's samples: each shard file opened once, one os.pread per sample.
 
-    The descriptors survive fork (DataLoader workers) and pread keeps no file position, so processes and
-    threads may share them; an unpickled reader (a spawned DALI feeder or DataLoader worker) opens its own
-    at its first read, so a process that never reads opens nothing.
+    A shard is opened at its first read, or by open_all() (PackIndex.load does that, before any fork: the
+    descriptors survive fork and pread keeps no file position, so DataLoader workers share them). An
+    unpickled reader (a spawned DALI feeder process) opens its own, again at their first reads.
     """
 
     def __init__(self, split: Split, check: bool = False) -> None:
         self.split, self.check = split, check  # check: verify each sample's crc32c on read
-        self._opened: list[Any] = []
+        self._files: dict[int, Any] = {}
 
-    @property
-    def _files(self) -> list[Any]:
-        if not self._opened:
-            # unbuffered file objects only to hold the descriptors: closed by close() or when collected
+    def _fd(self, k: int) -> int:
+        """The descriptor of shard k (BadImage with a one-line message when it cannot be opened)."""
+        if k not in self._files:
+            try:  # an unbuffered file object only to hold the descriptor: closed by close() or when collected
+                self._files[k] = open(self.split.shard_path(k), "rb", buffering=0)  # noqa: SIM115
+            except OSError as e:
+                raise BadImage(f"cannot open {self.split.shard_path(k)} ({e.strerror}); run python -m "
+                               f"gcvit_data.verify {self.split.root} and restore that shard") from None
+        return self._files[k].fileno()
+
+    def open_all(self) -> None:
+        """Open every shard now (DataError naming the first that cannot be opened)."""
+        try:
             for k in range(len(self.split.shards)):
-                try:
-                    self._opened.append(open(self.split.shard_path(k), "rb", buffering=0))  # noqa: SIM115
-                except OSError as e:
-                    self.close()
-                    raise BadImage(f"cannot open {self.split.shard_path(k)} ({e.strerror}); run python -m "
-                                   f"gcvit_data.verify {self.split.root} and restore that shard") from None
-        return self._opened
+                self._fd(k)
+        except BadImage as e:
+            raise DataError(str(e)) from None
 
     def read(self, i: int) -> bytes:
         """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
@@ -153,7 +157,7 @@ class PackReader:
         """Sample i's bytes and why they are not the packed ones (a short read; with check, the crc32c)."""
         row = self.split.samples[i]
         size = int(row["size"])
-        data = os.pread(self._files[int(row["shard"])].fileno(), size, int(row["offset"]))
+        data = os.pread(self._fd(int(row["shard"])), size, int(row["offset"]))
         if len(data) != size:
             return data, f"{len(data)} of {size} bytes (the shard is truncated)"
         want = int(row["crc32c"])
@@ -163,20 +167,21 @@ class PackReader:
     def drop_page_cache(self) -> None:
         """Ask the kernel to forget the shards' cached pages, so the next reads come from storage."""
         if hasattr(os, "posix_fadvise"):
-            for f in self._files:
+            self.open_all()
+            for f in self._files.values():
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Close the shard files (a later read opens them again)."""
-        for f in self._opened:
+        for f in self._files.values():
             f.close()
-        self._opened = []
+        self._files = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"split": self.split, "check": self.check}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["split"], state["check"])
+        self.split, self.check, self._files = state["split"], state["check"], {}
 
 
 @dataclass
@@ -192,8 +197,9 @@ class PackIndex(Index):
     def load(cls, root: str | Path, split: str) -> PackIndex:
         """The index of `split` of the pack at `root`, its shard files open."""
         sp = Split.load(root, split)
-        return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(),
-                   PackReader(sp, check=True))
+        reader = PackReader(sp, check=True)
+        reader.open_all()
+        return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(), reader)
 
     def subset(self, ids: list[int]) -> PackIndex:
         sub = super().subset(ids)

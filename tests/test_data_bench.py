@@ -1,4 +1,5 @@
-"""python -m gcvit_data.bench runs both loaders side by side and prints one JSON line per configuration."""
+"""python -m gcvit_data.bench runs loaders and formats side by side and prints one JSON line per
+configuration; the file-system operations it reports are counted from strace lines naming dataset files."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from gcvit_data.bench import main
+from gcvit_data.bench_fs import count_calls, data_prefixes
 from gcvit_data.demo import write_image_folder
 
 
@@ -32,3 +34,33 @@ def test_gpu_bench_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture) -> N
     with pytest.raises(SystemExit):
         main(["--root", "unused", "--dali-device", "gpu"])
     assert "--dali-device gpu needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_format_times_the_folder_and_its_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = write_image_folder(tmp_path / "flat", train_per_class=6, val_per_class=1, num_classes=2)
+    assert main(["--root", str(root / "train"), "--threads", "0", "--batch", "4", "--img-size", "32",
+                 "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none",
+                 "--format", "folder", "shards", "--loaders", "torch"]) == 0
+    captured = capsys.readouterr()
+    rec = json.loads(captured.out)
+    folder, shards = rec["torch_folder_img_s"], rec["torch_shards_img_s"]
+    assert folder > 0 and shards > 0 and "torch_img_per_cpu_s" not in rec
+    assert rec["torch_shards_vs_folder"] == pytest.approx(shards / folder, rel=0.01)
+    assert "packed the train split into 1 shards" in captured.err
+
+
+def test_fs_ops_counts_only_the_calls_that_name_dataset_files(tmp_path: Path) -> None:
+    """Lines as `strace -f -y` writes them: a path argument, a descriptor's path, a call split in two."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real").mkdir()
+    prefixes = data_prefixes(tmp_path / "ds")
+    log = f"""\
+12 openat(AT_FDCWD</w>, "{tmp_path}/ds/train/a/x.JPEG", O_RDONLY|O_CLOEXEC) = 3<{tmp_path}/real/a/x.JPEG>
+12 newfstatat(3<{tmp_path}/real/a/x.JPEG>, "", {{st_mode=S_IFREG|0644, st_size=2036, ...}}, AT_EMPTY_PATH) = 0
+13 openat(AT_FDCWD</w>, "/dev/shm/gcvit-feeder-1.plan", O_RDONLY|O_CLOEXEC) = 4</dev/shm/gcvit-feeder-1.plan>
+13 statx(AT_FDCWD</w>, "{tmp_path}/ds/train/b/y.JPEG", AT_STATX_SYNC_AS_STAT <unfinished ...>
+14 openat(AT_FDCWD</w>, "/usr/lib/python3/x.py", O_RDONLY) = 5</usr/lib/python3/x.py>
+13 <... statx resumed>{{stx_mask=STATX_BASIC_STATS, stx_size=9}}) = 0
+"""
+    assert count_calls(log, prefixes) == {"open": 1, "stat": 2}
