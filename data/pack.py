@@ -69,9 +69,11 @@ class ShardJob:
     split: str
     k: int  # shard number within the split
     first: int  # sample index of its first sample
-    paths: list[str]  # absolute source files
+    paths: list[str]  # absolute source files (with `tar`: the member names)
     labels: list[int]
     sizes: list[int]  # source file sizes at planning time (part of the plan a rerun must match)
+    tar: str | None = None  # an uncompressed tar holding the images at `offsets` (prepare --format shards)
+    offsets: list[int] | None = None  # where each image's bytes start in `tar`
 
     @property
     def name(self) -> str:
@@ -84,22 +86,32 @@ class ShardJob:
 
 
 def plan(indices: dict[str, Index], shard_size: int) -> list[ShardJob]:
-    """Cut each split's samples, in index order, into shards of at most shard_size bytes (>= 1 sample)."""
+    """Cut each split's files, in index order, into shards of at most shard_size bytes (>= 1 sample)."""
     jobs = []
     for split, ix in indices.items():
         paths = [str(ix.path(i)) for i in range(len(ix))]
         with ThreadPoolExecutor(STAT_THREADS) as pool:  # a metadata server answers many stats at once
             sizes = list(pool.map(_size, paths, [ix.root.parent] * len(paths)))
-        job, used, k = None, 0, 0
-        for i, (path, size) in enumerate(zip(paths, sizes)):
-            need = 3 * BLOCK + padded(size)  # .jpg header + data, .cls header + data
-            if job is None or used + need + 2 * BLOCK > shard_size:  # + the end-of-archive blocks
-                job, used, k = ShardJob(split, k, i, [], [], []), 0, k + 1
-                jobs.append(job)
-            job.paths.append(path)
-            job.labels.append(ix.labels[i])
-            job.sizes.append(size)
-            used += need
+        jobs += cut(split, paths, ix.labels, sizes, shard_size)
+    return jobs
+
+
+def cut(split: str, paths: list[str], labels: list[int], sizes: list[int], shard_size: int,
+        tar: str | None = None, offsets: list[int] | None = None) -> list[ShardJob]:
+    """One split's samples, in order, as shards of at most shard_size bytes (>= 1 sample)."""
+    jobs: list[ShardJob] = []
+    job, used = None, 0
+    for i, size in enumerate(sizes):
+        need = 3 * BLOCK + padded(size)  # .jpg header + data, .cls header + data
+        if job is None or used + need + 2 * BLOCK > shard_size:  # + the end-of-archive blocks
+            job, used = ShardJob(split, len(jobs), i, [], [], [], tar, [] if tar else None), 0
+            jobs.append(job)
+        job.paths.append(paths[i])
+        job.labels.append(labels[i])
+        job.sizes.append(size)
+        if tar:
+            job.offsets.append(offsets[i])
+        used += need
     return jobs
 
 
@@ -142,11 +154,11 @@ def write_shard(job: ShardJob, staging: Path) -> dict:
     """Write job's tar and DALI .idx into staging; the record (a .json written last) marks it done."""
     tmp = staging / f"{job.name}.tar.tmp"
     offsets, sizes, crcs, idx_lines = [], [], [], []
+    source = os.open(job.tar, os.O_RDONLY) if job.tar else None  # one open for all its images
     with open(tmp, "wb") as f:
         tar = _Tar(f)
         for n, (path, label) in enumerate(zip(job.paths, job.labels)):
-            with open(path, "rb") as src:
-                data = src.read()
+            data = _source_bytes(job, n, source)
             key, ext = member_key(job.first + n), member_ext(path)
             cls = str(label).encode()
             offset = tar.member(f"{key}.{ext}", data)
@@ -157,12 +169,25 @@ def write_shard(job: ShardJob, staging: Path) -> dict:
             idx_lines.append(f"{ext} {offset} {len(data)} {key}.{ext} "
                              f"cls {cls_offset} {len(cls)} {key}.cls\n")
         tar.finish()
+    if source is not None:
+        os.close(source)
     os.replace(tmp, staging / f"{job.name}.tar")
     _write_atomic(staging / f"{job.name}.idx", f"v1.2 {len(idx_lines)}\n" + "".join(idx_lines))
     record = {"name": job.name, "samples": len(job.paths), "first": job.first, "bytes": tar.pos,
               "sha256": tar.sha.hexdigest(), "offsets": offsets, "sizes": sizes, "crc32c": crcs}
     _write_atomic(staging / f"{job.name}.json", json.dumps(record))
     return record
+
+
+def _source_bytes(job: ShardJob, n: int, tar_fd: int | None) -> bytes:
+    """The bytes of the job's n-th image: its whole file, or one pread from the source tar."""
+    if tar_fd is None:
+        with open(job.paths[n], "rb") as src:
+            return src.read()
+    data = os.pread(tar_fd, job.sizes[n], job.offsets[n])
+    if len(data) != job.sizes[n]:
+        raise OSError(f"{job.tar} ends inside {job.paths[n]}: the tar is truncated")
+    return data
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -184,7 +209,7 @@ def _finished(job: ShardJob, staging: Path) -> dict | None:
     return record if done and (staging / f"{job.name}.idx").is_file() else None
 
 
-def _prepare_staging(staging: Path, source: Path, jobs: list[ShardJob], shard_size: int) -> None:
+def _prepare_staging(staging: Path, source: str, jobs: list[ShardJob], shard_size: int) -> None:
     """Keep a previous run's staging folder only if it was packing exactly this plan."""
     h = hashlib.sha256()
     for job in jobs:
@@ -211,19 +236,31 @@ def pack(root: Path, out: Path, *, shard_size: int, workers: int = 1,
     root, out = root.expanduser().resolve(), out.expanduser().resolve()
     if is_pack(root):
         raise DataError(f"{root} is a pack already; pack the image folder it was packed from")
+    check_out(out)
+    indices = {s: load_index(root, s, index_dir=index_dir) for s in splits}
+    return write_pack(out, str(root), indices, plan(indices, shard_size), shard_size, workers=workers,
+                      progress=progress)
+
+
+def check_out(out: Path) -> None:
+    """OUT must be new or an empty folder: an existing pack is never overwritten."""
     if is_pack(out):
         raise DataError(f"{out} is already a pack; delete it or choose another OUT")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not an empty folder; choose a new OUT")
-    indices = {s: load_index(root, s, index_dir=index_dir) for s in splits}
-    jobs = plan(indices, shard_size)
+
+
+def write_pack(out: Path, source: str, indices: dict[str, Index], jobs: list[ShardJob], shard_size: int, *,
+               workers: int = 1, progress: bool = True, split_sources: dict[str, str] | None = None) -> dict:
+    """Write the planned shards of `indices` (the samples, in order) and the index into OUT, atomically;
+    split_sources: where each split's files were read from, when not SOURCE/<split>."""
     staging = out.parent / f".{out.name}.partial"
-    _prepare_staging(staging, root, jobs, shard_size)
+    _prepare_staging(staging, source, jobs, shard_size)
     records = {job.name: _finished(job, staging) for job in jobs}
     todo = [job for job in jobs if records[job.name] is None]
     total = sum(r["bytes"] for r in records.values() if r)
     bar = tqdm(total=sum(job.bytes for job in jobs), initial=total, unit="B", unit_scale=True,
-               desc=f"pack {root} -> {out}", disable=not progress, file=sys.stderr)
+               desc=f"pack {source} -> {out}", disable=not progress, file=sys.stderr)
     if workers > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
             for record in pool.imap_unordered(_write_shard_star, [(job, staging) for job in todo]):
@@ -234,7 +271,7 @@ def pack(root: Path, out: Path, *, shard_size: int, workers: int = 1,
             records[job.name] = write_shard(job, staging)
             bar.update(records[job.name]["bytes"])
     bar.close()
-    manifest = {"format": FORMAT, "source": str(root), "classes": indices[splits[0]].classes,
+    manifest = {"format": FORMAT, "source": source, "classes": next(iter(indices.values())).classes,
                 "checksum": CHECKSUM, "splits": {}}
     for split, ix in indices.items():
         split_records = [records[j.name] for j in jobs if j.split == split]
@@ -248,6 +285,8 @@ def pack(root: Path, out: Path, *, shard_size: int, workers: int = 1,
         _write_atomic(staging / f"{split}.files.txt", "".join(f + "\n" for f in ix.files))
         manifest["splits"][split] = {"samples": len(ix), "shards": [
             {key: r[key] for key in ("name", "samples", "first", "bytes", "sha256")} for r in split_records]}
+        if split_sources:
+            manifest["splits"][split]["source"] = split_sources[split]
     for job in jobs:
         (staging / f"{job.name}.json").unlink()
     (staging / "plan.json").unlink()

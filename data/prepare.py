@@ -1,7 +1,10 @@
 """Turn the raw ImageNet-1K downloads into ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG.
 
     python -m gcvit_data.prepare imagenet --train-tar ILSVRC2012_img_train.tar --val ILSVRC2012_img_val.tar \\
-        (--val-solution LOC_val_solution.csv | --devkit ILSVRC2012_devkit_t12.tar.gz) --out ROOT
+        (--val-solution LOC_val_solution.csv | --devkit ILSVRC2012_devkit_t12.tar.gz) --out ROOT \\
+        [--format shards [--shard-size 1GB] [--workers N]]
+
+--format shards writes a pack (docs/shards.md) straight from the tars instead (data/prepare_shards.py).
 
 The train tar holds one tar per class (n01440764.tar, ...); the val tar (or folder) is flat
 (ILSVRC2012_val_00000001.JPEG, ...). Val labels come from Kaggle's LOC_val_solution.csv (first wnid of each
@@ -52,9 +55,7 @@ def extract_train(train_tar: Path, out: Path) -> list[str]:
     wnids = []
     with tarfile.open(train_tar, "r|*") as outer:
         for name, stream in tqdm(_files(outer), desc="train classes", unit="class", file=sys.stderr):
-            wnid, ext = os.path.splitext(name)
-            if ext != ".tar":
-                raise DataError(f"{train_tar} holds {name}; expected only per-class tars like n01440764.tar")
+            wnid = class_of(name, train_tar)
             wnids.append(wnid)
             if (train / wnid).is_dir():
                 continue  # finished by an earlier run
@@ -72,6 +73,14 @@ def extract_train(train_tar: Path, out: Path) -> list[str]:
     if not wnids:
         raise DataError(f"{train_tar} holds no per-class tars")
     return sorted(wnids)
+
+
+def class_of(name: str, train_tar: Path) -> str:
+    """The wnid of a member of the train tar, which holds only per-class tars."""
+    wnid, ext = os.path.splitext(name)
+    if ext != ".tar":
+        raise DataError(f"{train_tar} holds {name}; expected only per-class tars like n01440764.tar")
+    return wnid
 
 
 def labels_from_solution(csv_path: Path) -> dict[str, str]:
@@ -134,30 +143,45 @@ def place_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, so
     final = out / "val"
     if final.is_dir():
         return sum(1 for _ in final.rglob("*.JPEG"))
+    check_val_labels(labels, wnids, source)
+    tmp = out / ".val.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for w in wnids:
+        (tmp / w).mkdir(parents=True)
+    seen = set()
+    for name, f in tqdm(_val_files(val), desc="val images", unit="img", file=sys.stderr):
+        _write(tmp / val_class(name, labels, val, source) / name, f)
+        seen.add(name)
+    check_val_complete(labels, seen, val, source)
+    os.replace(tmp, final)
+    return len(seen)
+
+
+def check_val_labels(labels: dict[str, str], wnids: list[str], source: Path) -> None:
+    """Every val label must be a train class."""
     known = set(wnids)
     unknown = sorted({w for w in labels.values() if w not in known})
     if unknown:
         raise DataError(f"{source} labels val images with {len(unknown)} wnids the train tar lacks "
                         f"(e.g. {unknown[0]}); are they the same ImageNet release?")
-    tmp = out / ".val.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for w in known:
-        (tmp / w).mkdir(parents=True)
-    seen = set()
-    for name, f in tqdm(_val_files(val), desc="val images", unit="img", file=sys.stderr):
-        stem = name.rsplit(".", 1)[0]
-        if not VAL_NAME.fullmatch(name):
-            raise DataError(f"{val} holds {name}; expected flat ILSVRC2012_val_XXXXXXXX.JPEG files")
-        if stem not in labels:
-            raise DataError(f"{source} has no label for {name}; the label file does not match {val}")
-        _write(tmp / labels[stem] / name, f)
-        seen.add(stem)
-    missing = sorted(set(labels) - seen)
+
+
+def val_class(name: str, labels: dict[str, str], val: Path, source: Path) -> str:
+    """The wnid of the flat val image `name`."""
+    if not VAL_NAME.fullmatch(name):
+        raise DataError(f"{val} holds {name}; expected flat ILSVRC2012_val_XXXXXXXX.JPEG files")
+    stem = name.rsplit(".", 1)[0]
+    if stem not in labels:
+        raise DataError(f"{source} has no label for {name}; the label file does not match {val}")
+    return labels[stem]
+
+
+def check_val_complete(labels: dict[str, str], seen: set[str], val: Path, source: Path) -> None:
+    """Every labelled val image must have been found (`seen`: their file names)."""
+    missing = sorted(set(labels) - {name.rsplit(".", 1)[0] for name in seen})
     if missing:
         raise DataError(f"{source} labels {len(labels)} val images but {val} holds {len(seen)} "
                         f"(e.g. {missing[0]} is missing); the label file does not match the images")
-    os.replace(tmp, final)
-    return len(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,13 +194,32 @@ def main(argv: list[str] | None = None) -> int:
     labels = im.add_mutually_exclusive_group(required=True)
     labels.add_argument("--val-solution", type=Path, help="Kaggle's LOC_val_solution.csv")
     labels.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12.tar.gz")
-    im.add_argument("--out", type=Path, required=True, help="dataset root to create (data.root)")
+    im.add_argument("--out", type=Path, required=True, help="dataset root or pack to create (data.root)")
+    im.add_argument("--format", choices=("folder", "shards"), default="folder",
+                    help="folder: extract ROOT/<split>/<wnid>/ files; shards: write a pack straight from the "
+                         "tars (docs/shards.md), extracting nothing")
+    im.add_argument("--shard-size", default="1GB", help="--format shards: bytes per shard (1GB, 512MB)")
+    im.add_argument("--workers", type=int, default=1, help="--format shards: shards written in parallel")
+    im.add_argument("--quiet", action="store_true", help="--format shards: no progress bar")
     args = ap.parse_args(argv)
     for path in (args.train_tar, args.val, args.val_solution or args.devkit):
         if not path.exists():
             raise DataError(f"{path} does not exist")
     source = args.val_solution or args.devkit
     val_labels = labels_from_solution(source) if args.val_solution else labels_from_devkit(source)
+    if args.format == "shards":
+        from gcvit_data.pack import parse_size
+        from gcvit_data.prepare_shards import prepare_pack  # builds on this module
+
+        manifest = prepare_pack(args.train_tar, args.val, val_labels, source, args.out,
+                                shard_size=parse_size(args.shard_size), workers=args.workers,
+                                progress=not args.quiet)
+        splits = manifest["splits"]
+        print(f"{args.out}: pack of {len(manifest['classes'])} classes, {splits['train']['samples']} train "
+              f"and {splits['val']['samples']} val images in "
+              f"{sum(len(s['shards']) for s in splits.values())} shards; "
+              f"next: python -m gcvit_data.verify {args.out}")
+        return 0
     wnids = extract_train(args.train_tar, args.out)
     n_val = place_val(args.val, val_labels, wnids, args.out, source)
     n_train = sum(1 for _ in (args.out / "train").rglob("*.JPEG"))

@@ -75,7 +75,7 @@ class Split:
     """One split of a pack as the index describes it."""
 
     root: Path  # the pack folder
-    source: str  # the dataset root it was packed from
+    source: str  # where the split's files were packed from (ROOT/<split>, or a tar); files are relative to it
     name: str  # train | val
     classes: list[str]  # label i is classes[i]
     shards: list[dict[str, Any]]  # manifest entries: name, samples, first, bytes, sha256
@@ -100,7 +100,8 @@ class Split:
         if not len(samples) == len(files) == entry["samples"]:
             raise DataError(f"{root}: {split} index holds {len(samples)} rows and {len(files)} file names "
                             f"but pack.json says {entry['samples']}; repack with python -m gcvit_data.pack")
-        return cls(root, manifest["source"], split, manifest["classes"], entry["shards"], samples, files)
+        source = entry.get("source", f"{manifest['source']}/{split}")
+        return cls(root, source, split, manifest["classes"], entry["shards"], samples, files)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -111,7 +112,7 @@ class Split:
 
     def original(self, i: int) -> str:
         """The file sample i was packed from."""
-        return f"{self.source}/{self.name}/{self.files[i]}"
+        return f"{self.source}/{self.files[i]}"
 
 
 class PackReader:
@@ -199,7 +200,7 @@ class PackIndex(Index):
         sp = Split.load(root, split)
         reader = PackReader(sp, check=True)
         reader.open_all()
-        return cls(Path(sp.source) / split, sp.classes, sp.files, sp.samples["label"].tolist(), reader)
+        return cls(Path(sp.source), sp.classes, sp.files, sp.samples["label"].tolist(), reader)
 
     def subset(self, ids: list[int]) -> PackIndex:
         sub = super().subset(ids)

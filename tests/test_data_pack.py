@@ -210,7 +210,8 @@ def test_verify_names_shard_offset_and_original_file_of_a_flipped_byte(
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[-1].endswith(": 2 problems")
     assert lines[0].startswith(f"{shard}: sha256 ") and "changed after packing" in lines[0]
-    original = f"{split.source}/train/{split.files[i]}"
+    original = f"{split.source}/{split.files[i]}"
+    assert split.source.endswith("/ds/train")
     assert lines[1].startswith(f"corrupt sample {i} in {shard} at offset {int(row['offset'])} "
                                f"(packed from {original}): crc32c ")
 

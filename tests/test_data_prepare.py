@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from scipy.io import savemat
 
 from gcvit_data.demo import draw
 from gcvit_data.index import DataError, load_index
+from gcvit_data.pack import main as pack_main
 from gcvit_data.prepare import main
 
 # ILSVRC2012_ID order (1, 2, 3) differs from sorted-wnid order: a mapping through the IDs' order would
@@ -116,3 +118,44 @@ def test_prepare_from_sample_images(imagenet_sample: Path, tmp_path: Path) -> No
     assert main(["imagenet", "--train-tar", str(raw / "train.tar"), "--val", str(raw / "val.tar"),
                  "--devkit", str(raw / "devkit.tar.gz"), "--out", str(raw / "out")]) == 0
     _check(raw / "out", real, val)
+
+
+@pytest.mark.parametrize("val_kind", ["val.tar", "val_folder"])
+def test_prepare_shards_is_the_pack_of_the_prepared_folder(generated, val_kind: str) -> None:
+    """Straight from the tars (nothing extracted), the pack is byte for byte the one that extracting and then
+    gcvit_data.pack write; only where the files came from differs."""
+    raw, train, val = generated
+    if val_kind == "val_folder":  # --val also takes the extracted flat folder
+        with tarfile.open(raw / "val.tar") as tar:
+            tar.extractall(raw / val_kind, filter="data")
+    args = ["imagenet", "--train-tar", str(raw / "train.tar"), "--val", str(raw / val_kind),
+            "--val-solution", str(raw / "LOC_val_solution.csv")]
+    assert main([*args, "--out", str(raw / "folder")]) == 0
+    assert pack_main([str(raw / "folder"), str(raw / "want"), "--shard-size", "8KB", "--quiet"]) == 0
+    assert main([*args, "--out", str(raw / "got"), "--format", "shards", "--shard-size", "8KB", "--workers",
+                 "2", "--quiet"]) == 0
+    want, got = (json.loads((raw / name / "pack.json").read_text()) for name in ("want", "got"))
+    assert got["splits"]["train"].pop("source") == str(raw / "train.tar")
+    assert got["splits"]["val"].pop("source") == str(raw / val_kind)
+    assert {k: v for k, v in got.items() if k != "source"} == {k: v for k, v in want.items() if k != "source"}
+    assert len(want["splits"]["train"]["shards"]) > 1
+    names = sorted(p.name for p in (raw / "want").iterdir())
+    assert names == sorted(p.name for p in (raw / "got").iterdir())
+    for name in names:
+        if name != "pack.json":
+            assert (raw / "got" / name).read_bytes() == (raw / "want" / name).read_bytes(), name
+    index = load_index(raw / "got", "val")
+    assert [index.encoded(i) for i in range(len(index))] == [
+        (raw / "folder" / "val" / f).read_bytes() for f in index.files]
+    assert str(index.path(0)) == f"{raw / val_kind}/{index.files[0]}"  # named in errors
+
+
+def test_prepare_shards_needs_an_uncompressed_train_tar(generated) -> None:
+    raw, _, _ = generated
+    with tarfile.open(raw / "train.tar.gz", "w:gz") as tar:
+        tar.add(raw / "train.tar", arcname="n01000001.tar")
+    with pytest.raises(DataError, match=r"train.tar.gz is not an uncompressed tar .*decompress it first"):
+        main(["imagenet", "--train-tar", str(raw / "train.tar.gz"), "--val", str(raw / "val.tar"),
+              "--val-solution", str(raw / "LOC_val_solution.csv"), "--out", str(raw / "p"), "--format",
+              "shards"])
+    assert not (raw / "p").exists()
