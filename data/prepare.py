@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                          "tars (docs/shards.md), extracting nothing")
     im.add_argument("--shard-size", default="1GB", help="--format shards: bytes per shard (1GB, 512MB)")
     im.add_argument("--workers", type=int, default=1, help="--format shards: shards written in parallel")
+    im.add_argument("--check", action="store_true",
+                    help="--format shards: decode every image first and leave out the ones gcvit_data.verify "
+                         "rejects (printed as REASON<TAB>IMAGE)")
     im.add_argument("--quiet", action="store_true", help="--format shards: no progress bar")
     args = ap.parse_args(argv)
     for path in (args.train_tar, args.val, args.val_solution or args.devkit):
@@ -211,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         from gcvit_data.pack import parse_size
         from gcvit_data.prepare_shards import prepare_pack  # builds on this module
 
-        manifest = prepare_pack(args.train_tar, args.val, val_labels, source, args.out,
-                                shard_size=parse_size(args.shard_size), workers=args.workers,
-                                progress=not args.quiet)
+        manifest, bad = prepare_pack(args.train_tar, args.val, val_labels, source, args.out,
+                                     shard_size=parse_size(args.shard_size), workers=args.workers,
+                                     check=args.check, progress=not args.quiet)
+        for reason, image in bad:
+            print(f"{reason}\t{image}")
         splits = manifest["splits"]
+        left_out = f" ({len(bad)} bad images left out)" if args.check else ""
         print(f"{args.out}: pack of {len(manifest['classes'])} classes, {splits['train']['samples']} train "
-              f"and {splits['val']['samples']} val images in "
+              f"and {splits['val']['samples']} val images{left_out} in "
               f"{sum(len(s['shards']) for s in splits.values())} shards; "
               f"next: python -m gcvit_data.verify {args.out}")
         return 0

@@ -9,6 +9,7 @@ original file is named as TAR/<wnid>/<file> in errors.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import sys
 import tarfile
@@ -21,8 +22,10 @@ from tqdm import tqdm
 from gcvit_data.index import IMAGE_EXTENSIONS, DataError, Index
 from gcvit_data.pack import ShardJob, check_out, cut, write_pack
 from gcvit_data.prepare import check_val_complete, check_val_labels, class_of, val_class
+from gcvit_data.verify import check_bytes
 
 Member = tuple[str, int, int]  # base name, offset of its bytes in the outer file, size
+CHECK_CHUNK = 256  # images per task of the --check pool
 
 
 def members(f: BinaryIO, path: Path, start: int = 0, end: int | None = None) -> Iterator[Member]:
@@ -76,6 +79,49 @@ def val_members(val: Path, labels: dict[str, str], wnids: list[str], source: Pat
     return {w: _images(iter(ms)) for w, ms in by_class.items()}
 
 
+def _check_chunk(items: list[tuple[str, int, int, str]]) -> list[tuple[str, str]]:
+    """(reason, name) of each image among `items` (file, offset, size, name) that gcvit_data.verify rejects;
+    each file is opened once."""
+    bad, fds = [], {}
+    try:
+        for source, offset, size, name in items:
+            if source not in fds:
+                fds[source] = os.open(source, os.O_RDONLY)
+            reason = check_bytes(os.pread(fds[source], size, offset), Path(name).suffix)
+            if reason:
+                bad.append((reason, name))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return bad
+
+
+def leave_out_bad(splits: dict[str, tuple[Path, dict[str, list[Member]]]], workers: int,
+                  progress: bool) -> list[tuple[str, str]]:
+    """Decode every image as gcvit_data.verify does and drop the ones it rejects from `splits` ({split:
+    (its tar or flat folder, {wnid: images})}); returns (reason, SOURCE/<wnid>/<file>) of each."""
+    items = [(str(src / m[0]) if src.is_dir() else str(src), m[1], m[2], f"{src}/{w}/{m[0]}")
+             for src, by_class in splits.values() for w, ms in by_class.items() for m in ms]
+    chunks = [items[k:k + CHECK_CHUNK] for k in range(0, len(items), CHECK_CHUNK)]
+    bad = []
+    with tqdm(total=len(items), desc="check images", unit="img", disable=not progress,
+              file=sys.stderr) as bar:
+        if workers > 1 and len(chunks) > 1:
+            with mp.get_context("spawn").Pool(min(workers, len(chunks))) as pool:
+                for chunk, found in zip(chunks, pool.imap(_check_chunk, chunks)):
+                    bad += found
+                    bar.update(len(chunk))
+        else:
+            for chunk in chunks:
+                bad += _check_chunk(chunk)
+                bar.update(len(chunk))
+    dropped = {name for _, name in bad}
+    for src, by_class in splits.values():
+        for w, ms in by_class.items():
+            ms[:] = [m for m in ms if f"{src}/{w}/{m[0]}" not in dropped]
+    return sorted(bad, key=lambda b: b[1])
+
+
 def _split(name: str, by_class: dict[str, list[Member]], wnids: list[str], tar: Path | None,
            folder: Path | None, shard_size: int) -> tuple[Index, list[ShardJob]]:
     """The index and shard jobs of one split: images read from `tar` at their offsets, or `folder`'s files."""
@@ -92,16 +138,21 @@ def _split(name: str, by_class: dict[str, list[Member]], wnids: list[str], tar: 
 
 
 def prepare_pack(train_tar: Path, val: Path, labels: dict[str, str], source: Path, out: Path, *,
-                 shard_size: int, workers: int = 1, progress: bool = True) -> dict:
-    """Write the pack of ImageNet's train and val images straight from the tars into OUT."""
+                 shard_size: int, workers: int = 1, check: bool = False,
+                 progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+    """Write the pack of ImageNet's train and val images straight from the tars into OUT; with `check`,
+    without the images gcvit_data.verify rejects. Returns the manifest and (reason, image) of those."""
     train_tar, val, out = train_tar.resolve(), val.resolve(), out.expanduser().resolve()
     check_out(out)
     train = train_members(train_tar)
     wnids = sorted(train)
+    val_by_class = val_members(val, labels, wnids, source)
+    bad = leave_out_bad({"train": (train_tar, train), "val": (val, val_by_class)}, workers,
+                        progress) if check else []
     val_tar, val_folder = (None, val) if val.is_dir() else (val, None)
     train_ix, train_jobs = _split("train", train, wnids, train_tar, None, shard_size)
-    val_ix, val_jobs = _split("val", val_members(val, labels, wnids, source), wnids, val_tar, val_folder,
-                              shard_size)
-    return write_pack(out, str(train_tar), {"train": train_ix, "val": val_ix}, train_jobs + val_jobs,
-                      shard_size, workers=workers, progress=progress,
-                      split_sources={"train": str(train_tar), "val": str(val)})
+    val_ix, val_jobs = _split("val", val_by_class, wnids, val_tar, val_folder, shard_size)
+    manifest = write_pack(out, str(train_tar), {"train": train_ix, "val": val_ix}, train_jobs + val_jobs,
+                          shard_size, workers=workers, progress=progress,
+                          split_sources={"train": str(train_tar), "val": str(val)})
+    return manifest, bad

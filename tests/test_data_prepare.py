@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.io import savemat
 
 from gcvit_data.demo import draw
 from gcvit_data.index import DataError, load_index
 from gcvit_data.pack import main as pack_main
 from gcvit_data.prepare import main
+from gcvit_data.verify import main as verify_main
 
 # ILSVRC2012_ID order (1, 2, 3) differs from sorted-wnid order: a mapping through the IDs' order would
 # put every val image into the wrong class.
@@ -120,10 +122,25 @@ def test_prepare_from_sample_images(imagenet_sample: Path, tmp_path: Path) -> No
     _check(raw / "out", real, val)
 
 
+def _assert_same_pack(got: Path, want: Path, sources: dict[str, Path]) -> None:
+    """Byte-identical shards, index and manifest; only where the files came from differs."""
+    manifests = [json.loads((p / "pack.json").read_text()) for p in (got, want)]
+    for split, source in sources.items():
+        assert manifests[0]["splits"][split].pop("source") == str(source)
+    assert [{k: v for k, v in m.items() if k != "source"} for m in manifests][0] == {
+        k: v for k, v in manifests[1].items() if k != "source"}
+    assert len(manifests[1]["splits"]["train"]["shards"]) > 1
+    names = sorted(p.name for p in want.iterdir())
+    assert names == sorted(p.name for p in got.iterdir())
+    for name in names:
+        if name != "pack.json":
+            assert (got / name).read_bytes() == (want / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("val_kind", ["val.tar", "val_folder"])
 def test_prepare_shards_is_the_pack_of_the_prepared_folder(generated, val_kind: str) -> None:
     """Straight from the tars (nothing extracted), the pack is byte for byte the one that extracting and then
-    gcvit_data.pack write; only where the files came from differs."""
+    gcvit_data.pack write."""
     raw, train, val = generated
     if val_kind == "val_folder":  # --val also takes the extracted flat folder
         with tarfile.open(raw / "val.tar") as tar:
@@ -134,20 +151,39 @@ def test_prepare_shards_is_the_pack_of_the_prepared_folder(generated, val_kind: 
     assert pack_main([str(raw / "folder"), str(raw / "want"), "--shard-size", "8KB", "--quiet"]) == 0
     assert main([*args, "--out", str(raw / "got"), "--format", "shards", "--shard-size", "8KB", "--workers",
                  "2", "--quiet"]) == 0
-    want, got = (json.loads((raw / name / "pack.json").read_text()) for name in ("want", "got"))
-    assert got["splits"]["train"].pop("source") == str(raw / "train.tar")
-    assert got["splits"]["val"].pop("source") == str(raw / val_kind)
-    assert {k: v for k, v in got.items() if k != "source"} == {k: v for k, v in want.items() if k != "source"}
-    assert len(want["splits"]["train"]["shards"]) > 1
-    names = sorted(p.name for p in (raw / "want").iterdir())
-    assert names == sorted(p.name for p in (raw / "got").iterdir())
-    for name in names:
-        if name != "pack.json":
-            assert (raw / "got" / name).read_bytes() == (raw / "want" / name).read_bytes(), name
+    _assert_same_pack(raw / "got", raw / "want", {"train": raw / "train.tar", "val": raw / val_kind})
     index = load_index(raw / "got", "val")
     assert [index.encoded(i) for i in range(len(index))] == [
         (raw / "folder" / "val" / f).read_bytes() for f in index.files]
     assert str(index.path(0)) == f"{raw / val_kind}/{index.files[0]}"  # named in errors
+
+
+def test_prepare_shards_check_leaves_out_what_verify_rejects(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """--check drops a CMYK JPEG and a truncated one: the pack verify's clean index of the folder gives."""
+    train = {w: [_jpeg(k, 10 * k + i) for i in range(3)] for k, w in enumerate(WNIDS)}
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(train[WNIDS[0]][1])).convert("CMYK").save(cmyk, format="JPEG")
+    train[WNIDS[0]][1] = cmyk.getvalue()
+    train[WNIDS[2]][0] = train[WNIDS[2]][0][:300]
+    val = [(_jpeg(k, 100 + n), WNIDS[k]) for n, k in enumerate([2, 0, 1, 1])]
+    raw = _raw(tmp_path, train, val, WNIDS)
+    args = ["imagenet", "--train-tar", str(raw / "train.tar"), "--val", str(raw / "val.tar"),
+            "--val-solution", str(raw / "LOC_val_solution.csv")]
+    assert main([*args, "--out", str(raw / "folder")]) == 0
+    assert verify_main([str(raw / "folder"), "--workers", "1", "--quiet", "--write-index",
+                        str(raw / "ix")]) == 0
+    assert pack_main([str(raw / "folder"), str(raw / "want"), "--index-dir", str(raw / "ix"), "--shard-size",
+                      "8KB", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(raw / "got"), "--format", "shards", "--shard-size", "8KB", "--check",
+                 "--workers", "2", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tar = raw / "train.tar"
+    assert lines[:2] == [f"corrupt or truncated (Truncated File Read)\t{tar}/{WNIDS[2]}/{WNIDS[2]}_0.JPEG",
+                         f"CMYK JPEG\t{tar}/{WNIDS[0]}/{WNIDS[0]}_1.JPEG"]  # sorted by image
+    assert "7 train and 4 val images (2 bad images left out)" in lines[2]
+    _assert_same_pack(raw / "got", raw / "want", {"train": tar, "val": raw / "val.tar"})
 
 
 def test_prepare_shards_needs_an_uncompressed_train_tar(generated) -> None:
