@@ -117,9 +117,15 @@ def test_prepare_from_sample_images(imagenet_sample: Path, tmp_path: Path) -> No
     real = {w: [p.read_bytes() for p in sorted((imagenet_sample / w).iterdir())] for w in wnids}
     val = [(real[w][0], w) for w in wnids[::-1]]
     raw = _raw(tmp_path, real, val, wnids[::-1])
-    assert main(["imagenet", "--train-tar", str(raw / "train.tar"), "--val", str(raw / "val.tar"),
-                 "--devkit", str(raw / "devkit.tar.gz"), "--out", str(raw / "out")]) == 0
+    args = ["imagenet", "--train-tar", str(raw / "train.tar"), "--val", str(raw / "val.tar"),
+            "--devkit", str(raw / "devkit.tar.gz")]
+    assert main([*args, "--out", str(raw / "out")]) == 0
     _check(raw / "out", real, val)
+    assert main([*args, "--out", str(raw / "pack"), "--format", "shards", "--check", "--quiet"]) == 0
+    for split in ("train", "val"):
+        folder, pack = load_index(raw / "out", split), load_index(raw / "pack", split)
+        assert pack.files == folder.files and pack.labels == folder.labels
+        assert all(pack.encoded(i) == folder.path(i).read_bytes() for i in range(len(pack)))
 
 
 def _assert_same_pack(got: Path, want: Path, sources: dict[str, Path]) -> None:
