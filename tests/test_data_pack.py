@@ -284,12 +284,12 @@ def test_loaders_give_bitwise_the_folder_batches_from_a_pack(source: Path, packe
         _assert_same(got, folder)
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split,loader", [("train", "torch"), ("val", "torch"), ("val", "dali")])
 def test_val_split_of_a_pack_is_the_val_split_of_its_folder(source: Path, packed: Path, split: str,
-                                                            tmp_path: Path) -> None:
+                                                            loader: str, tmp_path: Path) -> None:
     pack = _orphan(packed, tmp_path)
-    folder = _batches(source, split, workers=0, val_split=0.4)
-    got = _batches(pack, split, workers=0, val_split=0.4)
+    folder = _batches(source, split, workers=0, val_split=0.4, loader=loader)
+    got = _batches(pack, split, workers=0, val_split=0.4, loader=loader)
     assert len(folder) >= 1
     _assert_same(got, folder)
 
