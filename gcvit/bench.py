@@ -19,7 +19,7 @@ from torch import nn
 
 from gcvit.engine.metrics import peak_flops, train_flops_per_image
 from gcvit.models import canonical_name, create_model
-from gcvit.models.gcvit import VARIANTS
+from gcvit.variants import VARIANTS
 
 IN1K_TRAIN_IMAGES = 1_281_167
 IN1K_EPOCHS = 310  # the recipe's 300 cosine epochs + 10 cooldown epochs

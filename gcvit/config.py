@@ -8,9 +8,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gcvit.engine.param_groups import FREEZE
 from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 from gcvit_data.eval_sets import SETS as EVAL_SETS
+
+# model.freeze: the parts that stay fixed, from the stem up (backbone = everything but the head)
+FREEZE = ("stem", "stage1", "stage2", "stage3", "stage4", "backbone")
 
 
 @dataclass

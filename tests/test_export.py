@@ -12,7 +12,7 @@ import torch
 import gcvit
 from gcvit import export as exporter
 from gcvit.models.checkpoint import from_native
-from gcvit.models.gcvit import VARIANTS
+from gcvit.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=64, num_classes=10)

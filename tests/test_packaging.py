@@ -41,3 +41,13 @@ def test_a_users_own_data_package_and_ours_coexist(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["user", "gcvit_data.loaders", "gcvit_data.index"]
+
+
+def test_the_config_and_the_variant_names_import_without_torch():
+    """train.py validates its config before the model code loads, and DALI's feeder workers (which re-import
+    the main module) stay small: neither gcvit.config nor the variant list may pull in torch or timm."""
+    code = ("import sys, gcvit, gcvit.config; names = gcvit.list_models(); "
+            "print(len(names), sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["8", "[]"]

@@ -18,6 +18,7 @@ from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import lowest_classes, predict, score
 from gcvit.engine.metrics import WandbLogger
 from gcvit.engine.setup import compiled, resolve_data, run_dir_for, trained_run_dir
+from gcvit.models.checkpoint import safe_load
 from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
 from gcvit_data.split import describe as describe_split
@@ -82,7 +83,7 @@ def _sets(cfg: Config, env: DistEnv, classes: list[str] | None, val_loader: Any)
 def evaluate_only(cfg: Config, env: DistEnv) -> int:
     """Load the checkpoint (official, timm or ours; model and EMA weights) and score it on eval.sets."""
     path, run_dir = _checkpoint(cfg)
-    state = gcvit.models.checkpoint.safe_load(str(path))
+    state = safe_load(str(path))
     ours = isinstance(state.get("model"), dict) and "progress" in state
     trained_on = state.get("classes") if ours else None
     val_loader = None

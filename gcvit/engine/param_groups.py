@@ -6,6 +6,8 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from gcvit.config import FREEZE
+
 
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's param_groups_layer_decay: lr_scale = layer_decay ** (last layer - layer) per group, weight decay
@@ -22,7 +24,6 @@ def describe_layer_decay(model: nn.Module, layer_decay: float) -> str:
             f"{layer_decay ** (layers - 1):.3g} at the stem rising to x 1 at the head")
 
 
-FREEZE = ("stem", "stage1", "stage2", "stage3", "stage4", "backbone")
 
 
 def _depth_level(model: nn.Module, name: str) -> int:

@@ -5,22 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gcvit.models.gcvit import VARIANTS, GCViT
+from gcvit.models.gcvit import GCViT
+from gcvit.variants import VARIANTS, canonical_name, list_models
 
-__all__ = ["GCViT", "create_model", "list_models"]
-
-
-def list_models() -> list[str]:
-    """Names accepted by create_model (the official gc_vit_* spellings work too)."""
-    return list(VARIANTS)
-
-
-def canonical_name(name: str) -> str:
-    """'gc_vit_tiny' / 'gcvit_tiny' -> 'gcvit_tiny', or a ValueError listing the known variants."""
-    key = name.replace("gc_vit_", "gcvit_").split(".")[0]
-    if key not in VARIANTS:
-        raise ValueError(f"unknown GC ViT variant {name!r}; choose one of {', '.join(VARIANTS)}")
-    return key
+__all__ = ["GCViT", "canonical_name", "create_model", "list_models"]
 
 
 def create_model(name: str, *, num_classes: int = 1000, img_size: int = 224,

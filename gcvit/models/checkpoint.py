@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from numpy._core.multiarray import scalar as np_scalar
 from torch import nn
 
-from gcvit.models.gcvit import VARIANTS, GCViT, relative_position_index
+from gcvit.models.gcvit import GCViT, relative_position_index
+from gcvit.variants import VARIANTS
 
 __all__ = ["CheckpointLoadError", "safe_load", "load_checkpoint", "fit_state_dict", "detect_format", "unwrap",
            "to_native", "from_native", "infer_config", "describe", "FORMATS"]

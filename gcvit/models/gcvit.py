@@ -14,23 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from gcvit.models.ops import attention, pointwise, shared_query_attention
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
-__all__ = ["GCViT", "VARIANTS", "stage_window_sizes"]
-
-# Official hyper-parameters (NVlabs/GCVit); drop_path is the published default rate of each variant.
-VARIANTS: dict[str, dict] = {
-    "gcvit_xxtiny": dict(dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
-    "gcvit_xtiny": dict(dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
-    "gcvit_tiny": dict(dim=64, depths=(3, 4, 19, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.2),
-    "gcvit_tiny2": dict(dim=64, depths=(3, 4, 29, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path=0.25),
-    "gcvit_small": dict(dim=96, depths=(3, 4, 19, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0,
-                        layer_scale=1e-5, drop_path=0.3),
-    "gcvit_small2": dict(dim=96, depths=(3, 4, 23, 5), num_heads=(3, 6, 12, 24), mlp_ratio=3.0,
-                         layer_scale=1e-5, drop_path=0.35),
-    "gcvit_base": dict(dim=128, depths=(3, 4, 19, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0,
-                       layer_scale=1e-5, drop_path=0.5),
-    "gcvit_large": dict(dim=192, depths=(3, 4, 19, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0,
-                        layer_scale=1e-5, drop_path=0.5),
-}
+__all__ = ["GCViT", "stage_window_sizes"]
 
 # Window = stage resolution / ratio: 7, 7, 14, 7 at 224 (stage 3 attends over its whole 14x14 map).
 _WINDOW_DIVISOR = (1, 1, 2, 1)
