@@ -70,6 +70,8 @@ def test_workers_feed_what_the_training_thread_fed(root: Path) -> None:
 
     par.set_epoch(3)
     list(itertools.islice(iter(par), 1))  # abandoned after one batch: the workers were ahead
+    par.set_epoch(4)
+    list(itertools.islice(iter(par), len(par)))  # every batch taken, the pass's end never asked for
     par.set_epoch(2)
     _assert_same(_flat(par), ref)
     _assert_same(_flat(_loader(root, 2, split="val")), _flat(_loader(root, 0, split="val")))
@@ -121,6 +123,7 @@ def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest
     lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     assert [r["feeder_workers"] for r in lines] == [0, 1]
     assert all(r["main_us_per_img_median"] > 0 and r["wait_us_per_img_median"] >= 0 for r in lines)
+    assert all(r["runner_us_per_img"] > 0 for r in lines)  # DALI was driven off the training thread
 
 
 _KEPT: list = []
