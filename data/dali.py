@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing.util
 import queue
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -83,6 +84,9 @@ def _serve(jobs: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
         try:
             results.put((job(), None))
         except BaseException as e:  # noqa: BLE001 - StopIteration included: the caller re-raises it
+            # the traceback keeps its lines but not the frames' locals: they hold the loader, which holds
+            # this queue, a cycle that only the garbage collector would free (see Runner.result)
+            traceback.clear_frames(e.__traceback__)
             results.put((None, e))
         del job  # a bound method of the loader: holding it would keep the loader alive
 
@@ -115,9 +119,14 @@ class Runner:
         """Wait for the started job; its return value, or what it raised."""
         self.pending = False
         out, error = self._results.get()
-        if error is not None:
+        if error is None:
+            return out
+        # Raised without a local holding it: a loader only the garbage collector frees can be freed in a
+        # forked process (a DataLoader worker), where destroying its DALI pipeline waits forever.
+        try:
             raise error
-        return out
+        finally:
+            del error
 
 
 class DaliLoader(Loader):
