@@ -12,37 +12,44 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
 
-from gcvit import list_models
-from gcvit.config import from_hydra, register, with_demo_default
-from gcvit.engine.checkpoint import CheckpointError
-from gcvit.engine.guard import NonFiniteError
-from gcvit.engine.loop import StepOutOfMemory, run
-from gcvit.models.checkpoint import CheckpointLoadError
+def main() -> None:
+    """Validate the composed config, run the job, and point at what comes next; exits with the job's code.
 
-register()
+    The trainer is imported here, not at the top: DALI's feeder workers are spawned processes, which
+    re-import this file as their main module, and need none of it (~700 MB of torch, timm and Hydra each).
+    """
+    import hydra
+    from omegaconf import DictConfig
 
+    from gcvit import list_models
+    from gcvit.config import from_hydra, register, with_demo_default
+    from gcvit.engine.checkpoint import CheckpointError
+    from gcvit.engine.guard import NonFiniteError
+    from gcvit.engine.loop import StepOutOfMemory, run
+    from gcvit.models.checkpoint import CheckpointLoadError
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Validate the composed config, run the job, and point at what comes next; exits with the job's code."""
-    config = from_hydra(cfg, list_models)
-    try:
-        code = run(config)
-    except (NonFiniteError, CheckpointError, CheckpointLoadError, StepOutOfMemory) as e:
-        # These carry a one-line diagnosis and what to do; a traceback would only bury it.
-        sys.exit(f"error: {e}")
-    if code == 0 and config.mode == "train" and config.name == "demo":
-        print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n"
-              "  torchrun --nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"
-              "  (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG; on SLURM see docs/cluster.md)")
-    if code:
-        # Hydra drops the task's return value; 75 (preempted) must reach the launcher.
-        sys.exit(code)
+    register()
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def job(cfg: DictConfig) -> None:
+        config = from_hydra(cfg, list_models)
+        try:
+            code = run(config)
+        except (NonFiniteError, CheckpointError, CheckpointLoadError, StepOutOfMemory) as e:
+            # These carry a one-line diagnosis and what to do; a traceback would only bury it.
+            sys.exit(f"error: {e}")
+        if code == 0 and config.mode == "train" and config.name == "demo":
+            print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n  torchrun "
+                  "--nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"
+                  "  (ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG; on SLURM see docs/cluster.md)")
+        if code:
+            # Hydra drops the task's return value; 75 (preempted) must reach the launcher.
+            sys.exit(code)
+
+    sys.argv[1:] = with_demo_default(sys.argv[1:])
+    job()
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = with_demo_default(sys.argv[1:])
     main()

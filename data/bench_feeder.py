@@ -37,6 +37,8 @@ def measure(root: Path, feeder_workers: int, args: argparse.Namespace) -> dict[s
                                   world_size=1, device=torch.device("cpu")))
     for _ in range(args.warmup):
         stream.next()
+    runner = time.pthread_getcpuclockid(stream.loader.runner.thread.ident)
+    runner_start, images = time.clock_gettime(runner), 0
     cpu, wall = [], []
     for _ in range(args.batches):
         time.sleep(args.step_ms / 1000)
@@ -44,12 +46,15 @@ def measure(root: Path, feeder_workers: int, args: argparse.Namespace) -> dict[s
         n = len(stream.next().ids)
         cpu.append((time.thread_time() - c) / n * 1e6)
         wall.append((time.perf_counter() - w) / n * 1e6)
+        images += n
+    runner_us = (time.clock_gettime(runner) - runner_start) / images * 1e6
     waits = [w - c for w, c in zip(wall, cpu)]
     return {"bench": "data.feeder_main_thread", "feeder_workers": feeder_workers, "batch": args.batch,
             "threads": args.threads, "rand_augment": aug.rand_augment, "img_size": args.img_size,
             "step_ms": args.step_ms, "main_us_per_img_median": round(statistics.median(cpu), 2),
             "main_us_per_img_mean": round(statistics.mean(cpu), 2),
             "wait_us_per_img_median": round(max(0.0, statistics.median(waits)), 2),
+            "runner_us_per_img": round(runner_us, 2),
             "load_avg": round(os.getloadavg()[0], 1), "cpu_count": os.cpu_count()}
 
 

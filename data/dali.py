@@ -12,7 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing.util
-from collections.abc import Iterator
+import queue
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,6 +81,57 @@ def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_re
     return _normalize(images, half), keys[1:2], keys[0:1]
 
 
+def _serve(jobs: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
+    """The runner thread: each job's (result, None) or (None, what it raised), until a None job."""
+    while (job := jobs.get()) is not None:
+        try:
+            results.put((job(), None))
+        except BaseException as e:  # noqa: BLE001 - StopIteration included: the caller re-raises it
+            # the traceback keeps its lines but not the frames' locals: they hold the loader, which holds
+            # this queue, a cycle that only the garbage collector would free (see Runner.result)
+            traceback.clear_frames(e.__traceback__)
+            results.put((None, e))
+        del job  # a bound method of the loader: holding it would keep the loader alive
+
+
+class Runner:
+    """A daemon thread that runs one job at a time for the training thread, which collects its result later.
+
+    The loader runs pipe.run() here, one batch ahead: DALI's Python per batch (receiving the feeder's
+    batch from a worker, scheduling the next, feeding the external source, scheduling the graph, wrapping
+    the outputs) then overlaps the training step instead of running on the thread that launches its
+    kernels; it holds the GIL only for that Python, and DALI's waits release it. A daemon thread, so a
+    pipeline that never answers cannot keep the process from exiting.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = False  # a job started and not collected
+        self.thread = threading.Thread(target=_serve, args=(self._jobs, self._results), daemon=True,
+                                       name="gcvit-dali-run")
+        self.thread.start()
+        weakref.finalize(self, self._jobs.put, None)  # the thread ends with its runner
+
+    def start(self, job: Callable[[], Any]) -> None:
+        """Run `job` on the thread (the previous one must have been collected)."""
+        self.pending = True
+        self._jobs.put(job)
+
+    def result(self) -> Any:
+        """Wait for the started job; its return value, or what it raised."""
+        self.pending = False
+        out, error = self._results.get()
+        if error is None:
+            return out
+        # Raised without a local holding it: a loader only the garbage collector frees can be freed in a
+        # forked process (a DataLoader worker), where destroying its DALI pipeline waits forever.
+        try:
+            raise error
+        finally:
+            del error
+
+
 class DaliLoader(Loader):
     """Loader over one long-lived DALI pipeline; a pass abandoned early is drained before the next.
 
@@ -107,6 +162,7 @@ class DaliLoader(Loader):
         self._torch_resize = None if data.dali_device == "gpu" else TorchResize(self._interp, data.workers)
         self._pass: int | None = None  # the DALI epoch of a pass started and not run to its end
         self._taken = 0  # batches the current pass has yielded
+        self.runner = Runner()  # runs self._next: pipe.run() one batch ahead of the training thread
 
     def _pipeline(self) -> Any:
         gpu, workers = self.data.dali_device == "gpu", self.data.feeder_workers
@@ -132,12 +188,29 @@ class DaliLoader(Loader):
         self._pass = None
 
     def _drain(self) -> None:
-        """Discard what the pipeline and its workers prefetched for an abandoned pass."""
+        """Discard what the pipeline, its workers and the runner prefetched for an abandoned pass."""
         self.plan.end(self._pass)
         with contextlib.suppress(StopIteration):
+            if self.runner.pending:
+                self.runner.result()
             while True:
                 self._pipe.run()
         self._end_pass()
+
+    def _next(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """On the runner thread: the pipeline's next batch, its cpu outputs as torch tensors.
+
+        CPU outputs are shared, not copied (a 64-image float batch is 38 MB: copying it cost ~100 us per
+        image on the feeding thread). That is safe because the dynamic executor (exec_dynamic=True, set
+        above) gives every iteration its own reference-counted buffers: a batch the caller still holds is
+        never overwritten by a later one (tests/test_data_loaders.py holds whole epochs to check it).
+        """
+        images, labels, ids = self._pipe.run()
+        if not isinstance(images, TensorListGPU):
+            images = torch.from_dlpack(images.as_tensor())
+        # labels and ids are always cpu outputs: labels_on copies the labels out of DALI's buffer safely
+        return (images, torch.from_dlpack(labels.as_tensor()).view(-1),
+                torch.from_dlpack(ids.as_tensor()).view(-1))
 
     def _produce(self) -> Iterator[Batch]:
         if self._pipe is None:
@@ -146,10 +219,11 @@ class DaliLoader(Loader):
             self._drain()
         self._pass = self.plan.append(self.sampler.epoch, self.sampler.position, self.sampler.remaining())
         self._taken = 0
+        self.runner.start(self._next)
         while True:
             failure = None
             try:
-                images, labels, ids = self._pipe.run()
+                images, labels, ids = self.runner.result()
             except StopIteration:
                 self._end_pass()
                 return
@@ -159,32 +233,24 @@ class DaliLoader(Loader):
                 self._pipe, self._pass = None, None  # its feeder processes end with it
                 raise failure
             self._taken += 1
-            # labels are always a cpu output: labels_on copies them out of DALI's buffer safely
-            yield Batch(self._to_torch(images).permute(0, 3, 1, 2),
-                        labels_on(torch.from_dlpack(labels.as_tensor()).view(-1), self.device),
-                        torch.from_dlpack(ids.as_tensor()).view(-1))
+            self.runner.start(self._next)  # the next batch while the caller trains on this one
+            yield Batch(self._to_device(images).permute(0, 3, 1, 2), labels_on(labels, self.device), ids)
 
     def feeder_pids(self) -> list[int]:
         """Processes running the feeder (none while it runs inline or before the first pass)."""
         pool = getattr(self._pipe, "_py_pool", None)  # DALI exposes the pool only as an attribute
         return list(pool.pids()) if pool is not None else []
 
-    def _to_torch(self, out: Any) -> torch.Tensor:
-        """A DALI batch as a torch tensor on the training device.
-
-        CPU outputs are shared, not copied (a 64-image float batch is 38 MB: copying it cost ~100 us per
-        image on the feeding thread). That is safe because the dynamic executor (exec_dynamic=True, set
-        above) gives every iteration its own reference-counted buffers: a batch the caller still holds is
-        never overwritten by a later one (tests/test_data_loaders.py holds whole epochs to check it).
-        """
-        if isinstance(out, TensorListGPU):
-            t = out.as_tensor()
-            dst = torch.empty(t.shape(), dtype=self.dtype, device=self.device)  # only images run on GPU
+    def _to_device(self, images: Any) -> torch.Tensor:
+        """The images on the training device: a gpu pipeline's copied on the training thread's stream, a cpu
+        pipeline's tensor (sharing DALI's buffer, see _next) as it is on a cpu device. A cpu pipeline has no
+        device_id, so its buffers are pageable: a copy to CUDA has read them when .to() returns."""
+        if isinstance(images, TensorListGPU):
+            t = images.as_tensor()
+            dst = torch.empty(t.shape(), dtype=self.dtype, device=self.device)
             feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
             return dst
-        # A cpu pipeline has no device_id, so its buffers are pageable: a copy to CUDA has read them when
-        # .to() returns, before the shared buffer can be released.
-        return torch.from_dlpack(out.as_tensor()).to(self.device, non_blocking=True)
+        return images.to(self.device, non_blocking=True)
 
     def _failure(self, error: Exception) -> DataError | Exception:
         """One line naming the bad file: the feeder's own (raised inline, or as text from a worker process,
@@ -210,6 +276,6 @@ class DaliLoader(Loader):
 
     def _in_flight(self) -> list[int]:
         """Sample ids of the batches the pipeline and the feeder may have been working on."""
-        depth = self.data.prefetch + max(self.data.feeder_workers, self.data.prefetch) + 1
+        depth = self.data.prefetch + max(self.data.feeder_workers, self.data.prefetch) + 2  # + the runner's
         batches = [self.feeder.ids(self._pass, k)[1] for k in range(self._taken, self._taken + depth)]
         return [int(i) for ids in batches if ids is not None for i in ids]

@@ -1,6 +1,7 @@
 """Typed configuration of a run (the schema behind conf/) and its start-up checks."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,6 +228,11 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _one_of("data.dali_device", d.dali_device, DALI_DEVICES)
     _one_of("data.interpolation", d.interpolation, INTERPOLATIONS)
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "a positive integer")
+    # a feeder worker is a process per rank: more than the node's CPUs only thrash (the default always fits)
+    cpus = max(os.cpu_count() or 1, DataConfig.feeder_workers)
+    _check(0 <= d.feeder_workers <= cpus, "data.feeder_workers", d.feeder_workers,
+           f"an integer in [0, {cpus}] (this node's CPUs): DALI feeder processes per rank, 2 is the default, "
+           "0 feeds DALI from the training process")
     _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
            "null or a fraction in (0, 1) of ROOT/train to hold out as val")
     _check(not (d.val_split and d.val_list), "data.val_split", d.val_split,

@@ -133,6 +133,8 @@ def test_debug_tiny_and_overrides() -> None:
     ("experiment=in1k_gcvit_tiny", "data.root", "ROOT/train/<wnid>"),
     ("model=gcvit_tiny", "data.root", "ROOT/train/<wnid>"),
     ("data.loader=pil", "data.loader", "dali | torch | synthetic"),
+    ("data.feeder_workers=-1", "data.feeder_workers", "an integer in [0, "),
+    ("data.feeder_workers=100000", "data.feeder_workers", "DALI feeder processes per rank"),
     ("trainer.resume=always", "trainer.resume", "auto | force"),
 ])
 def test_invalid_values_fail_with_one_line(override: str, key: str, allowed: str) -> None:
