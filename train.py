@@ -17,23 +17,25 @@ def main() -> None:
     """Validate the composed config, run the job, and point at what comes next; exits with the job's code.
 
     The trainer is imported here, not at the top: DALI's feeder workers are spawned processes, which
-    re-import this file as their main module, and need none of it (~700 MB of torch, timm and Hydra each).
+    re-import this file as their main module, and need none of it (~700 MB of torch, timm and Hydra each);
+    the trainer after the config's validation, which needs neither torch nor timm, so a typo fails at once.
     """
     import hydra
     from omegaconf import DictConfig
 
     from gcvit import list_models
     from gcvit.config import from_hydra, register, with_demo_default
-    from gcvit.engine.checkpoint import CheckpointError
-    from gcvit.engine.guard import NonFiniteError
-    from gcvit.engine.loop import StepOutOfMemory, run
-    from gcvit.models.checkpoint import CheckpointLoadError
 
     register()
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     def job(cfg: DictConfig) -> None:
-        config = from_hydra(cfg, list_models)
+        config = from_hydra(cfg, list_models)  # torch-free: a bad key or value fails before torch loads
+        from gcvit.engine.checkpoint import CheckpointError
+        from gcvit.engine.guard import NonFiniteError
+        from gcvit.engine.loop import StepOutOfMemory, run
+        from gcvit.models.checkpoint import CheckpointLoadError
+
         try:
             code = run(config)
         except (NonFiniteError, CheckpointError, CheckpointLoadError, StepOutOfMemory) as e:

@@ -2,6 +2,7 @@
 folder or module of a user's own project, and setup.cfg lists every package of the source tree."""
 import ast
 import configparser
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,13 @@ def test_the_config_and_the_variant_names_import_without_torch():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["8", "[]"]
+
+
+def test_train_py_rejects_a_bad_value_before_loading_torch():
+    code = ("import runpy, sys\nsys.argv = ['train.py', 'debug=tiny', 'trainer.precision=fp8']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('torch' in sys.modules, 'timm' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert "trainer.precision='fp8' is invalid" in run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1] == "False False", run.stdout
