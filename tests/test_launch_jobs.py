@@ -23,7 +23,8 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 # The tiny preset for a part of its first epoch, deterministic so that runs can be compared bit for bit.
 TARGET = 10
-TINY = ("debug=tiny", "trainer.deterministic=true", f"trainer.max_steps={TARGET}")
+# feeder processes on, as in real runs: a signal to the job reaches them too
+TINY = ("debug=tiny", "trainer.deterministic=true", f"trainer.max_steps={TARGET}", "data.feeder_workers=2")
 
 pytestmark = pytest.mark.slow
 
