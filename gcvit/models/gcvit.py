@@ -157,7 +157,8 @@ class WindowAttention(nn.Module):
         else:
             k, v = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d).unbind(0)
             if nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-                out = attention(q_global, k[:, :, 0], v[:, :, 0], bias, dropout)
+                # squeeze, not k[:, :, 0]: a select's backward zero-fills and copies a k-sized gradient
+                out = attention(q_global, k.squeeze(2), v.squeeze(2), bias, dropout)
             else:
                 out = shared_query_attention(q_global, k, v, bias, dropout)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)

@@ -70,9 +70,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         dtype = k.dtype  # under autocast: the low-precision type of the qkv projection
         return fused_attention(q.to(dtype), k, v, aligned_bias(bias, dtype), dropout)
     batch, heads, N, d = q.shape
-    # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores
-    attn = torch.baddbmm(bias.expand(batch, heads, N, N).reshape(batch * heads, N, N), q.reshape(-1, N, d),
-                         k.reshape(-1, N, d).transpose(-1, -2), alpha=d ** -0.5)
+    # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores;
+    # in place into the repeated bias, since out-of-place baddbmm would copy that (batch, heads, N, N) input
+    attn = bias.repeat(batch, 1, 1).baddbmm_(q.reshape(-1, N, d), k.reshape(-1, N, d).transpose(-1, -2),
+                                             alpha=d ** -0.5)
     attn = F.dropout(attn.softmax(-1), dropout, training=dropout > 0)
     return (attn @ v.reshape(-1, N, d)).view(batch, heads, N, d)
 
