@@ -101,9 +101,10 @@ def _attend(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
     """packed_attention() on (batch * heads, N, d) matrices: output, probabilities, dropout scale."""
     k, v = packed[-2], packed[-1]
     q = packed[0] if q is None else q
-    # scale (alpha) and bias (beta=1) ride in the GEMM, in place into the repeated bias
+    # scale (alpha) and bias (beta=1) ride in the GEMM, in place into the repeated bias (the out= form, not
+    # baddbmm_, so that FlopCounterMode, which knows no in-place variant, counts it)
     scores = bias.repeat(q.shape[0] // bias.shape[0], 1, 1)
-    probs = scores.baddbmm_(q, k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5).softmax(-1)
+    probs = torch.baddbmm(scores, q, k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5, out=scores).softmax(-1)
     keep = None
     if dropout > 0:
         keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
