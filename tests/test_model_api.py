@@ -183,6 +183,13 @@ def test_cpu_attention_backward_equals_autograd_of_the_math() -> None:
         return packed_attention(packed, None, table, 0.3)
 
     assert torch.autograd.gradcheck(dropped, (qkv, bias))
+    # under CPU autocast the packed tensor arrives in bf16, the bias table and a shared query in fp32
+    kv, table, q32 = torch.randn(2, 2, 2, 9, 8).bfloat16(), torch.randn(2, 9, 9, requires_grad=True), \
+        torch.randn(2, 2, 9, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_attention(kv, q32, table, 0.0)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and table.grad.dtype == q32.grad.dtype == torch.float32
 
 
 def test_gpu_attention_path_gives_the_learned_bias_a_gradient_and_never_uses_cudnn() -> None:

@@ -87,7 +87,9 @@ def packed_attention(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.T
     if fused(packed):
         return attention(*(packed.unbind(0) if q is None else (q, *packed.unbind(0))), bias, dropout)
     n, batch, heads, N, d = packed.shape
-    q = None if q is None else q.reshape(batch * heads, N, d)
+    dtype = packed.dtype  # under autocast: the qkv projection's low-precision type (out= GEMMs skip autocast)
+    q = None if q is None else q.to(dtype).reshape(batch * heads, N, d)
+    bias = bias.to(dtype)
     packed = packed.reshape(n, batch * heads, N, d)
     if torch.is_grad_enabled() and not torch.jit.is_tracing():
         out = _WindowAttention.apply(packed, q, bias, dropout)
