@@ -11,7 +11,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gcvit.models.ops import attention, pointwise, shared_query_attention
+from gcvit.models.ops import packed_attention, pointwise, shared_query_attention
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
 __all__ = ["GCViT", "stage_window_sizes"]
@@ -136,14 +136,14 @@ class WindowAttention(nn.Module):
         qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global:
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
-            out = attention(*qkv.unbind(0), bias, dropout)
+            out = packed_attention(qkv, None, bias, dropout)
             out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
         else:
-            k, v = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d).unbind(0)
+            kv = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d)
             if nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-                out = attention(q_global, k[:, :, 0], v[:, :, 0], bias, dropout)
+                out = packed_attention(kv.squeeze(3), q_global, bias, dropout)
             else:
-                out = shared_query_attention(q_global, k, v, bias, dropout)
+                out = shared_query_attention(q_global, *kv.unbind(0), bias, dropout)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
         return self.proj_drop(pointwise(out.reshape(B, H, W, C), self.proj.weight, self.proj.bias))

@@ -8,15 +8,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Widest input (channels) that pointwise() runs as a oneDNN convolution on CPU; see pointwise().
+CONV_MAX_CHANNELS = 64
+
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over the channels of an NHWC map (B, H, W, C).
 
-    On CPU it runs as a 1x1 convolution of the channels_last NCHW view (both permutes are free views):
-    oneDNN's kernels are up to 1.4x faster than the BLAS GEMM of F.linear there, forward plus backward,
-    most on the 64-channel maps of the first stages. Elsewhere (cuBLAS) it is F.linear.
+    On CPU, maps of up to CONV_MAX_CHANNELS channels run as a 1x1 convolution of the channels_last NCHW
+    view (both permutes are free views): there oneDNN's kernels beat the BLAS GEMM of F.linear, forward plus
+    backward (64 -> 192 channels at 56x56: 1.22x), while from 128 channels on F.linear is the faster one
+    (256 -> 768 at 14x14: 1.07x, 512 -> 1536 at 7x7: 1.2x; torch 2.14, 2 threads, batch 8). Elsewhere
+    (cuBLAS) it is F.linear.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.shape[-1] > CONV_MAX_CHANNELS:
         return F.linear(x, weight, bias)
     return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
 
@@ -69,12 +74,78 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if fused(q):
         dtype = k.dtype  # under autocast: the low-precision type of the qkv projection
         return fused_attention(q.to(dtype), k, v, aligned_bias(bias, dtype), dropout)
-    batch, heads, N, d = q.shape
-    # the GEMM adds the bias itself (beta=1) and applies the scale (alpha): no extra passes over q or scores
-    attn = torch.baddbmm(bias.expand(batch, heads, N, N).reshape(batch * heads, N, N), q.reshape(-1, N, d),
-                         k.reshape(-1, N, d).transpose(-1, -2), alpha=d ** -0.5)
-    attn = F.dropout(attn.softmax(-1), dropout, training=dropout > 0)
-    return (attn @ v.reshape(-1, N, d)).view(batch, heads, N, d)
+    return packed_attention(torch.stack((k, v)), q, bias, dropout)
+
+
+def packed_attention(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
+                     dropout: float) -> torch.Tensor:
+    """attention() of q, k, v packed in one (3, batch, heads, N, d) tensor, or of k, v packed (2, ...) and q.
+
+    The packing is what the qkv projection produces; on CPU the backward then writes the gradients of all
+    of them into one tensor of that layout, where unpacked views would cost autograd a stacking copy.
+    """
+    if fused(packed):
+        return attention(*(packed.unbind(0) if q is None else (q, *packed.unbind(0))), bias, dropout)
+    n, batch, heads, N, d = packed.shape
+    dtype = packed.dtype  # under autocast: the qkv projection's low-precision type (out= GEMMs skip autocast)
+    q = None if q is None else q.to(dtype).reshape(batch * heads, N, d)
+    bias = bias.to(dtype)
+    packed = packed.reshape(n, batch * heads, N, d)
+    if torch.is_grad_enabled() and not torch.jit.is_tracing():
+        out = _WindowAttention.apply(packed, q, bias, dropout)
+    else:  # nothing to differentiate, or a TorchScript trace (which cannot record a Python autograd.Function)
+        out = _attend(packed, q, bias, dropout)[0]
+    return out.view(batch, heads, N, d)
+
+
+def _attend(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
+            dropout: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """packed_attention() on (batch * heads, N, d) matrices: output, probabilities, dropout scale."""
+    k, v = packed[-2], packed[-1]
+    q = packed[0] if q is None else q
+    # scale (alpha) and bias (beta=1) ride in the GEMM, in place into the repeated bias (the out= form, not
+    # baddbmm_, so that FlopCounterMode, which knows no in-place variant, counts it)
+    scores = bias.repeat(q.shape[0] // bias.shape[0], 1, 1)
+    probs = torch.baddbmm(scores, q, k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5, out=scores).softmax(-1)
+    keep = None
+    if dropout > 0:
+        keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
+    return torch.bmm(probs if keep is None else probs * keep, v), probs, keep
+
+
+class _WindowAttention(torch.autograd.Function):
+    """The CPU form of packed_attention() on (batch * heads, N, d) matrices, with a backward written out.
+
+    Autograd's own backward of the same math spends two extra passes scaling the q and k gradients
+    (baddbmm's alpha), copies the bias input and stacks the q, k, v gradients; here the scale rides in the
+    GEMMs (alpha, and beta=0 into the gradient buffer), the scores are built in place in the repeated bias,
+    and the GEMMs write straight into the packed gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
+                dropout: float) -> torch.Tensor:
+        out, probs, keep = _attend(packed, q, bias, dropout)
+        ctx.save_for_backward(packed, packed[0] if q is None else q, probs, keep)
+        ctx.scale, ctx.bias_shape, ctx.q_packed = packed.shape[-1] ** -0.5, bias.shape, q is None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        packed, q, probs, keep = ctx.saved_tensors
+        k, v = packed[-2], packed[-1]
+        grad = grad.contiguous()
+        grad_packed = torch.empty_like(packed)
+        grad_q = grad_packed[0] if ctx.q_packed else torch.empty_like(q)
+        torch.bmm((probs if keep is None else probs * keep).transpose(-1, -2), grad, out=grad_packed[-1])
+        grad_p = torch.bmm(grad, v.transpose(-1, -2))
+        if keep is not None:
+            grad_p.mul_(keep)
+        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+        grad_q.baddbmm_(grad_s, k, beta=0, alpha=ctx.scale)
+        grad_packed[-2].baddbmm_(grad_s.transpose(-1, -2), q, beta=0, alpha=ctx.scale)
+        grad_bias = grad_s.view(-1, *ctx.bias_shape).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_packed, None if ctx.q_packed else grad_q, grad_bias, None
 
 
 def shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
