@@ -2,12 +2,19 @@
 
     python -m gcvit_data.bench_feeder --root ../shared/imagenet-sample --batch 128 --feeder-workers 0 2
 
-Between batches the main thread sleeps for --step-ms, standing in for a training step on the GPU during
-which the loader works ahead; what it then spends inside next() is the loader's toll on the thread that
-launches the model's kernels. That is measured as the thread's own CPU time (time.thread_time), so it does
-not count waiting and barely moves when other processes share the machine. `wait_us_per_img` is the wall
-time next() waited beyond that: non-zero means the loader did not keep up with the step (raise --step-ms).
-One JSON line per --feeder-workers value.
+Between batches the main thread stands in for a training step on the GPU for --step-ms, during which the
+loader works ahead; what it then spends inside next() is the loader's toll on the thread that launches the
+model's kernels. That is measured as the thread's own CPU time (time.thread_time), so it does not count
+waiting. `wait_us_per_img` is the wall time next() waited beyond that: non-zero means the loader did not
+keep up with the step (raise --step-ms). One JSON line per --feeder-workers value, after one for the
+synthetic loader (tensors made once, nothing loaded): the floor that any loader's next() costs on this
+machine, which `over_floor_us_per_img` subtracts.
+
+--step model (the default) runs gcvit_tiny's forward and backward at --batch on the meta device, over and
+over until --step-ms has passed: the Python and dispatcher work of launching a step's kernels, without a
+GPU, so the thread is as busy and its code as warm as a training thread's. --step sleep idles instead: on
+a virtual machine whose idle cores run other guests, each torch call right after a sleep then runs cold
+(a permute of 8 numbers took 0.15 ms instead of 0.001 on the build machine), which is measured too.
 """
 from __future__ import annotations
 
@@ -15,9 +22,11 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +37,82 @@ from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 
 
-def measure(root: Path, feeder_workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Median and mean main-thread CPU per image inside next() over --batches paced batches."""
-    data = DataConfig(root=str(root), loader="dali", batch_size=args.batch, workers=args.threads,
-                      prefetch=args.prefetch, index_cache=args.index_cache, feeder_workers=feeder_workers)
+def simulated_step(kind: str, batch: int) -> Callable[[float], None]:
+    """A stand-in for one training step on a GPU, run on the calling thread for a given number of seconds."""
+    if kind == "sleep":
+        return time.sleep
+    from gcvit import create_model  # the model only stands in for the training thread's own work
+
+    model = create_model("gcvit_tiny").to("meta")
+    images = torch.empty(batch, 3, 224, 224, device="meta").contiguous(memory_format=torch.channels_last)
+
+    def launch(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while True:  # at least one step: the thread's code is then what a step left warm
+            model(images).float().mean().backward()
+            if time.perf_counter() >= end:
+                return
+
+    return launch
+
+
+def count_calls(fn: Callable[[], Any]) -> tuple[Any, int, int]:
+    """fn()'s result, and the Python and C calls it made on this thread: all of them, and those into torch
+    or DALI. A count, unlike a time, does not depend on how warm the machine's caches are."""
+    calls, library = 0, 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls, library
+        if event in ("call", "c_call") and arg is not sys.setprofile:
+            calls += 1
+            where = (frame.f_code.co_filename if event == "call"
+                     else f"{getattr(arg, '__module__', None) or ''}.{getattr(arg, '__qualname__', '')}")
+            library += any(name in where for name in ("torch", "Tensor", "_VariableFunctions", "nvidia"))
+
+    sys.setprofile(profile)  # this thread's only: the runner's and DALI's threads are not counted
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, calls, library
+
+
+def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Median and mean main-thread CPU per image inside next() over --batches paced batches; DALI with that
+    many feeder workers, or (None) the synthetic loader: ready tensors, the floor of any loader's next()."""
+    loader = "synthetic" if feeder_workers is None else "dali"
+    data = DataConfig(root=str(root), loader=loader, batch_size=args.batch, workers=args.threads,
+                      prefetch=args.prefetch, index_cache=args.index_cache,
+                      feeder_workers=feeder_workers or 0)
     aug = AugConfig(rand_augment=None if args.rand_augment == "none" else args.rand_augment)
     stream = Endless(build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0,
                                   world_size=1, device=torch.device("cpu")))
     for _ in range(args.warmup):
         stream.next()
-    runner = time.pthread_getcpuclockid(stream.loader.runner.thread.ident)
-    runner_start, images = time.clock_gettime(runner), 0
+    step = simulated_step(args.step, args.batch)
+    runner_thread = getattr(stream.loader, "runner", None)
+    runner = time.pthread_getcpuclockid(runner_thread.thread.ident) if runner_thread else None
+    runner_start, images = time.clock_gettime(runner) if runner else 0.0, 0
     cpu, wall = [], []
     for _ in range(args.batches):
-        time.sleep(args.step_ms / 1000)
+        step(args.step_ms / 1000)
         c, w = time.thread_time(), time.perf_counter()
         n = len(stream.next().ids)
         cpu.append((time.thread_time() - c) / n * 1e6)
         wall.append((time.perf_counter() - w) / n * 1e6)
         images += n
-    runner_us = (time.clock_gettime(runner) - runner_start) / images * 1e6
+    runner_us = (time.clock_gettime(runner) - runner_start) / images * 1e6 if runner else 0.0
+    step(args.step_ms / 1000)
+    _, calls, library = count_calls(stream.next)
     waits = [w - c for w, c in zip(wall, cpu)]
-    return {"bench": "data.feeder_main_thread", "feeder_workers": feeder_workers, "batch": args.batch,
-            "threads": args.threads, "rand_augment": aug.rand_augment, "img_size": args.img_size,
-            "step_ms": args.step_ms, "main_us_per_img_median": round(statistics.median(cpu), 2),
+    return {"bench": "data.feeder_main_thread", "loader": loader, "feeder_workers": feeder_workers,
+            "batch": args.batch, "threads": args.threads, "rand_augment": aug.rand_augment,
+            "img_size": args.img_size, "step": args.step, "step_ms": args.step_ms,
+            "main_us_per_img_median": round(statistics.median(cpu), 2),
             "main_us_per_img_mean": round(statistics.mean(cpu), 2),
             "wait_us_per_img_median": round(max(0.0, statistics.median(waits)), 2),
-            "runner_us_per_img": round(runner_us, 2),
+            "runner_us_per_img": round(runner_us, 2), "main_calls_per_batch": calls,
+            "main_library_calls_per_batch": library,
             "load_avg": round(os.getloadavg()[0], 1), "cpu_count": os.cpu_count()}
 
 
@@ -69,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--rand-augment", default=FULL, help="timm RandAugment string, or none")
+    ap.add_argument("--step", choices=["model", "sleep"], default="model",
+                    help="the simulated training step: gcvit_tiny's launches on the meta device, or idle")
     ap.add_argument("--step-ms", type=float, default=2000, help="simulated training step between batches")
     ap.add_argument("--batches", type=int, default=10, help="measured batches per configuration")
     ap.add_argument("--warmup", type=int, default=4)
@@ -79,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = dataset_root(args.root, Path(tmp))
         args.index_cache = args.index_cache or str(Path(tmp) / "index")
+        floor = measure(root, None, args)
+        print(json.dumps(floor), flush=True)
         for workers in args.feeder_workers:
-            print(json.dumps(measure(root, workers, args)), flush=True)
+            row = measure(root, workers, args)
+            over = row["main_us_per_img_median"] - floor["main_us_per_img_median"]
+            row["over_floor_us_per_img"] = round(over, 2)
+            print(json.dumps(row), flush=True)
     return 0
 
 

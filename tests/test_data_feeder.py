@@ -137,10 +137,17 @@ def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest
 
     assert main(["--root", str(root / "train"), "--feeder-workers", "0", "1", "--batch", "4", "--img-size",
                  "24", "--step-ms", "1", "--batches", "2", "--warmup", "1"]) == 0
-    lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
-    assert [r["feeder_workers"] for r in lines] == [0, 1]
+    floor, *lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert floor["loader"] == "synthetic" and floor["main_us_per_img_median"] > 0
+    assert [(r["loader"], r["feeder_workers"], r["step"]) for r in lines] == [("dali", 0, "model"),
+                                                                             ("dali", 1, "model")]
     assert all(r["main_us_per_img_median"] > 0 and r["wait_us_per_img_median"] >= 0 for r in lines)
     assert all(r["runner_us_per_img"] > 0 for r in lines)  # DALI was driven off the training thread
+    # and the training thread only collects a finished batch: a few calls, none into torch or DALI
+    assert all(r["main_library_calls_per_batch"] == 0 and 0 < r["main_calls_per_batch"] <= 12 for r in lines)
+    assert floor["main_library_calls_per_batch"] > 0
+    base = floor["main_us_per_img_median"]
+    assert all(r["over_floor_us_per_img"] == round(r["main_us_per_img_median"] - base, 2) for r in lines)
 
 
 _KEPT: list = []

@@ -79,3 +79,16 @@ def test_gpu_images_arrive_in_the_model_s_form(root) -> None:
     assert batch.images.device.type == "cuda" and batch.images.dtype == torch.float16
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     assert batch.labels.device.type == "cuda" and batch.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
+def test_copies_are_queued_on_the_training_thread_s_stream(root, dali_device: str) -> None:
+    """The runner thread queues each batch's device copies on the stream the consumer runs on: a consumer on
+    a side stream gets, without any synchronisation of its own, the batches a default-stream consumer gets."""
+    ref = _all(_loader(root, dali_device, "val"))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = [(b.images.sum(), b.labels.clone()) for b in _all(_loader(root, dali_device, "val"))]
+    side.synchronize()
+    for (total, labels), want in zip(got, ref, strict=True):
+        assert torch.equal(total, want.images.sum()) and torch.equal(labels, want.labels)
