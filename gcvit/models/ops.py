@@ -106,7 +106,10 @@ def _attend(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
     # scale (alpha) and bias (beta=1) ride in the GEMM, in place into the repeated bias (the out= form, not
     # baddbmm_, so that FlopCounterMode, which knows no in-place variant, counts it)
     scores = bias.repeat(q.shape[0] // bias.shape[0], 1, 1)
-    probs = torch.baddbmm(scores, q, k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5, out=scores).softmax(-1)
+    torch.baddbmm(scores, q, k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5, out=scores)
+    # the softmax too goes in place (its row kernel reads a row whole before writing it): each new
+    # (batch * heads, N, N) tensor costs fresh pages, a quarter of this function's time at N = 196
+    probs = torch._softmax(scores, -1, False, out=scores)
     keep = None
     if dropout > 0:
         keep = torch.empty_like(probs).bernoulli_(1 - dropout).div_(1 - dropout)
@@ -138,10 +141,10 @@ class _WindowAttention(torch.autograd.Function):
         grad_packed = torch.empty_like(packed)
         grad_q = grad_packed[0] if ctx.q_packed else torch.empty_like(q)
         torch.bmm((probs if keep is None else probs * keep).transpose(-1, -2), grad, out=grad_packed[-1])
-        grad_p = torch.bmm(grad, v.transpose(-1, -2))
+        grad_s = torch.bmm(grad, v.transpose(-1, -2))  # the probabilities' gradient, then in place:
         if keep is not None:
-            grad_p.mul_(keep)
-        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype)
+            grad_s.mul_(keep)
+        torch._softmax_backward_data(grad_s, probs, -1, probs.dtype, grad_input=grad_s)  # the scores'
         grad_q.baddbmm_(grad_s, k, beta=0, alpha=ctx.scale)
         grad_packed[-2].baddbmm_(grad_s.transpose(-1, -2), q, beta=0, alpha=ctx.scale)
         grad_bias = grad_s.view(-1, *ctx.bias_shape).sum(0) if ctx.needs_input_grad[2] else None
