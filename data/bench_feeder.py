@@ -87,8 +87,8 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
     aug = AugConfig(rand_augment=None if args.rand_augment == "none" else args.rand_augment)
     stream = Endless(build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0,
                                   world_size=1, device=torch.device("cpu")))
-    for _ in range(args.warmup):
-        stream.next()
+    # the warm-up batches after the first (which builds the pipeline) also count the thread's calls
+    counts = [count_calls(stream.next)[1:] for _ in range(args.warmup)][1:]
     step = simulated_step(args.step, args.batch)
     runner_thread = getattr(stream.loader, "runner", None)
     runner = time.pthread_getcpuclockid(runner_thread.thread.ident) if runner_thread else None
@@ -102,8 +102,6 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
         wall.append((time.perf_counter() - w) / n * 1e6)
         images += n
     runner_us = (time.clock_gettime(runner) - runner_start) / images * 1e6 if runner else 0.0
-    step(args.step_ms / 1000)
-    _, calls, library = count_calls(stream.next)
     waits = [w - c for w, c in zip(wall, cpu)]
     return {"bench": "data.feeder_main_thread", "loader": loader, "feeder_workers": feeder_workers,
             "batch": args.batch, "threads": args.threads, "rand_augment": aug.rand_augment,
@@ -111,8 +109,9 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
             "main_us_per_img_median": round(statistics.median(cpu), 2),
             "main_us_per_img_mean": round(statistics.mean(cpu), 2),
             "wait_us_per_img_median": round(max(0.0, statistics.median(waits)), 2),
-            "runner_us_per_img": round(runner_us, 2), "main_calls_per_batch": calls,
-            "main_library_calls_per_batch": library,
+            "runner_us_per_img": round(runner_us, 2),
+            "main_calls_per_batch": statistics.median(c for c, _ in counts),
+            "main_library_calls_per_batch": statistics.median(n for _, n in counts),
             "load_avg": round(os.getloadavg()[0], 1), "cpu_count": os.cpu_count()}
 
 
@@ -131,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the simulated training step: gcvit_tiny's launches on the meta device, or idle")
     ap.add_argument("--step-ms", type=float, default=2000, help="simulated training step between batches")
     ap.add_argument("--batches", type=int, default=10, help="measured batches per configuration")
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed batches first (at least 2)")
     ap.add_argument("--index-cache", default=None, help="index cache dir (default: a temporary one)")
     args = ap.parse_args(argv)
+    if args.warmup < 2:
+        ap.error("--warmup must be at least 2: the calls are counted on the warm-up batches after the first")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:

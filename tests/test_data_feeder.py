@@ -136,7 +136,7 @@ def test_bench_feeder_prints_the_training_thread_cost(root: Path, capsys: pytest
     from gcvit_data.bench_feeder import main
 
     assert main(["--root", str(root / "train"), "--feeder-workers", "0", "1", "--batch", "4", "--img-size",
-                 "24", "--step-ms", "1", "--batches", "2", "--warmup", "1"]) == 0
+                 "24", "--step-ms", "1", "--batches", "2", "--warmup", "3"]) == 0
     floor, *lines = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     assert floor["loader"] == "synthetic" and floor["main_us_per_img_median"] > 0
     assert [(r["loader"], r["feeder_workers"], r["step"]) for r in lines] == [("dali", 0, "model"),
