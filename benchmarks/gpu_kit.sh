@@ -103,6 +103,13 @@ write_image_folder(Path('$data_root'), train_per_class=200, val_per_class=1, num
             --batch 128 --batches 20 --rounds 2 --rand-augment rand-m9-mstd0.5-inc1 --json-out "$json" \
             2>&1 | tee "$OUT/data-bench.log" || status=1
         cp "$json" "$OUT/" 2>/dev/null
+        # the training thread's share of the loader between real bf16 steps (goal: <= 10 us per image)
+        json="$RESULTS/gpu-feeder-$STAMP.jsonl"
+        step "training thread's loader cost, DALI gpu pipeline between gcvit_tiny steps -> $json"
+        timeout 300 python3 -m gcvit_data.bench_feeder --root "$data_root/train" --dali-device gpu \
+            --precision bf16 --threads "$(nproc)" --feeder-workers 0 4 --batch 128 --step-ms 500 --batches 10 \
+            2>"$OUT/feeder-bench.log" | tee "$json" || status=1
+        cp "$json" "$OUT/" 2>/dev/null
     else
         step "data benchmark: DALI is not installed (carry it in .dali/), skipped"
     fi

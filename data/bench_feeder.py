@@ -37,19 +37,26 @@ from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 
 
-def simulated_step(kind: str, batch: int) -> Callable[[float], None]:
-    """A stand-in for one training step on a GPU, run on the calling thread for a given number of seconds."""
+def simulated_step(kind: str, batch: int, device: torch.device) -> Callable[[float], None]:
+    """A stand-in for one training step, run on the calling thread for a given number of seconds: on a CUDA
+    device gcvit_tiny's real bf16 steps, elsewhere its launches on the meta device."""
     if kind == "sleep":
         return time.sleep
     from gcvit import create_model  # the model only stands in for the training thread's own work
 
-    model = create_model("gcvit_tiny").to("meta")
-    images = torch.empty(batch, 3, 224, 224, device="meta").contiguous(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    where = device if cuda else torch.device("meta")
+    model = create_model("gcvit_tiny").to(where)
+    images = torch.empty(batch, 3, 224, 224, device=where).contiguous(memory_format=torch.channels_last)
 
     def launch(seconds: float) -> None:
         end = time.perf_counter() + seconds
         while True:  # at least one step: the thread's code is then what a step left warm
-            model(images).float().mean().backward()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                loss = model(images).float().mean()
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize(device)
             if time.perf_counter() >= end:
                 return
 
@@ -83,13 +90,15 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
     loader = "synthetic" if feeder_workers is None else "dali"
     data = DataConfig(root=str(root), loader=loader, batch_size=args.batch, workers=args.threads,
                       prefetch=args.prefetch, index_cache=args.index_cache,
-                      feeder_workers=feeder_workers or 0)
+                      feeder_workers=feeder_workers or 0, dali_device=args.dali_device)
+    device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
     aug = AugConfig(rand_augment=None if args.rand_augment == "none" else args.rand_augment)
     stream = Endless(build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0,
-                                  world_size=1, device=torch.device("cpu")))
+                                  world_size=1, device=device, precision=args.precision))
     # the warm-up batches after the first (which builds the pipeline) also count the thread's calls
-    counts = [count_calls(stream.next)[1:] for _ in range(args.warmup)][1:]
-    step = simulated_step(args.step, args.batch)
+    stream.next()
+    counts = [count_calls(stream.next)[1:] for _ in range(args.warmup - 1)]
+    step = simulated_step(args.step, args.batch, device)
     runner_thread = getattr(stream.loader, "runner", None)
     runner = time.pthread_getcpuclockid(runner_thread.thread.ident) if runner_thread else None
     runner_start, images = time.clock_gettime(runner) if runner else 0.0, 0
@@ -104,7 +113,8 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
     runner_us = (time.clock_gettime(runner) - runner_start) / images * 1e6 if runner else 0.0
     waits = [w - c for w, c in zip(wall, cpu)]
     return {"bench": "data.feeder_main_thread", "loader": loader, "feeder_workers": feeder_workers,
-            "batch": args.batch, "threads": args.threads, "rand_augment": aug.rand_augment,
+            "batch": args.batch, "threads": args.threads, "dali_device": args.dali_device,
+            "precision": args.precision, "rand_augment": aug.rand_augment,
             "img_size": args.img_size, "step": args.step, "step_ms": args.step_ms,
             "main_us_per_img_median": round(statistics.median(cpu), 2),
             "main_us_per_img_mean": round(statistics.mean(cpu), 2),
@@ -122,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, required=True, help="dataset root or a bare folder of class folders")
     ap.add_argument("--feeder-workers", type=int, nargs="+", default=[0, DataConfig.feeder_workers])
     ap.add_argument("--threads", type=int, default=2, help="DALI threads")
+    ap.add_argument("--dali-device", choices=["cpu", "gpu"], default="cpu",
+                    help="gpu: the gpu pipelines, batches and simulated step on CUDA (a GPU node's figure)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the training precision the batches are made for (bf16: float16 images)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--prefetch", type=int, default=2)
