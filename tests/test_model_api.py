@@ -134,6 +134,20 @@ def test_channels_last_input_gives_the_same_logits() -> None:
         torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), model(x))
 
 
+@pytest.mark.parametrize("name", [*gcvit.list_models(), "debug=tiny"])
+def test_every_gradient_has_its_parameter_s_strides(name: str) -> None:
+    """DDP's gradient buckets take each parameter's strides and compare a gradient's exactly, size-1
+    dimensions included: a depthwise (C, 1, 3, 3) weight whose gradient came back channels_last, and the
+    (entries, 1) rel-pos table of a one-head stage (debug=tiny's), made it warn and copy."""
+    one_head = dict(dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=(4, 4, 2, 1))
+    debug = name == "debug=tiny"
+    model = (gcvit.create_model("gcvit_xxtiny", num_classes=4, img_size=32, **one_head) if debug
+             else gcvit.create_model(name, num_classes=4, img_size=64))
+    model(torch.randn(1, 3, model.img_size, model.img_size)).sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), f"{name}.{pname}: grad {p.grad.stride()} vs {p.stride()}"
+
+
 def test_compiles_with_fullgraph() -> None:
     """fullgraph=True turns any graph break into an error; aot_eager also traces the backward."""
     model = _debug(depths=(1, 2, 1, 1), drop_path_rate=0.0)

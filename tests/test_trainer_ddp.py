@@ -36,6 +36,7 @@ def _run(run_dir: Path, *extra: str, nproc: int = 1) -> tuple[dict, dict, float]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=child_env())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "Grad strides do not match bucket view strides" not in res.stderr  # see _channels_last_kernels
     mgr = CheckpointManager(run_dir / "checkpoints")
     first = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                  if r["kind"] == "train" and r["step"] == 1)

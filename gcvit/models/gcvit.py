@@ -117,7 +117,9 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        # (entries, heads) as in every checkpoint, stored heads-major: forward reads it transposed, so its
+        # gradient arrives in this layout, as DDP's buckets and AccumulateGrad want (no per-step copy)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, (2 * window - 1) ** 2).t())
         self.register_buffer("rel_index", relative_position_index(window).flatten(), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
@@ -258,6 +260,7 @@ class GCViT(TimmApi, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        self.apply(_channels_last_kernels)
         self.pretrained_cfg = pretrained_cfg(img_size, num_classes)
 
     @torch.jit.ignore
@@ -313,6 +316,18 @@ def _init_weights(m: nn.Module) -> None:
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def _channels_last_kernels(m: nn.Module) -> None:
+    """Convolution weights wider than 1x1 in channels_last memory, the layout of the maps they run on.
+
+    Their gradients then come out of the convolutions' backward (oneDNN, cuDNN) with the weight's own
+    strides, which DDP's gradient buckets require: else it warns that grad strides do not match bucket
+    view strides and copies. The 1x1 weights stay as they are: they run through pointwise(), as matrices.
+    """
+    if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
+        # clone, not contiguous(): a (C, 1, 3, 3) depthwise weight already counts as channels_last
+        m.weight.data = m.weight.data.clone(memory_format=torch.channels_last)
 
 
 def _check_geometry(img_size: int, window_size: int | Sequence[int] | None,
