@@ -128,3 +128,14 @@ def test_cuda_logits_equal_cpu_logits_and_timm(cuda, name) -> None:
     torch.testing.assert_close(gpu, cpu, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(gpu[:1], timm_one, atol=2e-4, rtol=1e-4,
                                msg=lambda m: f"timm {timm.__version__}: {m}")
+
+
+def test_every_gradient_has_its_parameter_s_strides_on_cuda(cuda) -> None:
+    """cuDNN's convolution backward returns each kernel's gradient in the layout the model stores it in
+    (channels_last), so DDP's gradient buckets neither warn nor copy (the CPU test checks oneDNN's)."""
+    model = create_model("gcvit_xxtiny", num_classes=4, img_size=64).to(cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(torch.randn(2, 3, 64, 64, device=cuda)).float().sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), f"{name}: grad {p.grad.stride()} vs {p.stride()}"
