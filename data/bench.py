@@ -118,7 +118,8 @@ def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Names
         for kind in args.loaders:
             data = DataConfig(root=str(root), loader=kind, dali_device=args.dali_device,
                               batch_size=args.batch, workers=args.threads, prefetch=args.prefetch,
-                              index_cache=args.index_cache, feeder_workers=args.feeder_workers)
+                              index_cache=args.index_cache, feeder_workers=args.feeder_workers,
+                              hw_decoder_load=args.hw_decoder_load)
             device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
             loader = build_loader(data, aug, split="train", img_size=args.img_size, seed=0, rank=0,
                                   world_size=1, device=device)
@@ -146,7 +147,8 @@ def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Names
     med = {k: statistics.median(v) for k, v in wall.items()}
     row: dict[str, Any] = {"bench": "data.train_loader", "dali_device": args.dali_device,
                            "rand_augment": rand_augment, "img_size": args.img_size, "batch": args.batch,
-                           "threads": args.threads, "feeder_workers": args.feeder_workers}
+                           "threads": args.threads, "feeder_workers": args.feeder_workers,
+                           "hw_decoder_load": args.hw_decoder_load}
     row.update({f"{k}_img_s": round(med[k], 1) for k in streams})
     if per_cpu:
         cpu = {k: images[k] / (main[k] + after[k] - before[k]) for k in streams}
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index-cache", default=None, help="index cache dir (default: beside the data)")
     ap.add_argument("--dali-device", choices=("cpu", "gpu"), default="cpu",
                     help="gpu: nvJPEG decode and every op on the GPU; both loaders then deliver to cuda:0")
+    ap.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
+                    help="gpu: share of JPEGs for the hardware JPEG decoder (data.hw_decoder_load)")
     ap.add_argument("--loaders", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
     ap.add_argument("--format", nargs="+", choices=("folder", "shards"), default=["folder"],
                     help="read the images from their folder or packed into shards first; both: side by side")

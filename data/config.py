@@ -31,6 +31,7 @@ class DataConfig:
     workers: int = 8  # DALI CPU threads (and as many cpu-resize threads), or torch DataLoader processes
     prefetch: int = 2  # batches DALI / each DataLoader worker prepares ahead
     feeder_workers: int = 2  # dali: processes that read files and draw augmentations (0: the training thread)
+    hw_decoder_load: float = 0.65  # dali gpu: share of JPEGs for the hardware JPEG decoder (A100/H100), 0-1
     crop_pct: float = 0.875  # val: resize the shorter side to img_size / crop_pct, then center crop
     interpolation: str = "bicubic"  # resize filter for train and val: bicubic | bilinear | nearest
     index_cache: str | None = None  # file list cache dir; null = ROOT/.gcvit-index (or ~/.cache if read-only)

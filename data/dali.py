@@ -47,6 +47,12 @@ def _inputs(source: Any, ahead: int, packed: bool) -> list[Any]:
     return [paths if packed else fn.io.file.read(paths), *rest]
 
 
+def _hardware(decoder: str, load: float) -> dict[str, float]:
+    """The gpu (mixed) decoders' share of JPEGs for the GPU's hardware JPEG engine (A100, H100, H200; others
+    have none and ignore it); the rest go to nvJPEG's CUDA decoder. The cpu decoders take no such argument."""
+    return {"hw_decoder_load": load} if decoder == "mixed" else {}
+
+
 def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
     """Flip, ImageNet mean/std, uint8 -> float16/32 (one fused DALI op), kept HWC: each batch is the NHWC
     memory of the channels_last NCHW tensor the model runs on, so no layout or dtype copy follows."""
@@ -57,12 +63,14 @@ def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
-                   torch_resize: TorchResize | None, half: bool, ahead: int = 0, packed: bool = False):
+                   torch_resize: TorchResize | None, half: bool, ahead: int = 0, packed: bool = False,
+                   hw_decoder_load: float = 0.65):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
     encoded, params, keys = _inputs(source, ahead, packed)
     images = fn.decoders.image_slice(encoded, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
-                                     adjust_orientation=False, jpeg_fancy_upsampling=True)
+                                     adjust_orientation=False, jpeg_fancy_upsampling=True,
+                                     **_hardware(decoder, hw_decoder_load))
     images = to_square(images, img_size, interp, torch_resize)
     if spec is not None:
         n, first = spec.num_layers, len(TRAIN_PARAMS)
@@ -73,11 +81,11 @@ def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: 
 
 @pipeline_def
 def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
-                 half: bool, ahead: int = 0, packed: bool = False):
+                 half: bool, ahead: int = 0, packed: bool = False, hw_decoder_load: float = 0.65):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
     encoded, geometry, keys = _inputs(source, ahead, packed)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
-                               jpeg_fancy_upsampling=True)
+                               jpeg_fancy_upsampling=True, **_hardware(decoder, hw_decoder_load))
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
     return _normalize(images, half), keys[1:2], keys[0:1]
 
@@ -174,7 +182,8 @@ class DaliLoader(Loader):
                   prefetch_queue_depth=self.data.prefetch, py_num_workers=max(1, workers),
                   py_start_method="spawn", source=self.feeder, ahead=ahead, img_size=self.img_size,
                   decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize,
-                  half=self.dtype == torch.float16, packed=self.feeder.packed)
+                  half=self.dtype == torch.float16, packed=self.feeder.packed,
+                  hw_decoder_load=self.data.hw_decoder_load)
         self.plan.clear()  # a new pipeline counts its epochs from 0
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)
         pipe.build()

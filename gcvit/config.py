@@ -233,6 +233,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _check(0 <= d.feeder_workers <= cpus, "data.feeder_workers", d.feeder_workers,
            f"an integer in [0, {cpus}] (this node's CPUs): DALI feeder processes per rank, 2 is the default, "
            "0 feeds DALI from the training process")
+    _check(0 <= d.hw_decoder_load <= 1, "data.hw_decoder_load", d.hw_decoder_load,
+           "a fraction in [0, 1]: the share of JPEGs the GPU's hardware decoder takes (0 turns it off)")
     _check(d.val_split is None or 0 < d.val_split < 1, "data.val_split", d.val_split,
            "null or a fraction in (0, 1) of ROOT/train to hold out as val")
     _check(not (d.val_split and d.val_list), "data.val_split", d.val_split,

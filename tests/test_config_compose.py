@@ -135,6 +135,7 @@ def test_debug_tiny_and_overrides() -> None:
     ("data.loader=pil", "data.loader", "dali | torch | synthetic"),
     ("data.feeder_workers=-1", "data.feeder_workers", "an integer in [0, "),
     ("data.feeder_workers=100000", "data.feeder_workers", "DALI feeder processes per rank"),
+    ("data.hw_decoder_load=1.5", "data.hw_decoder_load", "a fraction in [0, 1]"),
     ("trainer.resume=always", "trainer.resume", "auto | force"),
 ])
 def test_invalid_values_fail_with_one_line(override: str, key: str, allowed: str) -> None:

@@ -21,7 +21,8 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.ckpt_every_steps", "trainer.keep_checkpoints", "trainer.log_every_steps",
     "trainer.eval_every_epochs", "trainer.nonfinite_policy", "trainer.nonfinite_max_consecutive",
     "data.root", "data.cache_dir", "data.index_cache", "data.index_dir", "data.loader", "data.dali_device",
-    "data.batch_size", "data.workers", "data.prefetch", "logger",
+    "data.batch_size", "data.workers", "data.prefetch", "data.feeder_workers", "data.hw_decoder_load",
+    "logger",
 )
 _SHOWN = 3  # differing keys named in the error line
 

@@ -25,8 +25,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _loader(root: Path, dali_device: str, split: str, *, ra: str | None = None, rank: int = 0,
-            world: int = 1, precision: str = "fp32"):
-    data = DataConfig(root=str(root), loader="dali", dali_device=dali_device, batch_size=8, workers=4)
+            world: int = 1, precision: str = "fp32", hw_decoder_load: float = 0.65):
+    data = DataConfig(root=str(root), loader="dali", dali_device=dali_device, batch_size=8, workers=4,
+                      hw_decoder_load=hw_decoder_load)
     return build_loader(data, AugConfig(rand_augment=ra), split=split, img_size=64, seed=5, rank=rank,
                         world_size=world, device=torch.device("cuda"), precision=precision)
 
@@ -92,3 +93,13 @@ def test_copies_are_queued_on_the_training_thread_s_stream(root, dali_device: st
     side.synchronize()
     for (total, labels), want in zip(got, ref, strict=True):
         assert torch.equal(total, want.images.sum()) and torch.equal(labels, want.labels)
+
+
+def test_hardware_decoder_share_changes_no_pixel_beyond_rounding(root) -> None:
+    """data.hw_decoder_load sends JPEGs to the GPU's hardware decoder (A100/H100/H200) or to nvJPEG's CUDA
+    decoder: either way the val images agree within the decoders' rounding."""
+    for a, b in zip(_all(_loader(root, "gpu", "val", hw_decoder_load=0.0)),
+                    _all(_loader(root, "gpu", "val", hw_decoder_load=1.0)), strict=True):
+        assert torch.equal(a.ids, b.ids)
+        diff = ((a.images.float() - b.images.float()).abs().cpu() * STD).mean(dim=(1, 2, 3))
+        assert diff.max() <= 2.0, f"mean |hw - cuda| per image up to {diff.max():.2f}/255"
