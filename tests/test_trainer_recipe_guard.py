@@ -51,6 +51,7 @@ def test_many_differences_name_the_first_three(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key,value", [
     ("trainer.max_steps", 10), ("trainer.output_dir", "/elsewhere"), ("logger.wandb.mode", "offline"),
     ("data.batch_size", 64), ("data.root", "/scratch/imagenet"), ("trainer.ckpt_every_steps", 5),
+    ("data.feeder_workers", 6), ("data.hw_decoder_load", 0.9),
 ])
 def test_keys_that_may_change_on_resume(tmp_path: Path, key: str, value: object) -> None:
     guard(tmp_path, _config(), "auto")
