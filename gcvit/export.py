@@ -111,6 +111,10 @@ def export(loaded: Loaded, out: Path, *, to: str = "onnx", opset: int = 18, dyna
     if to == "exported" and out.suffix != ".pt2":
         raise ExportError(f"{out}: torch.export archives must end in .pt2 (torch.export.load refuses others)")
     model, size = loaded.model.float().eval(), loaded.preprocessing.img_size
+    for param in model.parameters():
+        # plain memory: the training layouts (channels_last kernels, heads-major rel-pos tables: what DDP's
+        # gradient buckets want) mean nothing to an artefact, and torch.export's archive warns about them
+        param.data = param.data.contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     batches = [1, check_batch] if dynamic_batch else [check_batch]
     with torch.no_grad():

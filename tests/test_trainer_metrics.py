@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gcvit
 from gcvit import plot
 from gcvit.engine import metrics
 
@@ -60,6 +61,15 @@ def test_wandb_disabled_and_non_main_ranks_touch_nothing(tmp_path: Path) -> None
         w.log({"loss": 1.0}, step=1)
         w.finish()
     assert not (tmp_path / "wandb").exists()
+
+
+def test_gcvit_flops_count_every_gemm_whatever_the_caller_s_grad_mode() -> None:
+    """28.57 GFLOP per gcvit_tiny image for a train step: the attention GEMMs included, also when called under
+    no_grad (where the CPU attention would take SDPA's fused kernel, which FlopCounterMode does not count)."""
+    model = gcvit.create_model("gcvit_tiny")
+    with torch.no_grad():
+        flops = metrics.train_flops_per_image(model, 224, torch.device("cpu"))
+    assert flops == pytest.approx(28.566e9, rel=1e-4)
 
 
 def test_run_info_and_flops() -> None:

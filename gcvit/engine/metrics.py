@@ -67,7 +67,9 @@ def train_flops_per_image(model: nn.Module, img_size: int, device: torch.device)
     x = torch.zeros(1, 3, img_size, img_size, device=device)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # with gradients on, as in a train step: the CPU attention then runs the GEMMs the counter knows (its
+    # no-grad form is SDPA's fused CPU kernel, which the counter does not count)
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
     return 3.0 * counter.get_total_flops()
