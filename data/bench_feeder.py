@@ -63,9 +63,9 @@ def simulated_step(kind: str, batch: int, device: torch.device) -> Callable[[flo
     return launch
 
 
-def count_calls(fn: Callable[[], Any]) -> tuple[Any, int, int]:
-    """fn()'s result, and the Python and C calls it made on this thread: all of them, and those into torch
-    or DALI. A count, unlike a time, does not depend on how warm the machine's caches are."""
+def count_calls(fn: Callable[[], Any]) -> tuple[int, int]:
+    """The Python and C calls fn() makes on this thread: all of them, and those into torch or DALI. A
+    count, unlike a time, does not depend on how warm the machine's caches are."""
     calls, library = 0, 0
 
     def profile(frame: Any, event: str, arg: Any) -> None:
@@ -78,10 +78,10 @@ def count_calls(fn: Callable[[], Any]) -> tuple[Any, int, int]:
 
     sys.setprofile(profile)  # this thread's only: the runner's and DALI's threads are not counted
     try:
-        out = fn()
+        fn()
     finally:
         sys.setprofile(None)
-    return out, calls, library
+    return calls, library
 
 
 def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def measure(root: Path, feeder_workers: int | None, args: argparse.Namespace) ->
                                   world_size=1, device=device, precision=args.precision))
     # the warm-up batches after the first (which builds the pipeline) also count the thread's calls
     stream.next()
-    counts = [count_calls(stream.next)[1:] for _ in range(args.warmup - 1)]
+    counts = [count_calls(stream.next) for _ in range(args.warmup - 1)]
     step = simulated_step(args.step, args.batch, device)
     runner_thread = getattr(stream.loader, "runner", None)
     runner = time.pthread_getcpuclockid(runner_thread.thread.ident) if runner_thread else None

@@ -71,10 +71,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     that needs a gradient and its math fallback adds masking passes (all, isneginf, where), so there the same
     math is written out (torch.compile fuses it).
     """
+    dtype = k.dtype  # under autocast: the low-precision type of the qkv projection
     if fused(q):
-        dtype = k.dtype  # under autocast: the low-precision type of the qkv projection
         return fused_attention(q.to(dtype), k, v, aligned_bias(bias, dtype), dropout)
+    if not _differentiable():
+        # SDPA's fused CPU kernel takes the bias as a mask and never holds the scores whole: 15-30% faster
+        # than the written-out forward (its backward could not give the bias a gradient without them)
+        return F.scaled_dot_product_attention(q.to(dtype), k, v, attn_mask=bias.to(dtype)[None],
+                                              dropout_p=dropout)
     return packed_attention(torch.stack((k, v)), q, bias, dropout)
+
+
+def _differentiable() -> bool:
+    """Whether the CPU attention must record its backward: not without gradients, nor in a TorchScript
+    trace (which cannot record a Python autograd.Function)."""
+    return torch.is_grad_enabled() and not torch.jit.is_tracing()
 
 
 def packed_attention(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.Tensor,
@@ -84,20 +95,12 @@ def packed_attention(packed: torch.Tensor, q: torch.Tensor | None, bias: torch.T
     The packing is what the qkv projection produces; on CPU the backward then writes the gradients of all
     of them into one tensor of that layout, where unpacked views would cost autograd a stacking copy.
     """
-    if fused(packed):
+    if fused(packed) or not _differentiable():
         return attention(*(packed.unbind(0) if q is None else (q, *packed.unbind(0))), bias, dropout)
     n, batch, heads, N, d = packed.shape
     dtype = packed.dtype  # under autocast: the qkv projection's low-precision type (out= GEMMs skip autocast)
-    q = None if q is None else q.to(dtype)
-    bias = bias.to(dtype)
-    if not torch.is_grad_enabled() or torch.jit.is_tracing():
-        # Nothing to differentiate (or a TorchScript trace, which cannot record a Python autograd.Function):
-        # SDPA's fused CPU kernel takes the bias as a mask and never holds the scores whole, 15-30% faster
-        # than the written-out forward (its backward could not give the bias a gradient without them)
-        return F.scaled_dot_product_attention(packed[0] if q is None else q, packed[-2], packed[-1],
-                                              attn_mask=bias[None], dropout_p=dropout)
-    q = None if q is None else q.reshape(batch * heads, N, d)
-    out = _WindowAttention.apply(packed.reshape(n, batch * heads, N, d), q, bias, dropout)
+    q = None if q is None else q.to(dtype).reshape(batch * heads, N, d)
+    out = _WindowAttention.apply(packed.reshape(n, batch * heads, N, d), q, bias.to(dtype), dropout)
     return out.view(batch, heads, N, d)
 
 
