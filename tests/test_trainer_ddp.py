@@ -96,6 +96,14 @@ def test_ddp_wrapper_settings_and_what_justifies_them(tmp_path: Path) -> None:
             net(torch.randn(2, 3, 32, 32)).sum().backward()
         storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
         assert len(storages) <= 2, f"{len(storages)} gradient storages: not views of DDP's (1-2) buckets"
+        # drop path runs each branch on a varying subset of the batch, the whole of it dropped too (rates up
+        # to 0.99 on 2 samples): the static graph holds, since every parameter still gets its gradient
+        torch.manual_seed(0)
+        model = gcvit.create_model("gcvit_xxtiny", num_classes=4, img_size=32, window_size=[4, 4, 2, 1],
+                                   dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2], drop_path_rate=0.99)
+        net = distributed.wrap_ddp(model, cpu, [], accum=1)
+        for _ in range(4):
+            net(torch.randn(2, 3, 32, 32)).sum().backward()
     finally:
         dist.destroy_process_group()
 

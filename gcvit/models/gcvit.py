@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +123,8 @@ class WindowAttention(nn.Module):
         self.register_buffer("rel_index", relative_position_index(window).flatten(), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) whole map; q_global: (B, heads, N, head_dim). Returns (B, H, W, C)."""
+    def forward(self, x: torch.Tensor, q_global: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, H, W, C) whole map; q_global: (B, heads, N, head_dim) in global blocks. Same shape out."""
         B, H, W, C = x.shape
         w, heads = self.window, self.num_heads
         nh, nw, n, d = H // w, W // w, 3 - self.use_global, C // heads
@@ -182,18 +182,49 @@ class GCViTBlock(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C)."""
-        x = self._residual(x, self.attn(self.norm1(x), q_global), self.gamma1)
-        return self._residual(x, self.mlp(self.norm2(x)), self.gamma2)
+        """x: (B, H, W, C); q_global: the stage's global query (read by global blocks only)."""
+        x = self._residual(x, self._attention, q_global if self.attn.use_global else None, self.gamma1)
+        return self._residual(x, self._mlp, None, self.gamma2)
 
-    def _residual(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        """x + drop_path(gamma * y) in one pass: the per-sample keep mask is folded into the scale."""
-        scale = gamma
-        if self.training and self.drop_path > 0:
-            keep = 1.0 - self.drop_path
-            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
-            scale = mask if gamma is None else mask * gamma
-        return x + y if scale is None else torch.addcmul(x, y, scale)
+    def _attention(self, x: torch.Tensor, q_global: torch.Tensor | None) -> torch.Tensor:
+        """The attention branch of the residual stream."""
+        return self.attn(self.norm1(x), q_global)
+
+    def _mlp(self, x: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+        """The MLP branch of the residual stream (no query)."""
+        return self.mlp(self.norm2(x))
+
+    def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                  q: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor:
+        """x + drop_path(gamma * branch(x, q)): each sample's branch is kept with probability 1 - drop_path.
+
+        On CPU the branch runs on the kept samples alone: a dropped sample's branch would be multiplied by
+        0, so skipping it saves drop_path of the branch's work (DINOv2 runs a fixed-size subset; these are
+        exactly the kept samples, so the regulariser stays timm's, with the same random draws). On a GPU,
+        reading the kept count would stall the queue: there the keep mask is folded into the residual's
+        scale (one pass).
+        """
+        if not (self.training and self.drop_path > 0):
+            return _scaled_add(x, branch(x, q), gamma, 1.0)
+        keep = 1.0 - self.drop_path
+        mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            scale = mask.div_(keep)
+            return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
+        rows, alpha = mask.flatten().nonzero().flatten(), 1.0 / keep
+        if rows.numel() == x.shape[0]:  # none dropped: nothing to gather
+            return _scaled_add(x, branch(x, q), gamma, alpha)
+        if rows.numel() == 0:
+            # all dropped: one sample still runs, weighted 0, so that every parameter gets its (zero)
+            # gradient, as DDP's static graph requires
+            rows, alpha = rows.new_zeros(1), 0.0
+        y = branch(x.index_select(0, rows), None if q is None else q.index_select(0, rows))
+        return x.index_add(0, rows, y if gamma is None else y * gamma, alpha=alpha)
+
+
+def _scaled_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """x + alpha * gamma * y in one pass (gamma: per-channel layer scale or None)."""
+    return torch.add(x, y, alpha=alpha) if gamma is None else torch.addcmul(x, y, gamma, value=alpha)
 
 
 class GCViTStage(nn.Module):
