@@ -75,3 +75,18 @@ def test_eval_and_no_drop_path_run_the_whole_batch() -> None:
         block.attn.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].shape[0]))
         block(*_inputs(16))
         assert seen == [16]
+
+
+@pytest.mark.parametrize("layer_scale", [None, 1e-2], ids=["no-scale", "layer-scale"])
+def test_under_cpu_autocast_the_residual_keeps_the_type_of_an_undropped_one(layer_scale: float | None) -> None:
+    """Under bf16 autocast the branch is bf16 and the stream may be fp32 or bf16: the kept samples are added
+    in the promoted type, as x + y is when nothing is dropped."""
+    for stream in (torch.float32, torch.bfloat16):
+        block = _block(True, 0.5, layer_scale)
+        x, q = (t.detach().to(stream) for t in _inputs(16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(2)
+            dropped = block(x, q)
+            block.drop_path = 0.0
+            whole = block(x, q)
+        assert dropped.dtype == whole.dtype and torch.isfinite(dropped).all(), stream

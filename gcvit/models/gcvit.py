@@ -219,7 +219,9 @@ class GCViTBlock(nn.Module):
             # gradient, as DDP's static graph requires
             rows, alpha = rows.new_zeros(1), 0.0
         y = branch(x.index_select(0, rows), None if q is None else q.index_select(0, rows))
-        return x.index_add(0, rows, y if gamma is None else y * gamma, alpha=alpha)
+        y = y if gamma is None else y * gamma
+        dtype = torch.promote_types(x.dtype, y.dtype)  # as x + y would (autocast: a bf16 branch, fp32 x)
+        return x.to(dtype).index_add(0, rows, y.to(dtype), alpha=alpha)
 
 
 def _scaled_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, alpha: float) -> torch.Tensor:
