@@ -78,7 +78,7 @@ def test_eval_and_no_drop_path_run_the_whole_batch() -> None:
 
 
 @pytest.mark.parametrize("layer_scale", [None, 1e-2], ids=["no-scale", "layer-scale"])
-def test_under_cpu_autocast_the_residual_keeps_the_type_of_an_undropped_one(layer_scale: float | None) -> None:
+def test_under_cpu_autocast_the_residual_has_the_type_of_an_undropped_one(layer_scale: float | None) -> None:
     """Under bf16 autocast the branch is bf16 and the stream may be fp32 or bf16: the kept samples are added
     in the promoted type, as x + y is when nothing is dropped."""
     for stream in (torch.float32, torch.bfloat16):
