@@ -89,6 +89,13 @@ if [ "$cuda" = 1 ]; then
             timeout 600 python3 -m gcvit.bench "${flags[@]}" --json-out "$json" 2>&1 | tee -a "$OUT/bench.log" \
                 || status=1
             cp "$json" "$OUT/" 2>/dev/null
+            if [ "$mode" = eager ]; then  # what each candidate change would gain, and the top kernels (< 1 min)
+                json="$RESULTS/gpu-$model-bf16-step-variants-$STAMP.json"
+                step "step variants of $model (attention math, mixed LayerNorm, drop path on kept samples) -> $json"
+                timeout 300 python3 benchmarks/profile_step.py --model "$model" --batch "${KIT_BATCH:-128}" \
+                    --json-out "$json" 2>&1 | tee "$OUT/profile-step-$model.txt" || status=1
+                cp "$json" "$OUT/" 2>/dev/null
+            fi
         done
     done
     if python3 -c "import nvidia.dali" 2>/dev/null; then

@@ -207,11 +207,10 @@ class GCViTBlock(nn.Module):
         if not (self.training and self.drop_path > 0):
             return _scaled_add(x, branch(x, q), gamma, 1.0)
         keep = 1.0 - self.drop_path
-        mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            scale = mask.div_(keep)
+        rows, alpha = kept_rows(x, keep), 1.0 / keep
+        if rows is None:
+            scale = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
             return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
-        rows, alpha = mask.flatten().nonzero().flatten(), 1.0 / keep
         if rows.numel() == x.shape[0]:  # none dropped: nothing to gather
             return _scaled_add(x, branch(x, q), gamma, alpha)
         if rows.numel() == 0:
@@ -222,6 +221,14 @@ class GCViTBlock(nn.Module):
         y = y if gamma is None else y * gamma
         dtype = torch.promote_types(x.dtype, y.dtype)  # as x + y would (autocast: a bf16 branch, fp32 x)
         return x.to(dtype).index_add(0, rows, y.to(dtype), alpha=alpha)
+
+
+def kept_rows(x: torch.Tensor, keep: float) -> torch.Tensor | None:
+    """The samples of x whose residual branch drop path keeps (a Bernoulli(keep) draw per sample, as timm's),
+    or None where the count must not be read on the host: off the CPU and while compiling."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return x.new_empty(x.shape[0]).bernoulli_(keep).nonzero().flatten()
 
 
 def _scaled_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, alpha: float) -> torch.Tensor:
