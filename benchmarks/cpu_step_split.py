@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -43,60 +44,66 @@ def fix_malloc() -> None:
 
 def parts(model: nn.Module, impl: str) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """The model's stem and stages as (name, module) pairs; the head is the same linear layer in both."""
-    def ours_stem(x: torch.Tensor) -> torch.Tensor:
-        return model.stem_reduce(model.stem(x.contiguous(memory_format=torch.channels_last)))
     stages = [(f"stage{i}", stage) for i, stage in enumerate(model.stages)]
-    return [("stem", ours_stem if impl == "ours" else model.stem), *stages]
+    return [("stem", model._embed if impl == "ours" else model.stem), *stages]
 
 
 def _median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1e3, 1)
 
 
+Sample = tuple[float, ...]
+
+
+def _interleaved(measure: Callable[[str], Sample], repeats: int) -> dict[str, list[Sample]]:
+    """measure(impl) for both models, order flipped every round; the first round warms up and is dropped."""
+    samples: dict[str, list[Sample]] = {impl: [] for impl in IMPLS}
+    for r in range(repeats + 1):
+        for impl in IMPLS if r % 2 else IMPLS[::-1]:
+            sample = measure(impl)
+            if r:
+                samples[impl].append(sample)
+    return samples
+
+
 def time_parts(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
     """Forward + backward (a ones gradient) of each part on its own input, the two models interleaved."""
+    split = {impl: parts(model, impl) for impl, model in models.items()}
     inputs: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for impl, model in models.items():
+        for impl in IMPLS:
             t, inputs[impl] = x, []
-            for _, part in parts(model, impl):
+            for _, part in split[impl]:
                 inputs[impl].append(t)
                 t = part(t)
     result: dict[str, dict[str, float]] = {}
-    for i, (name, _) in enumerate(parts(models["ours"], "ours")):
-        samples: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-        for r in range(repeats + 1):  # the first round warms up
-            for impl in IMPLS if r % 2 else IMPLS[::-1]:
-                dt = _fwd_bwd(parts(models[impl], impl)[i][1], inputs[impl][i].detach().requires_grad_(i > 0))
-                if r:
-                    samples[impl].append(dt)
-        row = {impl: _median_ms(samples[impl]) for impl in IMPLS}
+    for i, (name, _) in enumerate(split["ours"]):
+        samples = _interleaved(partial(_fwd_bwd, split, inputs, i), repeats)
+        row = {impl: _median_ms([dt for dt, in samples[impl]]) for impl in IMPLS}
         row["ratio"] = round(row["timm"] / row["ours"], 3)
         result[name] = row
     return result
 
 
-def _fwd_bwd(part: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor) -> float:
+def _fwd_bwd(split: dict[str, list], inputs: dict[str, list[torch.Tensor]], i: int, impl: str) -> Sample:
+    """Seconds of part i's forward + backward on its input (the image itself needs no gradient)."""
+    inp = inputs[impl][i].detach().requires_grad_(i > 0)
     t = time.perf_counter()
-    out = part(inp)
+    out = split[impl][i][1](inp)
     out.backward(torch.ones_like(out))
-    return time.perf_counter() - t
+    return (time.perf_counter() - t,)
 
 
 def time_steps(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, float]]:
     """Whole train steps interleaved: median ms and minor page faults per step."""
-    ms: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    faults: dict[str, list[int]] = {impl: [] for impl in IMPLS}
-    for r in range(repeats + 1):
-        for impl in IMPLS if r % 2 else IMPLS[::-1]:
-            f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            steps[impl]()
-            dt, df = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            if r:
-                ms[impl].append(dt)
-                faults[impl].append(df)
-    result = {impl: {"ms": _median_ms(ms[impl]), "minor_faults": int(statistics.median(faults[impl]))}
-              for impl in IMPLS}
+    def measure(impl: str) -> tuple[float, float]:
+        f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        steps[impl]()
+        return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    samples = _interleaved(measure, repeats)
+    result = {impl: {"ms": _median_ms([dt for dt, _ in samples[impl]]),
+                     "minor_faults": int(statistics.median(df for _, df in samples[impl]))} for impl in IMPLS}
     result["ratio"] = round(result["timm"]["ms"] / result["ours"]["ms"], 3)
     return result
 
