@@ -95,7 +95,7 @@ def test_every_paper_recipe_composes(exp: str) -> None:
     assert cfg.aug.label_smoothing == 0.1 and cfg.aug.mixup > 0 and cfg.aug.cutmix > 0
     assert cfg.model.drop_path_rate is not None and cfg.model.drop_path_rate > 0
     assert cfg.model.img_size == 224 and cfg.model.overrides == {} and cfg.trainer.device == "auto"
-    assert cfg.trainer.compile is None  # compiled on CUDA, eager on CPU (gcvit.engine.setup.compiled)
+    assert cfg.trainer.compile is None  # compiled on CUDA, eager on CPU (gcvit.engine.compile.compiled)
 
 
 def test_every_model_file_names_a_registered_model() -> None:
@@ -105,7 +105,7 @@ def test_every_model_file_names_a_registered_model() -> None:
 
 def test_compile_follows_the_device_unless_set() -> None:
     from gcvit.engine.distributed import DistEnv
-    from gcvit.engine.setup import compiled
+    from gcvit.engine.compile import compiled
 
     def on(kind: str, *overrides: str) -> bool:
         return compiled(_compose(*overrides), DistEnv(0, 1, 0, torch.device(kind)))

@@ -26,6 +26,7 @@ import gcvit
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
+from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.evaluation import evaluate
@@ -33,7 +34,6 @@ from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.secrets import install_log_redaction, redact
 from gcvit.engine.setup import (
     autocast,
-    compiled,
     configure_runtime,
     prepare_run_dir,
     resolve_data,

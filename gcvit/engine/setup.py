@@ -126,11 +126,6 @@ def resolve_data(cfg: Config, env: DistEnv) -> Any:
     root = str(ensure_demo_dataset()) if env.is_main else None
     return replace(data, root=distributed.broadcast_object(root))  # also a barrier: others wait for the files
 
-def compiled(cfg: Config, env: DistEnv) -> bool:
-    """Whether the model runs through torch.compile: trainer.compile, where null means on CUDA only."""
-    return cfg.trainer.compile if cfg.trainer.compile is not None else env.device.type == "cuda"
-
-
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Seed python/numpy/torch for one optimizer step from (seed, rank, step).
 
