@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcvit.engine.checkpoint import PAUSE_ENV, PAUSE_MARKER, CheckpointError, CheckpointManager
+from gcvit.engine.checkpoint import CheckpointError, CheckpointManager
+from gcvit.engine.faults import SAVE_PAUSE_ENV as PAUSE_ENV
+from gcvit.engine.faults import SAVE_PAUSE_MARKER as PAUSE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 

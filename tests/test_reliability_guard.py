@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gcvit.engine.guard import INJECT_ENV, NonFiniteError, NonFiniteGuard
+from gcvit.engine import faults
+from gcvit.engine.faults import NAN_ENV as INJECT_ENV
+from gcvit.engine.guard import NonFiniteError, NonFiniteGuard
 from gcvit.engine.optim import step_unless
 
 
@@ -28,10 +30,12 @@ def _train(guard: NonFiniteGuard, steps: int) -> list[tuple[bool, dict, dict]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    out = []
-    for _ in range(steps):
+    out, injected = [], faults.step_faults()
+    for step in range(1, steps + 1):
         x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
-        loss = guard.inject(nn.functional.cross_entropy(model(x), y))
+        loss = nn.functional.cross_entropy(model(x), y)
+        if injected is not None:
+            loss = injected.on_loss(loss, step, 0)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         found_inf = guard.check(loss.detach(), norm)

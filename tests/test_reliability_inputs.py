@@ -15,7 +15,8 @@ from reliability_harness import REPO, Run, child_env, make_dataset, run_all, sta
 
 import gcvit
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.guard import INJECT_ENV, OOM_ENV
+from gcvit.engine.faults import NAN_ENV as INJECT_ENV
+from gcvit.engine.faults import OOM_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -22,11 +22,8 @@ from reliability_harness import (
     steps_per_epoch,
 )
 
-from gcvit.engine.checkpoint import PAUSE_ENV as SAVE_PAUSE_ENV
-from gcvit.engine.checkpoint import PAUSE_MARKER as SAVE_PAUSE_MARKER
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.guard import PAUSE_ENV as STEP_PAUSE_ENV
-from gcvit.engine.guard import PAUSE_MARKER as STEP_PAUSE_MARKER
+from gcvit.engine.faults import SAVE_PAUSE_ENV, SAVE_PAUSE_MARKER, STEP_PAUSE_ENV, STEP_PAUSE_MARKER
 
 pytestmark = pytest.mark.slow
 

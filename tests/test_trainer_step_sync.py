@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from gcvit import list_models
 from gcvit.config import Config, from_hydra, register
 from gcvit.engine import distributed
-from gcvit.engine.guard import INJECT_ENV
+from gcvit.engine.faults import NAN_ENV as INJECT_ENV
 from gcvit.engine.loop import Parts, build, train_step
 from gcvit.engine.setup import resolve_data, seed_step
 

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import sys
-import time
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,13 +19,10 @@ from typing import IO, Any
 
 import torch
 
+from gcvit.engine import faults
 from gcvit.engine.secrets import redact
 
 SUFFIX = ".pt"
-# Test hook: "SECONDS" pauses inside every save, "SECONDS@N" inside the N-th save() call of this process;
-# the pause comes after the first bytes hit the temporary file, so a SIGKILL then interrupts a real write.
-PAUSE_ENV = "GCVIT_TEST_PAUSE_IN_SAVE"
-PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_SAVE"
 _STEP_TAG = re.compile(r"step(\d+)")
 _TAG = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -43,6 +39,7 @@ class CheckpointManager:
         self.keep = keep
         self._saves = 0
         self._verified: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, mtime) once checked
+        self._faults = faults.save_faults()  # None unless a test asks for a pause inside a write
 
     def path(self, tag: str) -> Path:
         """The file of `tag`."""
@@ -62,11 +59,15 @@ class CheckpointManager:
         if self._saves == 1:
             self._remove_stale_tmp()
         first = self.path(tags[0])
-        self._atomic(first, lambda f: torch.save(state, _maybe_pausing(f, self._saves, first)))
+        self._atomic(first, lambda f: torch.save(state, self._writer(f, first)))
         for t in tags[1:]:
             self._atomic(self.path(t), lambda f: _copy_into(first, f), link_from=first)
         self._prune()
         return first
+
+    def _writer(self, f: IO[bytes], path: Path) -> Any:
+        """`f`, or under a test's fault injection a writer that pauses inside this save."""
+        return f if self._faults is None else self._faults.writer(f, self._saves, path)
 
     def _atomic(self, path: Path, write: Callable[[IO[bytes]], None], link_from: Path | None = None) -> None:
         """tmp file in the same dir -> fsync -> os.replace -> fsync dir; on any failure the old file stays."""
@@ -220,38 +221,6 @@ def _check_finite(state: Any) -> None:
             name = named[idx[int((~ok).nonzero()[0])]][0]
             raise CheckpointError(f"refusing to write a checkpoint: {name} holds NaN/Inf values; the "
                                   "previous checkpoint is kept (the non-finite guard should prevent this)")
-
-
-def _maybe_pausing(f: IO[bytes], save_no: int, path: Path) -> IO[bytes]:
-    """`f`, or a writer that sleeps after its first write when GCVIT_TEST_PAUSE_IN_SAVE selects this save."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return f
-    seconds, _, nth = spec.partition("@")
-    if nth and int(nth) != save_no:
-        return f
-    return _PausingWriter(f, float(seconds), path)
-
-
-class _PausingWriter:
-    """File wrapper for the crash test: the checkpoint's first bytes are on disk when it pauses."""
-
-    def __init__(self, f: IO[bytes], seconds: float, path: Path) -> None:
-        self._f, self._seconds, self._path, self._paused = f, seconds, path, False
-
-    def write(self, data: Any) -> int:
-        """Write, then (once) flush and pause so that a killer finds a half-written temporary file."""
-        n = self._f.write(data)
-        if not self._paused:
-            self._paused = True
-            self._f.flush()
-            print(f"{PAUSE_MARKER} {self._path}", file=sys.stderr, flush=True)
-            time.sleep(self._seconds)
-        return n
-
-    def flush(self) -> None:
-        """Flush the wrapped file."""
-        self._f.flush()
 
 
 def _os_error_in(e: BaseException) -> OSError | None:

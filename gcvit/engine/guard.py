@@ -10,9 +10,7 @@ steps in a row. Weights, optimizer moments and therefore every checkpoint stay f
 from __future__ import annotations
 
 import math
-import os
 import sys
-import time
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -20,14 +18,6 @@ import torch
 import torch.distributed as dist
 
 POLICIES = ("skip", "stop")
-# Test-only knobs read by `inject`: comma-separated 1-based optimizer steps whose loss becomes NaN;
-# "STEP:MICRO" (0-based micro-batch) at which every rank stops for 10 minutes, printing PAUSE_MARKER, so a
-# test can SIGKILL the run in the middle of gradient accumulation; the 1-based step whose first micro-batch
-# raises torch.OutOfMemoryError as CUDA would (the one-line OOM report is tested without a GPU).
-INJECT_ENV = "GCVIT_TEST_NAN_AT_STEPS"
-PAUSE_ENV = "GCVIT_TEST_PAUSE_AT_MICRO"
-PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_STEP"
-OOM_ENV = "GCVIT_TEST_OOM_AT_STEP"
 
 
 class NonFiniteError(RuntimeError):
@@ -62,25 +52,6 @@ class NonFiniteGuard:
         self.consecutive = 0  # bad steps in a row ending at the last one checked
         self._issued = 0  # steps whose verdict was queued (check()); ahead of `steps` until settle()
         self._pending: deque[_Pending] = deque()
-        self._inject = {int(s) for s in os.environ.get(INJECT_ENV, "").split(",") if s.strip()}
-        pause = os.environ.get(PAUSE_ENV)
-        self._pause_at = tuple(int(v) for v in pause.split(":")) if pause else None
-        self._oom_at = int(os.environ.get(OOM_ENV) or 0)
-        self._micro = 0  # inject() calls since the last check(): the micro-batch index within the step
-
-    def inject(self, loss: torch.Tensor) -> torch.Tensor:
-        """Test hooks on each micro-batch's loss (before backward); the identity unless a test knob is set."""
-        step, micro = self._issued + 1, self._micro
-        self._micro += 1
-        if self._pause_at == (step, micro):
-            rank = os.environ.get("RANK", "0")
-            print(f"{PAUSE_MARKER} {step}:{micro} rank {rank}", file=sys.stderr, flush=True)
-            time.sleep(600)
-        if (step, micro) == (self._oom_at, 0):
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_ENV}).")
-        if step in self._inject:
-            return loss * float("nan")
-        return loss
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor,
               stop: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +61,6 @@ class NonFiniteGuard:
         without a host read. `stop` (0/1 on the device) is this rank's stop request; it rides along.
         """
         self._issued += 1
-        self._micro = 0
         loss_t = loss.detach().to(torch.float64).reshape(())
         norm_t = grad_norm.detach().to(device=loss_t.device, dtype=torch.float64).reshape(())
         stop_t = torch.zeros((), dtype=torch.float64, device=loss_t.device) if stop is None else \

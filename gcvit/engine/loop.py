@@ -24,7 +24,7 @@ from torch import nn
 
 import gcvit
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, metrics, optim, param_groups, pretrained
+from gcvit.engine import distributed, faults, metrics, optim, param_groups, pretrained
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
@@ -108,6 +108,7 @@ class Parts:
     steps_per_epoch: int
     total_steps: int  # schedule length incl. cooldown
     start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
+    faults: faults.StepFaults | None = None  # tests only: what GCVIT_TEST_* injects into the steps
 
 
 def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Parts:
@@ -168,7 +169,8 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         erasing=RandomErasing(aug.reprob, mode=aug.remode, device=str(env.device)) if aug.reprob else None,
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
-        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start)
+        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start,
+        faults=faults.step_faults())
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
@@ -203,7 +205,9 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
         last = micro == p.accum - 1
         with p.net.no_sync() if env.distributed and not last else contextlib.nullcontext():
             with autocast(env.device, cfg.trainer.precision):
-                loss = p.guard.inject(p.criterion(p.net(x), y))
+                loss = p.criterion(p.net(x), y)
+                if p.faults is not None:  # a test's NaN, OOM or pause (gcvit.engine.faults)
+                    loss = p.faults.on_loss(loss, p.schedule.step + 1, micro)
             p.scaler.scale(loss / p.accum).backward()
         loss_sum += loss.detach().float()
     p.scaler.unscale_(p.optimizer)

@@ -9,9 +9,9 @@ import torch
 from test_trainer_step_sync import step_parts
 
 from gcvit.engine.distributed import StopFlag
-from gcvit.engine.guard import INJECT_ENV
+from gcvit.engine.faults import NAN_ENV as INJECT_ENV
 from gcvit.engine.loop import train_step
-from gcvit.engine.setup import seed_step
+from gcvit.engine.rng import seed_step
 
 WARMUP, STEADY = 3, 6  # the first steps allocate the optimizer's moments and pick cuDNN kernels
 
