@@ -216,9 +216,9 @@ def wandb_row(mode: str) -> Row:
     if mode == "offline":
         return Row("wandb", OK, f"wandb {wandb.__version__} offline: runs write RUN_DIR/wandb; upload later "
                    "with `wandb sync`", {"mode": mode})
-    from gcvit.engine.metrics import _wandb_unreachable
+    from gcvit.engine.wandb_logger import wandb_unreachable
 
-    problem = _wandb_unreachable(timeout=3.0)
+    problem = wandb_unreachable(timeout=3.0)
     if problem:
         return Row("wandb", WARN, f"online, but {problem}: the run would fall back to offline; set "
                    "logger.wandb.mode=offline on nodes without internet", {"mode": mode, "reachable": False})

@@ -208,7 +208,7 @@ def data_rows(cfg: Config, env: DistEnv, facts: list[Facts], rate: float, rate_s
 
 def disk_row(cfg: Config, classes: int | None) -> Row:
     """Free space in the run directory against the checkpoints CheckpointManager keeps."""
-    from gcvit.engine.setup import run_dir_for
+    from gcvit.engine.run_dir import run_dir_for
 
     params, state = model_bytes(cfg, classes or 1000)
     # One checkpoint: model + EMA state_dicts and AdamW's two fp32 moments per parameter (checkpoint_state()).

@@ -10,6 +10,7 @@ import torch
 import gcvit
 from gcvit import plot
 from gcvit.engine import metrics
+from gcvit.engine.wandb_logger import WandbLogger
 
 
 def _records() -> list[dict]:
@@ -41,11 +42,11 @@ def test_plot_renders_png(tmp_path: Path) -> None:
 
 
 def test_wandb_offline_keeps_run_id_across_restart(tmp_path: Path) -> None:
-    first = metrics.WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
+    first = WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
     first.start("run", {"optim": {"lr": 1e-3}})
     first.log({"loss": 1.0, "note": "skipped: not a number"}, step=1)
     first.finish()
-    second = metrics.WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
+    second = WandbLogger("offline", "gcvit-test", None, tmp_path, enabled=True)
     second.load_state_dict(first.state_dict())
     second.start("run", {"optim": {"lr": 1e-3}})
     second.finish()
@@ -56,7 +57,7 @@ def test_wandb_offline_keeps_run_id_across_restart(tmp_path: Path) -> None:
 
 def test_wandb_disabled_and_non_main_ranks_touch_nothing(tmp_path: Path) -> None:
     for mode, main in (("disabled", True), ("offline", False)):
-        w = metrics.WandbLogger(mode, "p", None, tmp_path, enabled=main)
+        w = WandbLogger(mode, "p", None, tmp_path, enabled=main)
         w.start("x", {})
         w.log({"loss": 1.0}, step=1)
         w.finish()

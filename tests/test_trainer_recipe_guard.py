@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from gcvit.config import Config, to_container
 from gcvit.engine.recipe import RECIPE_FILE, differences, guard, may_change
-from gcvit.engine.setup import trained_run_dir
+from gcvit.engine.run_dir import trained_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,12 @@ import gcvit
 from gcvit.config import Config, to_container
 from gcvit.engine import eval_report
 from gcvit.engine.checkpoint import CheckpointManager
+from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import lowest_classes, predict, score
-from gcvit.engine.metrics import WandbLogger
-from gcvit.engine.compile import compiled
-from gcvit.engine.setup import resolve_data, run_dir_for, trained_run_dir
+from gcvit.engine.run_dir import run_dir_for, trained_run_dir
+from gcvit.engine.setup import resolve_data
+from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models.checkpoint import safe_load
 from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader

@@ -10,7 +10,7 @@ from torch import nn
 
 from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.setup import autocast
+from gcvit.engine.runtime import autocast
 from gcvit_data.eval_sets import EvalSet
 
 ECE_BINS = 15

@@ -8,7 +8,7 @@ from torch import nn
 
 from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.setup import autocast
+from gcvit.engine.runtime import autocast
 
 
 @torch.no_grad()

@@ -31,16 +31,12 @@ from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.evaluation import evaluate
 from gcvit.engine.guard import NonFiniteGuard
+from gcvit.engine.rng import rng_state, seed_step, set_rng_state
+from gcvit.engine.run_dir import prepare_run_dir
+from gcvit.engine.runtime import autocast, configure_runtime
 from gcvit.engine.secrets import install_log_redaction, redact
-from gcvit.engine.setup import (
-    autocast,
-    configure_runtime,
-    prepare_run_dir,
-    resolve_data,
-    rng_state,
-    seed_step,
-    set_rng_state,
-)
+from gcvit.engine.setup import resolve_data
+from gcvit.engine.wandb_logger import WandbLogger
 from gcvit_data.loaders import AUDIT_ENV, build_loader, trim_audit
 from gcvit_data.split import describe as describe_split
 
@@ -224,7 +220,7 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
     return {"loss": loss_sum / p.accum, "lr": lr, "grad_norm": grad_norm, "wait": wait}
 
 
-def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, cfg: Config) -> dict[str, Any]:
+def checkpoint_state(p: Parts, progress: Progress, wandb: WandbLogger, cfg: Config) -> dict[str, Any]:
     """Every stateful piece, with the RNG states of all ranks gathered; a collective: all ranks call it."""
     return {"model": p.model.state_dict(), "ema": p.ema.module.state_dict() if p.ema else None,
             "optimizer": p.optimizer.state_dict(), "scaler": p.scaler.state_dict(),
@@ -234,7 +230,7 @@ def checkpoint_state(p: Parts, progress: Progress, wandb: metrics.WandbLogger, c
             "classes": p.train_loader.classes}
 
 
-def restore(p: Parts, state: dict[str, Any], wandb: metrics.WandbLogger, env: DistEnv) -> Progress:
+def restore(p: Parts, state: dict[str, Any], wandb: WandbLogger, env: DistEnv) -> Progress:
     """Load a checkpoint_state() into the parts; returns the saved progress."""
     p.model.load_state_dict(state["model"])
     if p.ema is not None and state["ema"] is not None:
@@ -264,8 +260,8 @@ def train(cfg: Config, env: DistEnv) -> int:
         print(describe_split(p.val_loader.split_record), flush=True)
     target = min(p.total_steps, t.max_steps or p.total_steps)
     writer = metrics.MetricsWriter(run_dir, env.is_main)
-    wandb = metrics.WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-                                run_dir, env.is_main)
+    wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
+                        run_dir, env.is_main)
     progress, loader_state = Progress(), None
     if latest:
         state = ckpt.load(Path(latest))
