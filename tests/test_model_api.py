@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import gcvit
+from gcvit.models.attention import MASK_ALIGN, aligned_bias, attention, packed_attention
 from gcvit.models.gcvit import GCViT
-from gcvit.models.ops import MASK_ALIGN, aligned_bias, attention, packed_attention, pointwise
+from gcvit.models.ops import pointwise
 from gcvit.summary import main as summary_main
 
 OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,

@@ -19,8 +19,9 @@ from torch import nn
 from gcvit.models.gcvit import GCViT, relative_position_index
 from gcvit.variants import VARIANTS
 
-__all__ = ["CheckpointLoadError", "safe_load", "load_checkpoint", "fit_state_dict", "detect_format", "unwrap",
-           "to_native", "from_native", "infer_config", "describe", "FORMATS"]
+__all__ = ["CheckpointError", "CheckpointLoadError", "safe_load", "load_error", "load_checkpoint",
+           "fit_state_dict", "detect_format", "unwrap", "to_native", "from_native", "infer_config",
+           "describe", "FORMATS"]
 
 FORMATS = ("native", "timm", "official")
 
@@ -31,26 +32,39 @@ _SAFE_GLOBALS = [argparse.Namespace, np.dtype, *_DTYPES,
                  (np_scalar, "numpy._core.multiarray.scalar"), (np_scalar, "numpy.core.multiarray.scalar")]
 
 
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model; the message is one line."""
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read or fitted to the model; one line naming the file and what to do.
+    (Written: gcvit.engine.checkpoint; read and fitted: here.)"""
 
 
-def safe_load(path: str | Path) -> dict[str, Any]:
-    """Read a .pth/.pt (weights_only unpickling, small allow-list) or .safetensors file onto the CPU."""
+CheckpointLoadError = CheckpointError  # its earlier name, still part of this module's public API
+
+
+def safe_load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Read a .pth/.pt (weights_only unpickling, small allow-list) or .safetensors file onto the CPU.
+
+    `mmap`: map the tensor data instead of reading it (a check that the file unpickles safely)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = m.group(1) if m else str(e).strip().splitlines()[0]
-        raise CheckpointLoadError(
-            f"refusing to load {path}: it needs the Python object {what}, and unpickling that could run "
-            "arbitrary code; only tensors and plain types are loaded (re-save the state_dict from a trusted "
-            "session if you trust this file)") from None
+        raise CheckpointError(f"refusing to load {path}: {load_error(e)}") from e
+
+
+def load_error(e: BaseException) -> str:
+    """The gist of torch.load's multi-paragraph errors on one line (an unsafe object: which, and why not)."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(e, pickle.UnpicklingError) and m:
+        return (f"it needs the Python object {m.group(1)}, and unpickling that could run arbitrary code; "
+                "only tensors and plain types are loaded (re-save the state_dict from a trusted session if "
+                "you trust this file)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {first}"
 
 
 def unwrap(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -70,7 +84,7 @@ def unwrap(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def detect_format(sd: Mapping[str, Any], where: str = "the state dict") -> str:
-    """'official', 'timm' or 'native' from the stem's key; CheckpointLoadError when none fits."""
+    """'official', 'timm' or 'native' from the stem's key; CheckpointError when none fits."""
     if "patch_embed.proj.weight" in sd:
         return "official"
     if "stem.conv1.weight" in sd:
@@ -78,7 +92,7 @@ def detect_format(sd: Mapping[str, Any], where: str = "the state dict") -> str:
     if "stem.weight" in sd:
         return "native"
     first = ", ".join(list(sd)[:3]) or "no tensors"
-    raise CheckpointLoadError(f"{where} is not a GC ViT checkpoint (no stem weights; keys start {first}); "
+    raise CheckpointError(f"{where} is not a GC ViT checkpoint (no stem weights; keys start {first}); "
                               "expected the official NVlabs, timm gcvit_* or gcvit-train format")
 
 
@@ -207,7 +221,7 @@ def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def fit_state_dict(obj: Mapping[str, Any], model: GCViT, where: str = "the state dict") -> dict:
-    """Any-format checkpoint object -> `model`'s exact state dict, or one CheckpointLoadError line."""
+    """Any-format checkpoint object -> `model`'s exact state dict, or one CheckpointError line."""
     raw = unwrap(obj)
     sd = to_native(raw, model, where)
     own = model.state_dict()
@@ -225,7 +239,7 @@ def fit_state_dict(obj: Mapping[str, Any], model: GCViT, where: str = "the state
         theirs, ours = describe(raw), describe(own)
         hint = ("the shapes agree, so the names come from an unknown code base" if theirs == ours else
                 f"the model is {ours}; create the variant the checkpoint has (num_classes too)")
-        raise CheckpointLoadError(f"{where} does not fit this model ({'; '.join(parts)}): it looks like "
+        raise CheckpointError(f"{where} does not fit this model ({'; '.join(parts)}): it looks like "
                                   f"{theirs}; {hint}")
     return sd
 

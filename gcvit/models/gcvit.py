@@ -11,7 +11,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gcvit.models.ops import packed_attention, pointwise, shared_query_attention
+from gcvit.models.attention import ATTENTION_KINDS, packed_attention, resolve, windowed_attention
+from gcvit.models.ops import NORM_KINDS, ChannelLayerNorm, LayerNorm, pointwise
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
 __all__ = ["GCViT", "stage_window_sizes"]
@@ -23,15 +24,6 @@ _WINDOW_DIVISOR = (1, 1, 2, 1)
 def stage_window_sizes(img_size: int, num_stages: int = 4) -> tuple[int, ...]:
     """Default window per stage: the stage resolution at 1/32 of the image (1/16 for stage 3)."""
     return tuple(img_size // 32 * _WINDOW_DIVISOR[i] for i in range(num_stages))
-
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over C of an NCHW tensor; a free permute when the tensor is channels_last."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize each pixel's channel vector."""
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
 
 
 class SqueezeExcite(nn.Module):
@@ -113,6 +105,7 @@ class WindowAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.window, self.use_global = num_heads, window, use_global
+        self.kernel = "auto"  # model.attention (GCViT.set_kernels)
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * (2 if use_global else 3), bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -133,19 +126,23 @@ class WindowAttention(nn.Module):
         # add contiguous gradient rows (2x faster than rows of the permuted gradient)
         bias = self.relative_position_bias_table.t().index_select(1, self.rel_index).view(heads, w * w, w * w)
         dropout = self.attn_drop if self.training else 0.0
-        # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) for
-        # local blocks, (n, B, heads, windows * tokens, head_dim) for the shared-query GEMM of global ones
+        kind = resolve(self.kernel, x)
+        # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) where
+        # each window is a batch entry, (n, B, heads, windows, tokens, head_dim) where the windows of an image
+        # stay together (global blocks share the image's query; flex packs them into one sequence)
         qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
-        if not self.use_global:
+        if not self.use_global and kind != "flex":
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
-            out = packed_attention(qkv, None, bias, dropout)
+            out = packed_attention(qkv, None, bias, dropout, kind)
             out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
         else:
-            kv = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d)
-            if nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-                out = packed_attention(kv.squeeze(3), q_global, bias, dropout)
+            qkv = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d)
+            if not self.use_global:
+                out = windowed_attention(*qkv.unbind(0), bias, dropout, kind)
+            elif nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
+                out = packed_attention(qkv.squeeze(3), q_global, bias, dropout, kind)
             else:
-                out = shared_query_attention(q_global, *kv.unbind(0), bias, dropout)
+                out = windowed_attention(q_global, *qkv.unbind(0), bias, dropout, kind)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
         return self.proj_drop(pointwise(out.reshape(B, H, W, C), self.proj.weight, self.proj.bias))
@@ -173,9 +170,9 @@ class GCViTBlock(nn.Module):
                  layer_scale: float | None, drop_path: float, drop: float, attn_drop: float,
                  qkv_bias: bool, eps: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = LayerNorm(dim, eps=eps)
         self.attn = WindowAttention(dim, num_heads, window, use_global, qkv_bias, attn_drop, drop)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
@@ -277,7 +274,8 @@ class GCViT(TimmApi, nn.Module):
                  window_size: int | Sequence[int] | None = None, mlp_ratio: float = 3.0,
                  layer_scale: float | None = None, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 qkv_bias: bool = True, norm_eps: float = 1e-5) -> None:
+                 qkv_bias: bool = True, norm_eps: float = 1e-5, attention: str = "auto",
+                 norm: str = "auto") -> None:
         super().__init__()
         windows, resolutions = _check_geometry(img_size, window_size, len(depths))
         if len(num_heads) != len(depths):
@@ -302,6 +300,24 @@ class GCViT(TimmApi, nn.Module):
         self.apply(_init_weights)
         self.apply(_channels_last_kernels)
         self.pretrained_cfg = pretrained_cfg(img_size, num_classes)
+        self.set_kernels(attention, norm)
+
+    @torch.jit.ignore
+    def set_kernels(self, attention: str | None = None, norm: str | None = None) -> None:
+        """Choose the attention kernel (ATTENTION_KINDS) and LayerNorm's precision (NORM_KINDS) of every
+        block; None keeps the current choice. `auto` is the measured choice for the device of each call."""
+        if attention is not None:
+            if attention not in ATTENTION_KINDS:
+                raise ValueError(f"attention={attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+            for m in self.modules():
+                if isinstance(m, WindowAttention):
+                    m.kernel = attention
+        if norm is not None:
+            if norm not in NORM_KINDS:
+                raise ValueError(f"norm={norm!r}; choose one of {', '.join(NORM_KINDS)}")
+            for m in self.modules():
+                if isinstance(m, LayerNorm):
+                    m.kind = norm
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

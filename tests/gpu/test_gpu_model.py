@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gcvit.models import create_model
-from gcvit.models.ops import attention, shared_query_attention
+from gcvit.models.attention import attention, windowed_attention
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}  # bf16 keeps 8 bits of mantissa: relative 2^-8 per value
 
@@ -48,7 +48,7 @@ def test_shared_query_attention_equals_per_window_attention(cuda, dtype) -> None
     q = torch.randn(B, heads, N, d, generator=g).to(cuda).requires_grad_()  # the global query stays fp32
     k, v = (torch.randn(B, heads, nwin, N, d, generator=g).to(cuda, dtype).requires_grad_() for _ in range(2))
     table = torch.randn(heads, N, N, generator=g).to(cuda).requires_grad_()
-    out = shared_query_attention(q, k, v, table, 0.0)
+    out = windowed_attention(q, k, v, table, 0.0)
     assert out.shape == (B, heads, nwin, N, d) and out.dtype == dtype
     ref = _reference(q[:, :, None], k, v, table[:, None])
     grad_out = torch.randn(out.shape, generator=g).to(cuda, dtype)

@@ -1,0 +1,74 @@
+"""The flex attention form: FlexAttention over the windows of an image packed into one sequence.
+
+A 7x7 window is 49 tokens, which fills a 64- or 128-row tile of a fused kernel badly when each window is a
+sequence of its own. Here the windows of one image (and head) are one sequence of windows x 49 tokens under a
+block-diagonal mask (built once per shape and device, never per step), so whole tiles are computed and the
+tiles between windows are skipped; the relative-position bias is read by a score_mod from the (heads, N, N)
+bias of this call, which FlexAttention's backward gives its gradient (on CUDA: CPU has no flex backward).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# Passed to the CUDA kernel (e.g. {"BLOCK_M": 64, "BLOCK_N": 64}); the GPU kit times choices for head dim 32.
+KERNEL_OPTIONS: dict[str, Any] = {}
+
+_MASKS: dict[tuple[int, int, torch.device], BlockMask] = {}
+_compiled: list[Callable[..., torch.Tensor]] = []
+
+
+def _kernel() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once (eager flex_attention is an unfused reference); inside a compiled region
+    the region's compiler takes the plain function."""
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if not _compiled:
+        _compiled.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled[0]
+
+
+def block_mask(windows: int, tokens: int, device: torch.device) -> BlockMask:
+    """Block-diagonal mask of `windows` windows of `tokens` tokens: a token attends within its window."""
+    key = (windows, tokens, device)
+    if key in _MASKS:
+        return _MASKS[key]
+
+    def same_window(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                    kv_idx: torch.Tensor) -> torch.Tensor:
+        return q_idx // tokens == kv_idx // tokens
+
+    length = windows * tokens
+    mask = create_block_mask(same_window, None, None, length, length, device=device)
+    if not torch.compiler.is_compiling():  # a mask traced inside a graph must not outlive it
+        _MASKS[key] = mask
+    return mask
+
+
+def windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+            dropout: float) -> torch.Tensor:
+    """Attention within each window: k, v (B, heads, windows, N, d); q the same or (B, heads, N, d), one
+    query set per image shared by its windows (expanded: a copy the size of k); (B, heads, windows, N, d)
+    out."""
+    if dropout > 0:
+        raise ValueError(f"attention dropout {dropout} with model.attention=flex: FlexAttention has none; "
+                         "use model.attention=sdpa or math, or attn_drop_rate=0")
+    B, heads, nwin, N, d = k.shape
+    q = q.to(k.dtype)
+    if q.dim() == 4:
+        q = q[:, :, None].expand(B, heads, nwin, N, d)
+    table = bias.to(torch.float32)
+
+    def add_bias(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                 kv_idx: torch.Tensor) -> torch.Tensor:
+        return score + table[h, q_idx % N, kv_idx % N]
+
+    mask = block_mask(nwin, N, k.device) if nwin > 1 else None
+    options = KERNEL_OPTIONS if k.device.type == "cuda" and KERNEL_OPTIONS else None
+    seq = (B, heads, nwin * N, d)
+    out = _kernel()(q.reshape(seq), k.reshape(seq), v.reshape(seq), score_mod=add_bias, block_mask=mask,
+                    kernel_options=options)
+    return out.view(B, heads, nwin, N, d)
