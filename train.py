@@ -31,14 +31,13 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     def job(cfg: DictConfig) -> None:
         config = from_hydra(cfg, list_models)  # torch-free: a bad key or value fails before torch loads
-        from gcvit.engine.checkpoint import CheckpointError
         from gcvit.engine.guard import NonFiniteError
         from gcvit.engine.loop import StepOutOfMemory, run
-        from gcvit.models.checkpoint import CheckpointLoadError
+        from gcvit.models.checkpoint import CheckpointError
 
         try:
             code = run(config)
-        except (NonFiniteError, CheckpointError, CheckpointLoadError, StepOutOfMemory) as e:
+        except (NonFiniteError, CheckpointError, StepOutOfMemory) as e:
             # These carry a one-line diagnosis and what to do; a traceback would only bury it.
             sys.exit(f"error: {e}")
         if code == 0 and config.mode == "train" and config.name == "demo":

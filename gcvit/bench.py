@@ -18,16 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcvit.engine.metrics import peak_flops, train_flops_per_image
+from gcvit.engine.runtime import synchronize
 from gcvit.models import canonical_name, create_model
 from gcvit.variants import VARIANTS
 
 IN1K_TRAIN_IMAGES = 1_281_167
 IN1K_EPOCHS = 310  # the recipe's 300 cosine epochs + 10 cooldown epochs
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _build(impl: str, name: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -73,11 +69,11 @@ def _steps(model: nn.Module, args: argparse.Namespace, device: torch.device) -> 
 
 
 def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     for _ in range(iters):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t) / iters
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gcvit.models.checkpoint import (
     FORMATS,
-    CheckpointLoadError,
+    CheckpointError,
     describe,
     detect_format,
     fit_state_dict,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(convert(args.src, args.dst, args.to))
-    except (CheckpointLoadError, OSError) as e:
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

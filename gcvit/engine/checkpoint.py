@@ -21,14 +21,11 @@ import torch
 
 from gcvit.engine import faults
 from gcvit.engine.secrets import redact
+from gcvit.models.checkpoint import CheckpointError, load_error, safe_load
 
 SUFFIX = ".pt"
 _STEP_TAG = re.compile(r"step(\d+)")
 _TAG = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message is one line naming the file and what to do."""
 
 
 class CheckpointManager:
@@ -151,11 +148,13 @@ class CheckpointManager:
             if bad is not None:
                 return f"record {bad} fails its CRC32 check (the file is corrupt)"
             # mmap: unpickles the structure (allow-list included) without reading the tensor data again.
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            safe_load(path, mmap=True)
         except zipfile.BadZipFile as e:
             return f"not a complete checkpoint archive ({e}); probably truncated by a crash or a full disk"
-        except Exception as e:  # torch.load's UnpicklingError/RuntimeError: the message is the diagnosis
-            return _one_line(e)
+        except CheckpointError as e:  # refused to unpickle: the cause names the object
+            return load_error(e.__cause__ or e)
+        except Exception as e:  # torch.load's RuntimeError: the message is the diagnosis
+            return load_error(e)
         self._verified[path] = key
         return None
 
@@ -167,32 +166,6 @@ class CheckpointManager:
             raise CheckpointError(f"cannot load checkpoint {path}: {problem}; delete or move it to resume "
                                   "from the previous checkpoint")
         return safe_load(path)
-
-
-def safe_load(path: Path | str) -> dict[str, Any]:
-    """torch.load(weights_only=True) through the model zoo's allow-list; a one-line refusal otherwise."""
-    try:
-        from gcvit.models.checkpoint import safe_load as zoo_safe_load
-    except ImportError:
-        zoo_safe_load = None
-    if zoo_safe_load is not None:
-        return zoo_safe_load(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"refusing to load {path}: {_one_line(e)}") from e
-
-
-def _one_line(e: BaseException) -> str:
-    """The gist of torch.load's multi-paragraph errors, on one line."""
-    text = str(e)
-    m = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", text)
-    if m:
-        name = m.group(1) or m.group(2)
-        return (f"it needs the Python object {name}, which is not a plain tensor/number/container; "
-                "unpickling it could run arbitrary code, so untrusted checkpoints are never loaded that way")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-    return f"{type(e).__name__}: {first}"
 
 
 def _check_finite(state: Any) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.runtime import autocast
+from gcvit.engine.runtime import autocast, synchronize
 from gcvit_data.eval_sets import EvalSet
 
 ECE_BINS = 15
@@ -25,11 +25,6 @@ class Predictions:
     confidence: torch.Tensor  # (N,) softmax probability of the top-1 class
     labels: torch.Tensor  # (N,) true class index
     img_per_s: float | None = None  # all ranks, each rank's first batch (compile, warm-up) left out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -52,7 +47,7 @@ def predict(model: nn.Module, loader: Any, env: DistEnv, precision: str,
             top = keep[top]  # back to indices of the model's classes
         parts.append((batch.ids, top, conf, batch.labels))
         if i == 0:
-            _sync(env.device)
+            synchronize(env.device)
             start = time.perf_counter()
         else:
             timed += len(batch.ids)

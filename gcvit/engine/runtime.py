@@ -29,3 +29,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """bf16/fp16 autocast, or nothing for fp32."""
     dtype = _DTYPES[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CPU work is done already), e.g. before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
