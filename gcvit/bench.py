@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcvit.engine.metrics import peak_flops, train_flops_per_image
+from gcvit.engine.provenance import environment
 from gcvit.engine.runtime import synchronize
 from gcvit.models import canonical_name, create_model
 from gcvit.variants import VARIANTS
@@ -119,23 +117,6 @@ def run(args: argparse.Namespace) -> dict:
             k: round(statistics.median(a / b for a, b in zip(samples["ours"][k], samples[other][k])), 3)
             for k in args.steps}
     return result
-
-
-def environment(device: torch.device) -> dict:
-    """Where a result was measured: device, versions, code commit (GCVIT_COMMIT where .git is absent)."""
-    commit = os.environ.get("GCVIT_COMMIT")
-    if not commit:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__))
-        commit = out.stdout.strip() or None
-    cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    env = {"device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if cuda else None, "commit": commit}
-    with contextlib.suppress(ImportError):
-        import timm
-        env["timm"] = timm.__version__
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:

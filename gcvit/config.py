@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from gcvit.config_help import help_template
 from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 from gcvit_data.eval_sets import SETS as EVAL_SETS
 
@@ -135,10 +136,8 @@ _CHOOSERS = ("experiment", "debug", "model", "data", "model.name", "data.root")
 
 def register() -> None:
     """Make the schema available to conf/config.yaml as `base_config`, and `--help` as hydra/help=gcvit."""
-    from gcvit.config_docs import help_template  # it reads this module's dataclasses
-
     ConfigStore.instance().store(name="base_config", node=Config)
-    ConfigStore.instance().store(group="hydra/help", name="gcvit", node={"template": help_template()})
+    ConfigStore.instance().store(group="hydra/help", name="gcvit", node={"template": help_template(Config)})
 
 
 def with_demo_default(args: list[str]) -> list[str]:

@@ -23,8 +23,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from gcvit import list_models
-from gcvit.config import from_hydra, register, with_demo_default
-from gcvit.config_docs import DOC, keys, markdown
+from gcvit.config import Config, from_hydra, register, with_demo_default
+from gcvit.config_docs import DOC, markdown
+from gcvit.config_help import keys
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -272,7 +273,7 @@ def test_train_py_help_and_cfg_job_match_the_schema_and_compose() -> None:
                               text=True) for args in (["--help"], [*eval_args, "--cfg", "job"])]
     (help_text, _), (job, err) = (p.communicate(timeout=300) for p in procs)
     assert all(p.returncode == 0 for p in procs), err
-    for k in keys():
+    for k in keys(Config):
         assert f"{k.name} ({k.type} = " in help_text and k.doc in help_text, k.name
     for option in ("in1k_gcvit_tiny", "gcvit_large", "synthetic", "light", "tiny", "slurm"):
         assert f"  {option} " in help_text

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gcvit.bench import environment
+from gcvit.engine.provenance import environment
 
 COLUMNS = ("set", "weights", "top1", "top5", "count", "img_per_s", "protocol")
 

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gcvit.engine import distributed
+from gcvit.engine.provenance import device_name, git_commit, package_versions
 from gcvit.engine.secrets import redact
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a pattern of torch.cuda.get_device_name():
@@ -35,8 +33,6 @@ _PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     (r"\bL40S\b", 362.0, 183.0),
     (r"\bA10\b", 125.0, 62.5),  # not the A10G, a different chip
 )
-_PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy", "pillow",
-             "nvidia-dali-cuda130", "nvidia-dali-cuda120", "submitit")
 
 
 def peak_tflops(name: str, precision: str) -> float | None:
@@ -72,32 +68,16 @@ def train_flops_per_image(model: nn.Module, img_size: int, device: torch.device)
     return 3.0 * counter.get_total_flops()
 
 
-def _git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
-
-
 def run_info(world_size: int, device: torch.device, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What produced this run: code version, packages, hosts and devices (secrets redacted)."""
-    versions = {}
-    for pkg in _PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if device.type == "cuda" else [platform.processor() or platform.machine()])
-    return redact({"git_commit": _git_commit(), "python": sys.version.split()[0], "packages": versions,
-            "world_size": world_size, "device": str(device), "devices_on_rank0_host": devices,
-            "host": socket.gethostname(), "cpu_threads": torch.get_num_threads(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **(extra or {})})
+    cuda = device.type == "cuda"
+    devices = ([device_name(torch.device("cuda", i)) for i in range(torch.cuda.device_count())] if cuda
+               else [device_name(device)])
+    return redact({"git_commit": git_commit(), "python": sys.version.split()[0],
+                   "packages": package_versions(), "world_size": world_size, "device": str(device),
+                   "devices_on_rank0_host": devices,
+                   "host": socket.gethostname(), "cpu_threads": torch.get_num_threads(),
+                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "argv": sys.argv, **(extra or {})})
 
 
 class MetricsWriter:
