@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gcvit.config_help import help_template
+from gcvit.variants import VARIANTS
 from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 from gcvit_data.eval_sets import SETS as EVAL_SETS
 
@@ -23,7 +24,7 @@ class ModelConfig:
 
     name: str = "gcvit_tiny"  # a name from gcvit.list_models()
     img_size: int = 224  # square input resolution
-    drop_path_rate: float | None = None  # stochastic depth; null = the variant's recipe value
+    drop_path_rate: float | None = None  # stochastic depth; null = the variant's rate (gcvit/variants.py)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
     pretrained: str | None = None  # starting weights (official NVlabs, timm or gcvit-train); not a resume
@@ -260,7 +261,10 @@ def from_hydra(cfg: DictConfig, known_models: Callable[[], list[str]]) -> Config
     if not isinstance(obj, Config):
         raise SystemExit("config error: the composed config is not based on `base_config`; keep "
                          "`- base_config` first in conf/config.yaml's defaults")
-    return validate(obj, known_models)
+    cfg = validate(obj, known_models)
+    if cfg.model.drop_path_rate is None:  # resolved here, so checkpoints and recipes record the rate used
+        cfg.model.drop_path_rate = VARIANTS[cfg.model.name]["drop_path"]
+    return cfg
 
 
 def to_container(cfg: Config) -> dict[str, Any]:
