@@ -1,13 +1,17 @@
-"""Shared by the fine-tuning tests: train.py on the tiny preset, and small ImageFolder datasets with their own
-class names made of demo images."""
+"""Shared by the fine-tuning tests: train.py on the tiny preset, small ImageFolder datasets with their own
+class names made of demo images, and a Hugging Face Hub cache holding timm-format weights."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from gcvit_data.demo import ensure_demo_dataset
 
@@ -17,9 +21,50 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FOLDERS = {"apple pie": "00_circle", "Bolt-2": "03_cross", "zebra_stripes": "05_hstripes"}
 
 
-def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+# The reduced GC ViT of debug=tiny (32 px); HUB_NAME: timm's tag for the variant it reduces.
+TINY = dict(dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=(4, 4, 2, 1), mlp_ratio=2.0)
+# The same at 64 px in the default geometry (windows img/32, img/32, img/16, img/32), which tools that read
+# the architecture off a foreign file's shapes (predict, export) assume.
+TINY_64 = {**TINY, "window_size": (2, 2, 4, 2), "img_size": 64}
+HUB_NAME = "hf-hub:timm/gcvit_xxtiny.in1k"
+
+
+def train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "train.py"), "debug=tiny", f"trainer.output_dir={run_dir}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env or ENV)
+
+
+def write_hub_cache(hf_home: Path, repo: str = HUB_NAME.removeprefix("hf-hub:"), num_classes: int = 10,
+                    filename: str = "model.safetensors", arch: dict | None = None) -> Path:
+    """HF_HOME/hub as huggingface_hub lays it out: blobs/<sha256>, refs/main holding the commit, and
+    snapshots/<commit>/<filename> linked to the blob; the file holds timm-format weights of the model `arch`
+    describes (default: debug=tiny's; seeded). Returns the snapshot file."""
+    import gcvit
+    from gcvit.models.checkpoint import from_native
+
+    torch.manual_seed(4)
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=num_classes, **(arch or {**TINY, "img_size": 32}))
+    state = {k: v.contiguous() for k, v in from_native(model.state_dict(), "timm").items()}
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True)
+    tmp = folder / "blobs" / "incoming"
+    if filename.endswith(".safetensors"):
+        save_file(state, str(tmp))
+    else:
+        torch.save(state, tmp)
+    blob = tmp.rename(folder / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest())
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit / filename
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(Path("../..") / "blobs" / blob.name)
+    return snapshot
+
+
+def hub_env(hf_home: Path) -> dict[str, str]:
+    """The test environment, offline, with `hf_home` as the Hub's home."""
+    return {**ENV, "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_OFFLINE": "1"}
 
 
 def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str, str] = FOLDERS,
@@ -37,3 +82,39 @@ def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str
                 else:
                     (root / split / name / f.name).symlink_to(f)
     return root
+
+
+def resolve_on_rank(rank: int, out: str, names: list[str]) -> None:
+    """One of two ranks of one node (gloo) resolving each Hub name in turn; writes OUT/rank<r>.json with each
+    name's result and its hf_hub_download calls (whether local rank 0 had finished when the call came)."""
+    import torch.distributed as dist
+
+    from gcvit.models import hub
+    from gcvit.models.checkpoint import CheckpointLoadError
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    real, calls, record = hub.hf_hub_download, [], {}
+
+    def spy(repo: str, filename: str, **kwargs):
+        done = Path(out, "rank0_fetched").exists()
+        try:
+            return real(repo, filename, **kwargs)
+        finally:
+            calls.append({"file": filename, "local_files_only": kwargs["local_files_only"],
+                          "after_rank0": done})
+            if rank == 0:
+                Path(out, "rank0_fetched").touch()
+
+    hub.hf_hub_download = spy
+    for name in names:
+        calls.clear()
+        if rank == 0:
+            Path(out, "rank0_fetched").unlink(missing_ok=True)
+        dist.barrier()  # rank 1 has finished the previous name
+        try:
+            result = hub.resolve(name, "model.pretrained", local_rank=rank)
+        except CheckpointLoadError as e:
+            result = f"error: {e}"
+        record[name] = {"calls": list(calls), "result": result}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()

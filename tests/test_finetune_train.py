@@ -1,6 +1,7 @@
-"""Fine-tuning through train.py: a run checkpoint starts a run on another ImageFolder (other class names and
-count) at another resolution; the run records it, stores its class names, and resumes from its own
-checkpoints (not the starting weights) when restarted; `checkpoint=` in train mode is one line."""
+"""Fine-tuning through train.py: a run starts from Hub weights by name (offline, from the Hub cache); its
+checkpoint starts a run on another ImageFolder (other class names and count) at another resolution; the run
+records it, stores its class names, and resumes from its own checkpoints (not the starting weights) when
+restarted; `checkpoint=` in train mode is one line."""
 from __future__ import annotations
 
 import json
@@ -10,17 +11,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_harness import ENV, FOLDERS, REPO, make_folder_dataset, train
+from finetune_harness import ENV, FOLDERS, HUB_NAME, REPO, hub_env, make_folder_dataset, train
+from finetune_harness import write_hub_cache as write_hub
 
 from gcvit.engine.checkpoint import CheckpointManager
 
 
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run from timm-format weights named on the Hub (debug=tiny's model; HF_HUB_OFFLINE=1, cache only)."""
     run_dir = tmp_path_factory.mktemp("source")
-    res = train(run_dir)
+    hf_home = tmp_path_factory.mktemp("hf")
+    snapshot = write_hub(hf_home)
+    res = train(run_dir, f"model.pretrained={HUB_NAME}", env=hub_env(hf_home))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (f"pretrained: {HUB_NAME} ({snapshot}) (timm format, plain weights); an initialisation: "
+            "optimizer, schedule and data start fresh") in res.stdout.splitlines()
     return run_dir
+
+
+def test_a_run_records_the_hub_name_it_started_from(pretrained_run) -> None:
+    start = json.loads((pretrained_run / "run_info.json").read_text())["pretrained"]
+    assert start["hub"] == HUB_NAME and Path(start["path"]).name == "model.safetensors"
+    assert start["format"] == "timm" and not any("head re-initialised" in line for line in start["log"])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +87,7 @@ def test_missing_pretrained_file_is_one_line(tmp_path) -> None:
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: model.pretrained={tmp_path / 'nope.pth'}: no such file; pass an official NVlabs, timm or "
-        "gcvit-train checkpoint (.pth/.pt/.safetensors)")
+        "gcvit-train checkpoint (.pth/.pt/.safetensors) or hf-hub:ORG/REPO")
 
 
 def test_eval_names_the_classes_and_refuses_another_class_set(finetuned, pretrained_run) -> None:

@@ -21,13 +21,16 @@ from gcvit.engine.run_dir import run_dir_for, trained_run_dir
 from gcvit.engine.setup import resolve_data
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models.checkpoint import safe_load
+from gcvit.models.hub import is_hub_name, resolve
 from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
 from gcvit_data.split import describe as describe_split
 
 
-def _checkpoint(cfg: Config) -> tuple[Path, Path]:
+def _checkpoint(cfg: Config, env: DistEnv) -> tuple[Path, Path]:
     """(the checkpoint to score, the run dir its results go to)."""
+    if is_hub_name(cfg.checkpoint):  # fetched once per node; the Hub cache is no run's dir
+        return Path(resolve(cfg.checkpoint, "checkpoint", env.local_rank)), run_dir_for(cfg)
     if cfg.checkpoint:
         path = Path(cfg.checkpoint).expanduser().resolve()
         # runs/<name>/checkpoints/last.pt: the results belong with that run
@@ -84,7 +87,7 @@ def _sets(cfg: Config, env: DistEnv, classes: list[str] | None, val_loader: Any)
 
 def evaluate_only(cfg: Config, env: DistEnv) -> int:
     """Load the checkpoint (official, timm or ours; model and EMA weights) and score it on eval.sets."""
-    path, run_dir = _checkpoint(cfg)
+    path, run_dir = _checkpoint(cfg, env)
     state = safe_load(str(path))
     ours = isinstance(state.get("model"), dict) and "progress" in state
     trained_on = state.get("classes") if ours else None

@@ -126,7 +126,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
                                **cfg.model.overrides)
     start = None
     if init_weights:  # before .to(device): the file is read onto the CPU
-        start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main)
+        start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main, env.local_rank)
     frozen = param_groups.freeze(model, cfg.model.freeze)  # before DDP and the optimizer: both skip them
     if frozen and env.is_main:
         print(frozen, flush=True)

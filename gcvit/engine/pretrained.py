@@ -30,6 +30,7 @@ from gcvit.models.checkpoint import (
     unwrap,
 )
 from gcvit.models.gcvit import GCViT
+from gcvit.models.hub import is_hub_name, resolve
 
 WEIGHTS = ("ema", "model")
 # Where training scripts keep each set of weights: ours (model/ema), timm's and the official repo's train.py
@@ -42,24 +43,32 @@ _TABLE = "relative_position_bias_table"
 class Pretrained:
     """The weights read from a checkpoint file, and what is known about them."""
 
-    path: str
+    path: str  # the file read (for a Hub name: its file in the Hub cache)
     state: dict[str, torch.Tensor]  # model weights, in the file's own names (any of the three formats)
     format: str  # official | timm | native
     weights: str  # ema | model | plain (a bare state dict)
     classes: list[str] | None = None  # class names, when the file is one of our run checkpoints
     config: dict | None = None  # the run's resolved config, likewise
     notes: list[str] = field(default_factory=list)  # lines worth printing about the choice
+    name: str | None = None  # the Hub name (hf-hub:ORG/REPO) the file was fetched by, if any
+
+    @property
+    def label(self) -> str:
+        """How messages name the weights: the Hub name and its cached file, or the path."""
+        return f"{self.name} ({self.path})" if self.name else self.path
 
 
-def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained") -> Pretrained:
-    """The model weights in `path`: EMA (when present and `weights` is ema) or raw model weights; `what`
-    names the setting in error messages."""
+def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained",
+         local_rank: int = 0) -> Pretrained:
+    """The model weights in `path` (a file, or a Hub name: gcvit.models.hub): EMA (when present and `weights`
+    is ema) or raw model weights; `what` names the setting in error messages."""
     if weights not in WEIGHTS:
         raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: ema | model")
-    p = Path(path).expanduser()
+    name = str(path) if is_hub_name(str(path)) else None
+    p = Path(resolve(str(path), what, local_rank)).expanduser()
     if not p.is_file():
         raise CheckpointLoadError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
-                                  "gcvit-train checkpoint (.pth/.pt/.safetensors)")
+                                  "gcvit-train checkpoint (.pth/.pt/.safetensors) or hf-hub:ORG/REPO")
     obj = safe_load(p)
     if not isinstance(obj, Mapping):
         raise CheckpointLoadError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
@@ -76,7 +85,7 @@ def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained")
     state = unwrap(chosen)
     classes = obj.get("classes") if isinstance(obj.get("classes"), list) else None
     config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else None
-    return Pretrained(str(p), state, detect_format(state, f"{what}={p}"), which, classes, config, notes)
+    return Pretrained(str(p), state, detect_format(state, f"{what}={p}"), which, classes, config, notes, name)
 
 
 def stage_windows(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
@@ -102,10 +111,10 @@ def initialise(model: GCViT, src: Pretrained, *, head_init_scale: float,
 
     The model's parameters are written in place, so optimizer, EMA and DDP may be built before or after.
     """
-    where = f"model.pretrained={src.path}"
+    where = f"model.pretrained={src.label}"
     sd = to_native(src.state, model, where)
     own = model.state_dict()
-    lines = [f"pretrained: {src.path} ({src.format} format, {src.weights} weights); an initialisation: "
+    lines = [f"pretrained: {src.label} ({src.format} format, {src.weights} weights); an initialisation: "
              "optimizer, schedule and data start fresh", *src.notes]
     theirs = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     ours = model.num_classes
@@ -130,14 +139,16 @@ def initialise(model: GCViT, src: Pretrained, *, head_init_scale: float,
 
 def summary(src: Pretrained, lines: list[str]) -> dict[str, Any]:
     """What run_info.json records about the starting weights."""
-    return {"path": src.path, "format": src.format, "weights": src.weights, "log": lines}
+    return {"path": src.path, "hub": src.name, "format": src.format, "weights": src.weights, "log": lines}
 
 
-def start_from(model: GCViT, cfg: Any, classes: list[str] | None, verbose: bool) -> dict[str, Any] | None:
-    """Apply model.pretrained (cfg: the ModelConfig) to a freshly built model; None when it is unset."""
+def start_from(model: GCViT, cfg: Any, classes: list[str] | None, verbose: bool,
+               local_rank: int = 0) -> dict[str, Any] | None:
+    """Apply model.pretrained (cfg: the ModelConfig) to a freshly built model; None when it is unset.
+    A Hub name is fetched once per node (`local_rank` 0; the other ranks read the cache)."""
     if not cfg.pretrained:
         return None
-    src = read(cfg.pretrained, cfg.pretrained_weights)
+    src = read(cfg.pretrained, cfg.pretrained_weights, local_rank=local_rank)
     lines = initialise(model, src, head_init_scale=cfg.head_init_scale, classes=classes)
     if verbose:
         print("\n".join(lines), flush=True)
