@@ -16,8 +16,9 @@ import torch
 from timm.utils import ModelEmaV3
 
 import gcvit
-from gcvit import cluster, doctor, doctor_checks, doctor_rows
-from gcvit.doctor_checks import FAIL, OK, WARN, Row
+from gcvit import cluster
+from gcvit.doctor import checks, cli, projections
+from gcvit.doctor.checks import FAIL, OK, WARN, Row
 from gcvit.engine import optim
 from gcvit_data.demo import write_image_folder
 
@@ -35,8 +36,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str, dict[str, str]]:
-    """doctor.main in this process: exit code, stdout, stderr and {check: status} of the printed table."""
-    code = doctor.main(args)
+    """cli.main in this process: exit code, stdout, stderr and {check: status} of the printed table."""
+    code = cli.main(args)
     out, err = capsys.readouterr()
     table = {ln.split()[0]: ln.split()[1] for ln in out.splitlines()[2:] if ln[:1].strip()
              and ln.split()[1:2] and ln.split()[1] in (OK, WARN, FAIL)}
@@ -95,7 +96,7 @@ def test_an_unknown_model_fails_its_rows_without_a_traceback(root: Path, tmp_pat
 
 def test_full_disk_is_a_fail_row(root: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     real = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(doctor_checks.shutil, "disk_usage",
+    monkeypatch.setattr(checks.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(real.total, real.total - 10**6, 10**6))
     code, out, err, table = _run([*TINY, f"data.root={root}", f"trainer.output_dir={tmp_path}"], capsys)
     assert code == 1 and table["disk"] == FAIL
@@ -108,7 +109,7 @@ def test_keep_checkpoints_scales_the_need(root: Path, tmp_path: Path, capsys) ->
     rows = {}
     for keep in (1, 5):
         out = tmp_path / f"{keep}.json"
-        assert doctor.main([*TINY, f"data.root={root}", f"trainer.output_dir={tmp_path}",
+        assert cli.main([*TINY, f"data.root={root}", f"trainer.output_dir={tmp_path}",
                             f"trainer.keep_checkpoints={keep}", "--json", str(out)]) == 0
         doc = json.loads(out.read_text())
         rows[keep] = next(r["values"] for r in doc["rows"] if r["check"] == "disk")
@@ -120,7 +121,7 @@ def test_keep_checkpoints_scales_the_need(root: Path, tmp_path: Path, capsys) ->
 
 def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> None:
     """What disk_row projects against torch.save of what checkpoint_state() holds: model, EMA, AdamW."""
-    cfg = doctor.compose(TINY)
+    cfg = cli.compose(TINY)
     size = cfg.model.img_size
     model = gcvit.create_model(cfg.model.name, num_classes=3, img_size=size, **cfg.model.overrides)
     ema = ModelEmaV3(model, decay=0.9)
@@ -130,9 +131,9 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> N
     buf = io.BytesIO()
     state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict()}
     torch.save(state, buf)
-    params = doctor_rows.model_bytes(cfg, 3)[0]
+    params = projections.model_bytes(cfg, 3)[0]
     assert params == sum(p.numel() for p in model.parameters())
-    estimate = doctor_rows.disk_row(cfg, 3).values["checkpoint_bytes"]
+    estimate = projections.disk_row(cfg, 3).values["checkpoint_bytes"]
     assert abs(estimate - buf.tell()) / buf.tell() < 0.1, (estimate, buf.tell())
 
 
@@ -166,7 +167,7 @@ def test_bad_arguments_exit_2_with_one_line(capsys) -> None:
     cases = ((["data.rot=1"], "the overrides do not compose"), (["foo"], "'foo' is not an override"))
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
-            doctor.main(args)
+            cli.main(args)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"doctor: {message}") and len(err.splitlines()) == 1
@@ -248,7 +249,7 @@ def test_infiniband_ports_read_sysfs(tmp_path: Path, monkeypatch) -> None:
 def test_merge_reports_the_worst_rank() -> None:
     ok = [Row("gpus", OK, "8 x H100"), Row("dali", OK, "decoded")]
     bad = [Row("gpus", OK, "8 x H100"), Row("dali", FAIL, "cannot decode")]
-    merged = doctor.merge([ok, bad, bad], ["a", "b", "c"])
+    merged = cli.merge([ok, bad, bad], ["a", "b", "c"])
     assert merged[0] == ok[0]
     assert merged[1].status == FAIL and merged[1].detail == "rank 1 on b (2 of 3 ranks): cannot decode"
 
@@ -256,16 +257,16 @@ def test_merge_reports_the_worst_rank() -> None:
 def test_launcher_rows(monkeypatch) -> None:
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert doctor_checks.launcher(0, 1, 0).detail.startswith("plain: rank 0 of 1")
+    assert checks.launcher(0, 1, 0).detail.startswith("plain: rank 0 of 1")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    row = doctor_checks.launcher(0, 1, 0)
+    row = checks.launcher(0, 1, 0)
     assert row.status == FAIL and "start the tasks with srun" in row.detail
     monkeypatch.delenv("SLURM_NTASKS")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("MASTER_ADDR", "node7")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    row = doctor_checks.launcher(3, 4, 1)
+    row = checks.launcher(3, 4, 1)
     assert row.status == OK and row.detail == "torchrun: rank 3 of 4, local rank 1, rendezvous node7:29500"
 
 
@@ -274,21 +275,21 @@ def test_wandb_online_without_network_advises_offline(monkeypatch) -> None:
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    row = doctor_checks.wandb_row("online")
+    row = checks.wandb_row("online")
     assert row.status == WARN and "logger.wandb.mode=offline" in row.detail
-    assert doctor_checks.wandb_row("offline").status == OK
+    assert checks.wandb_row("offline").status == OK
 
 
 def test_target_rate_reads_recorded_benchmarks(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(doctor_rows, "RESULTS", tmp_path)
-    assert doctor_rows.target_rate("gcvit_tiny", None) == (doctor_rows.FALLBACK_IMG_S,
+    monkeypatch.setattr(projections, "RESULTS", tmp_path)
+    assert projections.target_rate("gcvit_tiny", None) == (projections.FALLBACK_IMG_S,
                                                            "default; set --target-img-s")
     for name, rate in (("eager", 1255.0), ("compiled", 1716.8)):
         (tmp_path / f"gpu-gcvit_tiny-bf16-{name}-1.json").write_text(json.dumps(
             {"device_name": "NVIDIA H200", "result": {"ours": {"train_img_s": rate}}}))
-    rate, source = doctor_rows.target_rate("gcvit_tiny", None)
+    rate, source = projections.target_rate("gcvit_tiny", None)
     assert rate == 1716.8 and "compiled" in source and "H200" in source
-    assert doctor_rows.target_rate("gcvit_tiny", 900.0) == (900.0, "--target-img-s")
+    assert projections.target_rate("gcvit_tiny", 900.0) == (900.0, "--target-img-s")
 
 
 def test_a_pack_is_read_through_its_shards(root: Path, tmp_path: Path, capsys) -> None:

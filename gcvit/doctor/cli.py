@@ -1,12 +1,5 @@
-"""Preflight check of a node, its data and its cluster before a long run: one table of OK / WARN / FAIL rows.
-
-    python -m gcvit.doctor data.root=/data/imagenet trainer.output_dir=/ckpt/run1 [--json doctor.json]
-    torchrun --nproc_per_node=8 -m gcvit.doctor experiment=in1k_gcvit_tiny data.root=/data/imagenet
-    srun --ntasks-per-node=8 python -m gcvit.doctor experiment=in1k_gcvit_tiny data.root=/data/imagenet
-
-The arguments are train.py's Hydra overrides (conf/ is composed the same way). Every rank checks its own
-node and reads its own sample of the dataset; all ranks time an all-reduce together; rank 0 prints the table.
-Exit code: 0 no blocker (WARN rows allowed), 1 a FAIL row, 2 the overrides do not compose. See docs/doctor.md.
+"""The command line of `python -m gcvit.doctor`: compose train.py's config, run every check on every
+rank, merge what the ranks saw, print the table (rank 0), write --json; the exit code.
 """
 from __future__ import annotations
 
@@ -22,12 +15,14 @@ from typing import Any, NoReturn
 import torch
 from omegaconf import OmegaConf
 
-from gcvit import doctor_checks, doctor_rows
+from gcvit import doctor
 from gcvit.config import Config, register, validate, with_demo_default
-from gcvit.doctor_checks import FAIL, OK, SEVERITY, WARN, Row
+from gcvit.doctor import checks, projections, ranks
+from gcvit.doctor.checks import FAIL, OK, SEVERITY, WARN, Row
 from gcvit.engine import distributed
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The table's rows in this order; a new check adds its name here.
 ORDER = ("config", "torch", "cuda", "gpus", "dali", "launcher", "interconnect", "allreduce", "grad-sync",
          "data-index", "data-read", "data-epoch", "disk", "wandb")
 
@@ -96,7 +91,7 @@ def table(rows: list[Row], header: str) -> str:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m gcvit.doctor", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gcvit.doctor", description=doctor.__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="train.py's Hydra overrides, e.g. data.root=/data/imagenet")
     p.add_argument("--json", metavar="PATH", help="also write the rows (and measured figures) as JSON")
     p.add_argument("--sample-files", type=int, default=256, help="files each rank reads to time the storage")
@@ -126,25 +121,25 @@ def main(argv: list[str] | None = None) -> int:
               "reachable from all nodes", file=sys.stderr)
         return 1
     started = time.time()
-    local, facts = doctor_rows.node_rows(cfg, env, args)
+    local, facts = ranks.node_rows(cfg, env, args)
     local.insert(0, config_row(cfg, overrides))
     gathered = distributed.gather_object((socket.gethostname(), local, facts))
-    nodes, measured = doctor_rows.measure_cluster(env, args)  # a collective: every rank takes part
+    nodes, measured = ranks.measure_cluster(env, args)  # a collective: every rank takes part
     code = 0
     if env.is_main:
         assert gathered is not None
         hosts = [h for h, _, _ in gathered]
         rows = merge([r for _, r, _ in gathered], hosts)
         all_facts = [f for _, _, f in gathered]
-        rate, source = doctor_rows.target_rate(cfg.model.name, args.target_img_s)
+        rate, source = projections.target_rate(cfg.model.name, args.target_img_s)
         classes = all_facts[0].classes
         for check, fn, *fn_args in (
-                ("interconnect", doctor_rows.cluster_rows, env, nodes, measured),
-                ("grad-sync", doctor_rows.grad_sync_row, cfg, measured, classes, rate),
-                ("data-epoch", doctor_rows.data_rows, cfg, env, all_facts, rate, source),
-                ("disk", doctor_rows.disk_row, cfg, classes),
-                ("wandb", doctor_checks.wandb_row, cfg.logger.wandb.mode)):
-            rows += doctor_rows.guarded(check, fn, *fn_args)
+                ("interconnect", projections.cluster_rows, env, nodes, measured),
+                ("grad-sync", projections.grad_sync_row, cfg, measured, classes, rate),
+                ("data-epoch", projections.data_rows, cfg, env, all_facts, rate, source),
+                ("disk", projections.disk_row, cfg, classes),
+                ("wandb", checks.wandb_row, cfg.logger.wandb.mode)):
+            rows += ranks.guarded(check, fn, *fn_args)
         rows.sort(key=lambda r: ORDER.index(r.check))
         header = (f"gcvit.doctor: {env.world_size} rank(s) on {len(set(hosts))} node(s), "
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}")
@@ -173,6 +168,3 @@ def report(rows: list[Row], world_size: int, hosts: list[str], started: float) -
             "rows": [{"check": r.check, "status": r.status, "detail": r.detail, "values": r.values}
                      for r in rows]}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

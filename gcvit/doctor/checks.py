@@ -1,6 +1,6 @@
-"""The checks of `python -m gcvit.doctor` that look at one process's node: software, GPUs, DALI, the dataset's
-storage, the run directory's disk, W&B and the launcher. Each returns Rows; the doctor runs them on every
-rank and merges what the ranks saw."""
+"""The checks that look at one process's node, each returning Rows: software, GPUs, DALI, the dataset's
+storage, the run directory's disk, W&B and the launcher (ranks.py runs them on every rank; a new check is
+one more function here)."""
 from __future__ import annotations
 
 import os
