@@ -146,6 +146,11 @@ def test_debug_tiny_and_overrides() -> None:
     ("data.feeder_workers=100000", "data.feeder_workers", "DALI feeder processes per rank"),
     ("data.hw_decoder_load=1.5", "data.hw_decoder_load", "a fraction in [0, 1]"),
     ("trainer.resume=always", "trainer.resume", "auto | force"),
+    ("trainer.stall_timeout=-1", "trainer.stall_timeout", "null (auto), 0 (off) or seconds in [5, 900]"),
+    ("trainer.stall_timeout=86400", "trainer.stall_timeout", "collectives fail after 1800 s"),
+    ("trainer.stall_grace=0", "trainer.stall_grace", "seconds in [5, 900]"),
+    ("trainer.straggler_ratio=0.9", "trainer.straggler_ratio", "a float > 1"),
+    ("trainer.straggler_windows=0", "trainer.straggler_windows", "an integer >= 1"),
 ])
 def test_invalid_values_fail_with_one_line(override: str, key: str, allowed: str) -> None:
     with pytest.raises(SystemExit) as err:

@@ -16,8 +16,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# Exit code of a run that saved a checkpoint because it was told to stop; launchers requeue on it.
+from gcvit.config import PROCESS_GROUP_TIMEOUT_S
+
+# Exit codes a launcher acts on (docs/cluster.md, "Exit codes"); any other non-zero code is an error too.
+# Saved a checkpoint because it was told to stop (preemption, time limit): requeue as is.
 PREEMPTED_EXIT_CODE = 75
+# A stall the watchdog pinned on some ranks while the others waited for them: requeue without their nodes.
+NODE_FAULT_EXIT_CODE = 76
+# A diagnosed failure that a restart would repeat (divergence, out of memory, a bad checkpoint or data, a
+# stall of every rank alike): do not requeue; read the one-line error (and RUN_DIR/hang/ for a stall).
+BUG_EXIT_CODE = 70
 
 
 @dataclass(frozen=True)
@@ -81,14 +89,14 @@ def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device_kind: str = "auto", timeout_min: int = 30) -> DistEnv:
+def init(device_kind: str = "auto", timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> DistEnv:
     """Join the process group the launcher describes (nccl on CUDA, gloo on CPU); no-op single-process."""
     rank, world_size, local_rank = _launcher_env()
     device = resolve_device(device_kind, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_min),
+                                timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

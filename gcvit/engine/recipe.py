@@ -20,6 +20,7 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.compile", "trainer.threads", "trainer.deterministic", "trainer.audit",
     "trainer.ckpt_every_steps", "trainer.keep_checkpoints", "trainer.log_every_steps",
     "trainer.eval_every_epochs", "trainer.nonfinite_policy", "trainer.nonfinite_max_consecutive",
+    "trainer.stall_timeout", "trainer.stall_grace", "trainer.straggler_ratio", "trainer.straggler_windows",
     "data.root", "data.cache_dir", "data.index_cache", "data.index_dir", "data.loader", "data.dali_device",
     "data.batch_size", "data.workers", "data.prefetch", "data.feeder_workers", "data.hw_decoder_load",
     "logger",
