@@ -32,7 +32,7 @@ CONF = REPO / "conf"
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 GLOBAL_GROUPS = ("experiment", "debug")  # @package _global_ presets, merged after the other groups
 INSTALL = ("python3 -m venv ", ". .venv/bin/activate", "pip install ")  # only in the fresh-machine lines
-EXTERNAL = ("wandb", "ruff")  # other projects' tools: their options are theirs to document
+EXTERNAL = ("wandb", "ruff", "hf")  # other projects' tools: their options are theirs to document
 register()
 
 
