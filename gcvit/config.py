@@ -58,6 +58,10 @@ class SchedConfig:
     min_lr: float = 5e-6  # lr at the end of the cosine and through the cooldown
 
 
+# Seconds a collective waits for the other ranks before it fails (gcvit.engine.distributed.init).
+PROCESS_GROUP_TIMEOUT_S = 1800
+
+
 @dataclass
 class TrainerConfig:
     """How the loop runs."""
@@ -81,6 +85,10 @@ class TrainerConfig:
     threads: int | None = None  # CPU threads per process; null = torch's default
     nonfinite_policy: str = "stop"  # non-finite loss/grads skip the step; `stop` also ends a bad streak
     nonfinite_max_consecutive: int = 5  # bad steps in a row before `stop` raises
+    stall_timeout: float | None = None  # s with no step done before a hung job ends; null = auto, 0 = off
+    stall_grace: float = 600.0  # s allowed instead at startup/compilation, evaluation, checkpoint saves
+    straggler_ratio: float = 1.2  # a rank whose own step is this many x the others' median is slow
+    straggler_windows: int = 3  # log windows a rank stays slow (same cause) before a WARN line names it
 
 
 @dataclass
@@ -222,6 +230,13 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _one_of("trainer.nonfinite_policy", t.nonfinite_policy, ("skip", "stop"))
     _check(t.nonfinite_max_consecutive >= 1, "trainer.nonfinite_max_consecutive", t.nonfinite_max_consecutive,
            "an integer >= 1")
+    most = PROCESS_GROUP_TIMEOUT_S // 2  # the watchdog must act well before a collective gives up
+    _check(t.stall_timeout in (None, 0) or 5 <= t.stall_timeout <= most, "trainer.stall_timeout",
+           t.stall_timeout, f"null (auto), 0 (off) or seconds in [5, {most}] (collectives fail after "
+           f"{PROCESS_GROUP_TIMEOUT_S} s)")
+    _check(5 <= t.stall_grace <= most, "trainer.stall_grace", t.stall_grace, f"seconds in [5, {most}]")
+    _check(t.straggler_ratio > 1, "trainer.straggler_ratio", t.straggler_ratio, "a float > 1")
+    _check(t.straggler_windows >= 1, "trainer.straggler_windows", t.straggler_windows, "an integer >= 1")
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
     d = cfg.data
     _one_of("data.loader", d.loader, LOADERS)
