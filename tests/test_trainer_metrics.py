@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import gcvit
 from gcvit import plot
-from gcvit.engine import metrics
+from gcvit.engine import metrics, provenance
 from gcvit.engine.wandb_logger import WandbLogger
 
 
@@ -79,6 +80,18 @@ def test_run_info_and_flops() -> None:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     assert metrics.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
     assert metrics.peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_run_info_and_a_measurement_name_the_same_commit(monkeypatch) -> None:
+    """One commit for run_info.json, eval reports and benchmark JSONs: this checkout's HEAD, or GCVIT_COMMIT
+    where a copy has no .git (the GPU kit)."""
+    monkeypatch.delenv("GCVIT_COMMIT", raising=False)
+    head = provenance.git_commit()
+    assert head is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", head)  # None: a copy without .git
+    cpu = torch.device("cpu")
+    assert metrics.run_info(1, cpu)["git_commit"] == provenance.environment(cpu)["commit"] == head
+    monkeypatch.setenv("GCVIT_COMMIT", "abc123")
+    assert metrics.run_info(1, cpu)["git_commit"] == provenance.environment(cpu)["commit"] == "abc123"
 
 
 @pytest.mark.parametrize(("name", "bf16", "fp32"), [
