@@ -1,4 +1,4 @@
-"""Fault injection for tests: NaN losses, a fake CUDA OOM, pauses inside a step or a checkpoint write.
+"""Fault injection for tests: NaN losses, a fake CUDA OOM, pauses in a step or a save, a slow rank.
 
 The one place tests reach into a run. Each knob is an environment variable (docs/development.md, "Test-only
 knobs"); step_faults() and save_faults() return None unless one is set, and the loop and the checkpoint
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,13 +30,25 @@ STEP_PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_STEP"
 SAVE_PAUSE_ENV = "GCVIT_TEST_PAUSE_IN_SAVE"
 SAVE_PAUSE_MARKER = "GCVIT_TEST_PAUSED_IN_SAVE"
 STEP_PAUSE_SECONDS = 600
+# "RANK:SECONDS": that rank waits this long before each batch (a data straggler) or after each forward (a
+# compute straggler); the step accounting must name it and the right cause.
+SLOW_LOADER_ENV = "GCVIT_TEST_SLOW_LOADER"
+SLOW_FORWARD_ENV = "GCVIT_TEST_SLOW_FORWARD"
 
 
 class StepFaults:
     """What the step knobs ask for; applied to each micro-batch's loss before backward."""
 
-    def __init__(self, nan_at: set[int], oom_at: int | None, pause_at: tuple[int, int] | None) -> None:
+    def __init__(self, nan_at: set[int], oom_at: int | None, pause_at: tuple[int, int] | None,
+                 slow_loader: float = 0.0, slow_forward: float = 0.0) -> None:
         self.nan_at, self.oom_at, self.pause_at = nan_at, oom_at, pause_at
+        self.slow_loader, self.slow_forward = slow_loader, slow_forward
+
+    def batches(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """`batches`, each one late by the slow-loader delay of this rank."""
+        for batch in batches:
+            yield batch
+            time.sleep(self.slow_loader)  # before the next one is handed out: inside the loader's wait
 
     def on_loss(self, loss: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         """The loss of micro-batch `micro` of optimizer step `step`, after pausing or raising when asked."""
@@ -47,6 +60,7 @@ class StepFaults:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_ENV}).")
         if step in self.nan_at:
             return loss * float("nan")
+        time.sleep(self.slow_forward)
         return loss
 
 
@@ -55,11 +69,22 @@ def step_faults() -> StepFaults | None:
     nan = os.environ.get(NAN_ENV, "")
     oom = os.environ.get(OOM_ENV)
     pause = os.environ.get(STEP_PAUSE_ENV)
-    if not (nan.strip() or oom or pause):
+    slow = {name: _this_rank(os.environ.get(name)) for name in (SLOW_LOADER_ENV, SLOW_FORWARD_ENV)}
+    if not (nan.strip() or oom or pause or any(slow.values())):
         return None
     return StepFaults(nan_at={int(s) for s in nan.split(",") if s.strip()},
                       oom_at=int(oom) if oom else None,
-                      pause_at=tuple(int(v) for v in pause.split(":")) if pause else None)
+                      pause_at=tuple(int(v) for v in pause.split(":")) if pause else None,
+                      slow_loader=slow[SLOW_LOADER_ENV], slow_forward=slow[SLOW_FORWARD_ENV])
+
+
+def _this_rank(spec: str | None) -> float:
+    """The seconds of a "RANK:SECONDS" knob on this rank (RANK of torchrun, SLURM_PROCID of srun), else 0."""
+    if not spec:
+        return 0.0
+    rank, seconds = spec.split(":")
+    mine = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return float(seconds) if rank == mine else 0.0
 
 
 class SaveFaults:
