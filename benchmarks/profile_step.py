@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.bench import environment
+from gcvit.engine.provenance import environment
 from gcvit.models import create_model, gcvit, ops
 
 
