@@ -39,41 +39,10 @@ from typing import Any
 import torch
 
 from gcvit_data import bench_fs
+from gcvit_data.bench_streams import FULL, Endless, dataset_root
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 from gcvit_data.pack import pack, parse_size
-
-FULL = "rand-m9-mstd0.5-inc1"
-
-
-def dataset_root(root: Path, tmp: Path) -> Path:
-    """ROOT itself, or a temporary ROOT whose train/ and val/ link to a bare folder of class folders."""
-    if (root / "train").is_dir() or (root / "pack.json").is_file():
-        return root
-    tmp.mkdir(exist_ok=True)
-    for split in ("train", "val"):
-        (tmp / split).symlink_to(root.resolve())
-    return tmp
-
-
-class Endless:
-    """Batches of a train loader across epoch ends."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader, self.epoch = loader, 0
-        self.it = self._restart()
-
-    def _restart(self) -> Any:
-        self.loader.set_epoch(self.epoch)
-        self.epoch += 1
-        return iter(self.loader)
-
-    def next(self) -> Any:
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.it = self._restart()
-            return next(self.it)
 
 
 def children_cpu_seconds() -> dict[int, float]:
@@ -228,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                              **bench_fs.fs_ops(fmt_root, kind, args)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.json_out:
-        from gcvit.bench import environment
+        from gcvit.engine.provenance import environment
 
         device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
         report = {**environment(device), "dali": _dali_version(), "cpus": os.cpu_count(),

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gcvit_data.bench import FULL, Endless, dataset_root
+from gcvit_data.bench_streams import FULL, Endless, dataset_root
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 

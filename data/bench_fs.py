@@ -21,8 +21,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from gcvit_data.bench_streams import Endless
+from gcvit_data.config import AugConfig, DataConfig
+from gcvit_data.loaders import build_loader
 
 SYSCALLS = {"open": ("openat", "open"), "stat": ("statx", "newfstatat", "stat", "lstat", "fstat")}
 _CALL = re.compile(r"^(?:\d+\s+)?(\w+)\(")
@@ -81,14 +88,6 @@ def fs_ops(root: Path, loader: str, args: argparse.Namespace) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     """Take --warmup then --batches train batches, let the loader fill its queues (the process strace
     counts)."""
-    import time
-
-    import torch
-
-    from gcvit_data.bench import Endless
-    from gcvit_data.config import AugConfig, DataConfig
-    from gcvit_data.loaders import build_loader
-
     torch.set_num_threads(1)
     data = DataConfig(root=str(args.child), loader=args.loader, batch_size=args.batch, workers=args.threads,
                       index_cache=args.index_cache, feeder_workers=args.feeder_workers)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gcvit_data.index import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torch", "synthetic")
@@ -13,8 +15,6 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 def checked_interpolation(name: str) -> str:
     """`name` when it is a supported resize filter, else a one-line error."""
     if name not in INTERPOLATIONS:
-        from gcvit_data.index import DataError
-
         raise DataError(f"data.interpolation={name!r} is not one of {', '.join(INTERPOLATIONS)}")
     return name
 
@@ -23,7 +23,7 @@ def checked_interpolation(name: str) -> str:
 class DataConfig:
     """Where the images are and how they are read."""
 
-    root: str | None = None  # dataset root: ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG
+    root: str | None = None  # ROOT/{train,val}/<wnid>/*.JPEG, a pack, or WebDataset shards with _info.json
     demo: bool = False  # with root unset, generate and use the small demo dataset (gcvit_data.demo)
     loader: str = "dali"  # dali | torch (torchvision/timm + DataLoader) | synthetic (random tensors)
     dali_device: str = "cpu"  # cpu (CPU decode, no GPU needed) | gpu (mixed nvJPEG decode)
@@ -35,13 +35,13 @@ class DataConfig:
     crop_pct: float = 0.875  # val: resize the shorter side to img_size / crop_pct, then center crop
     interpolation: str = "bicubic"  # resize filter for train and val: bicubic | bilinear | nearest
     index_cache: str | None = None  # file list cache dir; null = ROOT/.gcvit-index (or ~/.cache if read-only)
-    index_dir: str | None = None  # folder with a clean {train,val}.tsv (gcvit_data.verify --write-index)
-    cache_dir: str | None = None  # local disk a pack (data.root) is copied to, once per node
+    index_dir: str | None = None  # clean {train,val}.tsv (gcvit_data.verify); WebDataset: its index's home
+    cache_dir: str | None = None  # local disk a pack or WebDataset shards (data.root) are copied to per node
     synthetic_samples: int = 1281167  # synthetic loader: samples per train epoch (val: 50000)
     synthetic_classes: int = 1000  # synthetic loader: number of classes
     val_split: float | None = None  # hold out this fraction of each class of ROOT/train as val (no ROOT/val)
     val_split_seed: int = 0  # which images data.val_split holds out
-    train_list: str | None = None  # CSV/TSV of `path,label` rows instead of ROOT/train (gcvit_data.file_list)
+    train_list: str | None = None  # CSV/TSV of `path,label` rows instead of ROOT/train (readers/file_list.py)
     val_list: str | None = None  # likewise for val (else data.val_split of the train list)
 
 

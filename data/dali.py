@@ -1,11 +1,11 @@
 """DALI train/val pipelines (one definition for cpu and gpu decode) and the loader that feeds them.
 
 Python reads each file's header and draws the sample's crop, flip and RandAugment choices from the sample's
-own generator (sampler.sample_rng); DALI gets them, and the path it reads the file from (from a pack: the
-encoded bytes, read from the shard with one pread), as inputs of an external_source (the feeder,
-data/feeder.py) that runs in DALI's worker processes, so the training thread only hands a few arrays per
-batch over. So an image's augmentation depends on (seed, epoch, index) only:
-not on the rank, the batch, a restart or which process computed it.
+own generator (sampler.sample_rng); DALI gets them, and the path it reads the file from (from a pack or
+WebDataset shards: the encoded bytes, read from the shard with one pread), as inputs of an external_source
+(the feeder, data/feeder.py) that runs in DALI's worker processes, so the training thread only hands a few
+arrays per batch over. So an image's augmentation depends on (seed, epoch, index) only: not on the rank,
+the batch, a restart or which process computed it.
 """
 from __future__ import annotations
 
@@ -32,19 +32,19 @@ from gcvit_data.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, DataConfig
 from gcvit_data.dali_resize import TorchResize, resize_center_crop, to_square
 from gcvit_data.feeder import INPUTS, TRAIN_PARAMS, Feeder, PassPlan
 from gcvit_data.index import BadImage, DataError, Index, bad_image
-from gcvit_data.loaders import Batch, Loader, labels_on
+from gcvit_data.loader_base import Batch, Loader, labels_on
 from gcvit_data.sampler import GlobalSampler
 
 
-def _inputs(source: Any, ahead: int, packed: bool) -> list[Any]:
-    """The encoded files (read by DALI's threads from the feeder's paths; from a pack, the feeder's own
+def _inputs(source: Any, ahead: int, from_bytes: bool) -> list[Any]:
+    """The encoded files (read by DALI's threads from the feeder's paths; from shards, the feeder's own
     output) and the feeder's other outputs for one batch; ahead > 0: the feeder runs in DALI's worker
     processes, that many batches ahead of the pipeline (one batch is one worker's task, so `ahead` workers
     run at once)."""
     parallel = {"parallel": True, "prefetch_queue_depth": ahead} if ahead else {}
     paths, *rest = fn.external_source(source=source, num_outputs=len(INPUTS), batch=True, batch_info=True,
                                       **parallel)
-    return [paths if packed else fn.io.file.read(paths), *rest]
+    return [paths if from_bytes else fn.io.file.read(paths), *rest]
 
 
 def _hardware(decoder: str, load: float) -> dict[str, float]:
@@ -63,10 +63,10 @@ def _normalize(images: Any, half: bool, mirror: Any = 0) -> Any:
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: RandAugmentSpec | None,
-                   torch_resize: TorchResize | None, half: bool, ahead: int = 0, packed: bool = False,
+                   torch_resize: TorchResize | None, half: bool, ahead: int = 0, from_bytes: bool = False,
                    hw_decoder_load: float = 0.65):
     """ROI decode of the drawn crop, resize, RandAugment, flip + normalize; ids and labels pass through."""
-    encoded, params, keys = _inputs(source, ahead, packed)
+    encoded, params, keys = _inputs(source, ahead, from_bytes)
     images = fn.decoders.image_slice(encoded, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      adjust_orientation=False, jpeg_fancy_upsampling=True,
@@ -81,9 +81,9 @@ def train_pipeline(source: Any, decoder: str, img_size: int, interp: str, spec: 
 
 @pipeline_def
 def val_pipeline(source: Any, decoder: str, img_size: int, interp: str, torch_resize: TorchResize | None,
-                 half: bool, ahead: int = 0, packed: bool = False, hw_decoder_load: float = 0.65):
+                 half: bool, ahead: int = 0, from_bytes: bool = False, hw_decoder_load: float = 0.65):
     """Decode, timm's resize-shorter-side + center-crop, normalize."""
-    encoded, geometry, keys = _inputs(source, ahead, packed)
+    encoded, geometry, keys = _inputs(source, ahead, from_bytes)
     images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False,
                                jpeg_fancy_upsampling=True, **_hardware(decoder, hw_decoder_load))
     images = resize_center_crop(images, geometry, img_size, interp, torch_resize)
@@ -182,7 +182,7 @@ class DaliLoader(Loader):
                   prefetch_queue_depth=self.data.prefetch, py_num_workers=max(1, workers),
                   py_start_method="spawn", source=self.feeder, ahead=ahead, img_size=self.img_size,
                   decoder="mixed" if gpu else "cpu", interp=self._interp, torch_resize=self._torch_resize,
-                  half=self.dtype == torch.float16, packed=self.feeder.packed,
+                  half=self.dtype == torch.float16, from_bytes=self.feeder.from_bytes,
                   hw_decoder_load=self.data.hw_decoder_load)
         self.plan.clear()  # a new pipeline counts its epochs from 0
         pipe = val_pipeline(**kw) if self.aug is None else train_pipeline(spec=self.feeder.spec, **kw)

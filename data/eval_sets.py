@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gcvit_data.index import IMAGE_EXTENSIONS, DataError, Index, load_index
+from gcvit_data.index import IMAGE_EXTENSIONS, DataError, Index
+from gcvit_data.readers import load_index
 
 SETS = ("val", "real", "v2", "a", "r", "sketch")
 PROTOCOLS = {

@@ -24,9 +24,8 @@ from gcvit_data.config import AugConfig
 from gcvit_data.image_header import image_size, jpeg_size
 from gcvit_data.index import BadImage, DataError, Index
 from gcvit_data.sampler import GlobalSampler, sample_rng
-from gcvit_data.shards import PackIndex
 
-# The feeder's outputs per batch: paths (zero-padded bytes; from a pack: the encoded images, one uint8 array
+# The feeder's outputs per batch: paths (zero-padded bytes; from shards: the encoded images, one uint8 array
 # each), params (int32 per sample), keys (int64: id, label). Train params hold TRAIN_PARAMS then, with
 # RandAugment, the op ids, magnitude bins and signs of each layer; val params the resized height and width,
 # then the crop's top and left.
@@ -88,9 +87,9 @@ class Feeder:
     paths (zero-padded bytes; DALI's fn.io.file.read reads the files on its own threads) and the drawn
     parameters. The feeder itself reads only each file's header, for the size the crop is drawn from.
 
-    From a pack (gcvit_data.shards.PackIndex) there is no file to name: the feeder reads each sample's
-    bytes with one pread from its shard (crc32c-checked; the shards are opened once per process, at the
-    first read) and hands DALI the encoded images themselves, a list of arrays, instead of the paths.
+    From a reader of shards (a pack, WebDataset tars: index.by_path is False) there is no file to name: the
+    reader gives each sample's bytes, one pread from its shard (the shards are opened once per process, at
+    the first read), and the feeder hands DALI the encoded images themselves, a list of arrays.
     """
 
     def __init__(self, index: Index, sampler: GlobalSampler, aug: AugConfig | None, img_size: int,
@@ -98,7 +97,7 @@ class Feeder:
         self.index, self.sampler, self.aug, self.plan = index, sampler, aug, plan
         self.img_size, self.crop_pct, self.seed = img_size, crop_pct, seed
         self.spec = RandAugmentSpec.parse(aug.rand_augment) if aug and aug.rand_augment else None
-        self.packed = isinstance(index, PackIndex)
+        self.from_bytes = not index.by_path  # DALI gets the encoded images, not paths to read
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickled only in DALI's worker processes. A preemption signal (SLURM's USR1 or TERM to every
@@ -125,7 +124,7 @@ class Feeder:
             raise BadImage(str(e).removeprefix("data error: ")) from None
         paths, params = zip(*samples)
         keys = np.stack([ids, np.asarray(self.index.labels)[ids]], axis=1).astype(np.int64)
-        if self.packed:
+        if self.from_bytes:
             return list(paths), np.stack(params), keys
         padded = np.zeros((len(paths), max(map(len, paths))), np.uint8)  # DALI stops at the first NUL
         for row, path in zip(padded, paths):
@@ -133,13 +132,12 @@ class Feeder:
         return padded, np.stack(params), keys
 
     def _read(self, i: int) -> tuple[Any, int, int]:
-        """The file's path as bytes (from a pack: the encoded image) and its (width, height) from the
+        """The file's path as bytes (from shards: the encoded image) and its (width, height) from the
         header."""
-        path = self.index.path(i)
-        if self.packed:
-            encoded = self.index.encoded(i)
-            size = jpeg_size(encoded[:HEAD_BYTES]) or image_size(encoded, path)
-            return (np.frombuffer(encoded, np.uint8), *size)
+        path, _, _ = self.index.sample(i)
+        if self.from_bytes:  # `path` holds the encoded image
+            size = jpeg_size(path[:HEAD_BYTES]) or image_size(path, self.index.path(i))
+            return (np.frombuffer(path, np.uint8), *size)
         try:
             with open(path, "rb") as f:
                 head = f.read(HEAD_BYTES)

@@ -1,21 +1,20 @@
-"""ImageFolder file index: (relative path, label) per image, classes in sorted-wnid order, cached on disk.
+"""The reader interface: the samples of one split as every source gives them, and the one-line data errors.
 
-A cache file is reused while its fingerprint (the class folders' names and mtimes, which change whenever a
-file is added or removed) matches, so 1.28M files are listed once, not at every start. A clean index
-written by `python -m gcvit_data.verify --write-index` is used as is.
+A reader (gcvit_data.readers: an image folder, a file list, a pack, WebDataset shards) is an Index: the class
+names in label order, and per sample id 0..n-1 a label, a name for messages (path(i)) and random access to
+(encoded bytes or path, label, id) by sample(i). The sampler draws ids, so every source gets the same
+exactly-once sampling; a loader asks `by_path` whether it opens the files itself or gets the bytes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-FORMAT = "gcvit-index v1"
 
 
 class DataError(SystemExit):
@@ -37,22 +36,23 @@ def bad_image(path: Path | str, reason: object) -> str:
 
 @dataclass
 class Index:
-    """The images of one split."""
+    """The images of one split as files that a loader opens itself (a folder, a file list, an eval set)."""
 
-    root: Path  # the split folder the paths are relative to
+    root: Path  # the folder the names in `files` are relative to
     classes: list[str]  # label i is classes[i] (sorted wnids of the train split)
-    files: list[str]  # relative paths
+    files: list[str]  # relative paths (inside shards: SHARD/MEMBER), named in messages
     labels: list[int]
+    by_path: ClassVar[bool] = True  # sample(i) gives a path that the loader opens (False: the encoded bytes)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def path(self, i: int) -> Path:
-        """Absolute path of sample i (for a pack: the file it was packed from, named in messages)."""
+        """Where sample i is, for messages (from shards: the file it was packed from, or SHARD/MEMBER)."""
         return self.root / self.files[i]
 
     def subset(self, ids: list[int]) -> Index:
-        """Samples `ids` in that order, as the same kind of index (a pack's subset reads its shards)."""
+        """Samples `ids` in that order, as the same kind of index (a shard reader's reads its shards)."""
         files, labels = [self.files[i] for i in ids], [self.labels[i] for i in ids]
         return dataclasses.replace(self, files=files, labels=labels)
 
@@ -63,118 +63,24 @@ class Index:
         except OSError as e:
             raise BadImage(bad_image(self.path(i), e.strerror)) from None
 
-    def write(self, path: Path, fingerprint: str = "") -> None:
-        """Save as a small header line plus one `label<TAB>relative path` line per image (atomically)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = {"format": FORMAT, "root": str(self.root), "classes": self.classes,
-                  "fingerprint": fingerprint}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(header) + "\n")
-            f.writelines(f"{y}\t{p}\n" for y, p in zip(self.labels, self.files))
-        os.replace(tmp, path)
-
-    @classmethod
-    def read(cls, path: Path) -> tuple[Index, str]:
-        """Load a written index and its fingerprint."""
-        with open(path) as f:
-            header = json.loads(f.readline())
-            if header.get("format") != FORMAT:
-                raise DataError(f"{path} is not a {FORMAT} file; rebuild it with python -m gcvit_data.verify")
-            labels, files = [], []
-            for line in f:
-                y, p = line.rstrip("\n").split("\t", 1)
-                labels.append(int(y))
-                files.append(p)
-        return cls(Path(header["root"]), header["classes"], files, labels), header["fingerprint"]
+    def sample(self, i: int) -> tuple[bytes | Path, int, int]:
+        """(path, label, id) of sample i; from a shard reader (by_path False), (encoded bytes, label, id)."""
+        return self.path(i) if self.by_path else self.encoded(i), self.labels[i], i
 
 
-def list_classes(split_dir: Path) -> list[str]:
-    """Sorted class folder names of a split, with one-line errors for a missing or empty split."""
-    if not split_dir.is_dir():
-        hint = ("; or, with no val split, hold out part of ROOT/train: data.val_split=0.1"
-                if split_dir.name == "val" and (split_dir.parent / "train").is_dir() else "")
-        raise DataError(f"{split_dir} does not exist; expected ImageFolder layout ROOT/train/<wnid>/*.JPEG "
-                        f"and ROOT/val/<wnid>/*.JPEG (python -m gcvit_data.prepare imagenet builds it){hint}")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<wnid>/*.JPEG")
-    return classes
+@dataclass
+class ShardedIndex(Index):
+    """Images stored inside shard files (a pack, WebDataset tars): each sample's bytes are one pread by
+    `reader`, which opens every shard once, so a loader opens no file per image."""
 
+    by_path: ClassVar[bool] = False
+    reader: Any = None  # .read(sample id) -> bytes, BadImage naming the shard and member when they are not
+    sample_ids: np.ndarray | None = None  # the reader's sample id of each entry of a subset (data.val_split)
 
-def fingerprint(split_dir: Path, classes: list[str]) -> str:
-    """Changes whenever a class folder is added, removed, or has a file added or removed."""
-    h = hashlib.sha1()
-    for c in classes:
-        h.update(f"{c}:{os.stat(split_dir / c).st_mtime_ns};".encode())
-    return h.hexdigest()
+    def subset(self, ids: list[int]) -> ShardedIndex:
+        sub = super().subset(ids)
+        sub.sample_ids = np.asarray(ids, np.int64) if self.sample_ids is None else self.sample_ids[ids]
+        return sub
 
-
-def scan(split_dir: Path, classes: list[str]) -> Index:
-    """List every image of a split; a class folder without images is an error."""
-    files, labels = [], []
-    known = set(classes)
-    for c in list_classes(split_dir):
-        if c not in known:
-            raise DataError(f"{split_dir / c} is a class that the train split does not have; "
-                            "the val folders must use the train split's wnids")
-    for label, c in enumerate(classes):
-        d = split_dir / c
-        if not d.is_dir():
-            continue  # a val split may lack a class; labels still follow the train classes
-        names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not names:
-            raise DataError(f"class folder {d} holds no images (*.JPEG/*.jpg/*.png); remove it or fill it")
-        files += [f"{c}/{n}" for n in names]
-        labels += [label] * len(names)
-    return Index(split_dir, classes, files, labels)
-
-
-def cache_dir_for(root: Path, index_cache: str | None) -> Path:
-    """Cache location: index_cache, else ROOT/.gcvit-index, else ~/.cache when ROOT is read-only."""
-    if index_cache:
-        return Path(index_cache)
-    if os.access(root, os.W_OK):
-        return root / ".gcvit-index"
-    key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "gcvit-train" / "index" / key
-
-
-def load_index(root: str | Path, split: str, *, index_cache: str | None = None,
-               index_dir: str | None = None) -> Index:
-    """The index of ROOT/<split>, from index_dir (a clean index), a valid cache, or a fresh scan; for a pack
-    (python -m gcvit_data.pack), its index, reading samples from the shards."""
-    root = Path(root).expanduser().resolve()
-    from gcvit_data.shards import PackIndex, is_pack  # here: gcvit_data.shards builds on this module
-
-    if is_pack(root):
-        if index_dir:
-            raise DataError(f"data.index_dir applies to image folders, and data.root {root} is a pack; "
-                            "drop data.index_dir (pack a clean index: gcvit_data.pack --index-dir)")
-        return PackIndex.load(root, split)
-    if not root.is_dir():
-        raise DataError(f"data.root {root} does not exist or is not a directory")
-    if index_dir:
-        path = Path(index_dir) / f"{split}.tsv"
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; write it with python -m gcvit_data.verify {root} "
-                            f"--write-index {index_dir}")
-        index = Index.read(path)[0]
-        if index.root != root / split:
-            raise DataError(f"{path} indexes {index.root}, not {root / split}; point data.index_dir at the "
-                            "index written for this data.root")
-        return index
-    classes = list_classes(root / "train")
-    split_dir = root / split
-    if split != "train":
-        list_classes(split_dir)
-    fp = fingerprint(split_dir, [c for c in classes if (split_dir / c).is_dir()])
-    cache = cache_dir_for(root, index_cache) / f"{split}.tsv"
-    if cache.is_file():
-        index, cached_fp = Index.read(cache)
-        if cached_fp == fp and index.root == split_dir and index.classes == classes:
-            return index
-    index = scan(split_dir, classes)
-    with contextlib.suppress(OSError):  # an unwritable cache only costs the next start a rescan
-        index.write(cache, fp)
-    return index
+    def encoded(self, i: int) -> bytes:
+        return self.reader.read(i if self.sample_ids is None else int(self.sample_ids[i]))

@@ -27,7 +27,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from gcvit_data.index import DataError, Index, load_index
+from gcvit_data.index import DataError, Index
+from gcvit_data.readers import load_index
 from gcvit_data.shards import (
     CHECKSUM,
     FORMAT,

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gcvit_data.image_header import check_bytes
 from gcvit_data.shards import PackReader, Split, corrupt_sample, read_manifest
-from gcvit_data.verify import check_bytes
 
 CHUNK = 8 << 20
 

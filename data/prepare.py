@@ -4,22 +4,18 @@
         (--val-solution LOC_val_solution.csv | --devkit ILSVRC2012_devkit_t12.tar.gz) --out ROOT \\
         [--format shards [--shard-size 1GB] [--workers N]]
 
---format shards writes a pack (docs/shards.md) straight from the tars instead (data/prepare_shards.py).
+--format shards writes a pack (docs/shards.md) straight from the tars instead (data/prepare_shards.py); the
+label files and naming rules both read are in data/imagenet.py.
 
 The train tar holds one tar per class (n01440764.tar, ...); the val tar (or folder) is flat
-(ILSVRC2012_val_00000001.JPEG, ...). Val labels come from Kaggle's LOC_val_solution.csv (first wnid of each
-PredictionString) or from the devkit, whose ground truth lists ILSVRC2012_IDs in image order: IDs are
-mapped to wnids through the devkit's meta.mat (ID order is not sorted-wnid order; the class index used for
-training is the sorted-wnid position). Each class folder and the val split appear atomically, so an
-interrupted run is simply started again (finished class folders are skipped).
+(ILSVRC2012_val_00000001.JPEG, ...); val labels come from Kaggle's LOC_val_solution.csv or the devkit. Each
+class folder and the val split appear atomically, so an interrupted run is simply started again (finished
+class folders are skipped).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -29,9 +25,17 @@ from typing import IO
 
 from tqdm import tqdm
 
+from gcvit_data.imagenet import (
+    check_val_complete,
+    check_val_labels,
+    class_of,
+    labels_from_devkit,
+    labels_from_solution,
+    val_class,
+)
 from gcvit_data.index import DataError
-
-VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+from gcvit_data.pack import parse_size
+from gcvit_data.prepare_shards import prepare_pack
 
 
 def _files(tar: tarfile.TarFile) -> Iterator[tuple[str, IO[bytes]]]:
@@ -75,57 +79,6 @@ def extract_train(train_tar: Path, out: Path) -> list[str]:
     return sorted(wnids)
 
 
-def class_of(name: str, train_tar: Path) -> str:
-    """The wnid of a member of the train tar, which holds only per-class tars."""
-    wnid, ext = os.path.splitext(name)
-    if ext != ".tar":
-        raise DataError(f"{train_tar} holds {name}; expected only per-class tars like n01440764.tar")
-    return wnid
-
-
-def labels_from_solution(csv_path: Path) -> dict[str, str]:
-    """{ILSVRC2012_val_XXXXXXXX: wnid} from LOC_val_solution.csv (ImageId,PredictionString)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
-        raise DataError(f"{csv_path} does not start with the header ImageId,PredictionString "
-                        "(Kaggle's LOC_val_solution.csv)")
-    labels = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) < 2 or not row[1].split():
-            got = ",".join(row)
-            raise DataError(f"{csv_path}:{line}: expected `ImageId,wnid x0 y0 x1 y1 ...`, got {got!r}")
-        labels[row[0]] = row[1].split()[0]
-    return labels
-
-
-def labels_from_devkit(devkit: Path) -> dict[str, str]:
-    """{ILSVRC2012_val_XXXXXXXX: wnid} from the devkit's ground truth (ILSVRC2012_IDs) and meta.mat."""
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise DataError("reading the devkit needs scipy: pip install 'gcvit-train[prepare]' (or use "
-                        "--val-solution LOC_val_solution.csv)") from None
-    meta = truth = None
-    with tarfile.open(devkit, "r:*") as tar:
-        for member in tar.getmembers():
-            if member.name.endswith("data/meta.mat"):
-                meta = loadmat(io.BytesIO(tar.extractfile(member).read()), squeeze_me=True)["synsets"]
-            elif member.name.endswith("data/ILSVRC2012_validation_ground_truth.txt"):
-                truth = tar.extractfile(member).read().decode().split()
-    if meta is None or truth is None:
-        raise DataError(f"{devkit} lacks data/meta.mat or data/ILSVRC2012_validation_ground_truth.txt; "
-                        "is it ILSVRC2012_devkit_t12.tar.gz?")
-    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in meta if int(s["num_children"]) == 0}
-    labels = {}
-    for n, ilsvrc_id in enumerate(truth, start=1):
-        if int(ilsvrc_id) not in id_to_wnid:
-            raise DataError(f"{devkit}: ground truth line {n} has ILSVRC2012_ID {ilsvrc_id}, which meta.mat "
-                            "does not list as a leaf class")
-        labels[f"ILSVRC2012_val_{n:08d}"] = id_to_wnid[int(ilsvrc_id)]
-    return labels
-
-
 def _val_files(val: Path) -> Iterator[tuple[str, IO[bytes]]]:
     """The flat val images from a tar or a folder."""
     if val.is_dir():
@@ -157,33 +110,6 @@ def place_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, so
     return len(seen)
 
 
-def check_val_labels(labels: dict[str, str], wnids: list[str], source: Path) -> None:
-    """Every val label must be a train class."""
-    known = set(wnids)
-    unknown = sorted({w for w in labels.values() if w not in known})
-    if unknown:
-        raise DataError(f"{source} labels val images with {len(unknown)} wnids the train tar lacks "
-                        f"(e.g. {unknown[0]}); are they the same ImageNet release?")
-
-
-def val_class(name: str, labels: dict[str, str], val: Path, source: Path) -> str:
-    """The wnid of the flat val image `name`."""
-    if not VAL_NAME.fullmatch(name):
-        raise DataError(f"{val} holds {name}; expected flat ILSVRC2012_val_XXXXXXXX.JPEG files")
-    stem = name.rsplit(".", 1)[0]
-    if stem not in labels:
-        raise DataError(f"{source} has no label for {name}; the label file does not match {val}")
-    return labels[stem]
-
-
-def check_val_complete(labels: dict[str, str], seen: set[str], val: Path, source: Path) -> None:
-    """Every labelled val image must have been found (`seen`: their file names)."""
-    missing = sorted(set(labels) - {name.rsplit(".", 1)[0] for name in seen})
-    if missing:
-        raise DataError(f"{source} labels {len(labels)} val images but {val} holds {len(seen)} "
-                        f"(e.g. {missing[0]} is missing); the label file does not match the images")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m gcvit_data.prepare", description=__doc__.splitlines()[0])
@@ -211,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     source = args.val_solution or args.devkit
     val_labels = labels_from_solution(source) if args.val_solution else labels_from_devkit(source)
     if args.format == "shards":
-        from gcvit_data.pack import parse_size
-        from gcvit_data.prepare_shards import prepare_pack  # builds on this module
-
         manifest, bad = prepare_pack(args.train_tar, args.val, val_labels, source, args.out,
                                      shard_size=parse_size(args.shard_size), workers=args.workers,
                                      check=args.check, progress=not args.quiet)

@@ -19,10 +19,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from gcvit_data.image_header import check_bytes
+from gcvit_data.imagenet import check_val_complete, check_val_labels, class_of, val_class
 from gcvit_data.index import IMAGE_EXTENSIONS, DataError, Index
 from gcvit_data.pack import ShardJob, check_out, cut, write_pack
-from gcvit_data.prepare import check_val_complete, check_val_labels, class_of, val_class
-from gcvit_data.verify import check_bytes
 
 Member = tuple[str, int, int]  # base name, offset of its bytes in the outer file, size
 CHECK_CHUNK = 256  # images per task of the --check pool

@@ -1,4 +1,4 @@
-"""The packed-shard format (written by `python -m gcvit_data.pack`) and its random-access reader.
+"""The packed-shard format (written by `python -m gcvit_data.pack`) and positioned reads from shard files.
 
 A pack is a folder:
 
@@ -23,7 +23,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from gcvit_data.index import BadImage, DataError, Index
+from gcvit_data.index import BadImage, DataError
 
 FORMAT = "gcvit-pack v1"
 MANIFEST = "pack.json"
@@ -115,55 +115,38 @@ class Split:
         return f"{self.source}/{self.files[i]}"
 
 
-class PackReader:
-    """Random access to a split's samples: each shard file opened once, one os.pread per sample.
+class ShardReader:
+    """Random access into shard files: each opened once, one os.pread per read.
 
-    A shard is opened at its first read, or by open_all() (PackIndex.load does that, before any fork: the
-    descriptors survive fork and pread keeps no file position, so DataLoader workers share them). An
+    A shard is opened at its first read, or by open_all() (the readers' load() does that, before any fork:
+    the descriptors survive fork and pread keeps no file position, so DataLoader workers share them). An
     unpickled reader (a spawned DALI feeder process) opens its own, again at their first reads.
     """
 
-    def __init__(self, split: Split, check: bool = False) -> None:
-        self.split, self.check = split, check  # check: verify each sample's crc32c on read
+    def __init__(self, paths: list[Path], hint: str) -> None:
+        self.paths, self.hint = paths, hint  # hint: what to do about a shard that cannot be opened
         self._files: dict[int, Any] = {}
 
     def _fd(self, k: int) -> int:
         """The descriptor of shard k (BadImage with a one-line message when it cannot be opened)."""
         if k not in self._files:
             try:  # an unbuffered file object only to hold the descriptor: closed by close() or when collected
-                self._files[k] = open(self.split.shard_path(k), "rb", buffering=0)  # noqa: SIM115
+                self._files[k] = open(self.paths[k], "rb", buffering=0)  # noqa: SIM115
             except OSError as e:
-                raise BadImage(f"cannot open {self.split.shard_path(k)} ({e.strerror}); run python -m "
-                               f"gcvit_data.verify {self.split.root} and restore that shard") from None
+                raise BadImage(f"cannot open {self.paths[k]} ({e.strerror}); {self.hint}") from None
         return self._files[k].fileno()
 
     def open_all(self) -> None:
         """Open every shard now (DataError naming the first that cannot be opened)."""
         try:
-            for k in range(len(self.split.shards)):
+            for k in range(len(self.paths)):
                 self._fd(k)
         except BadImage as e:
             raise DataError(str(e)) from None
 
-    def read(self, i: int) -> bytes:
-        """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
-        data, reason = self.read_checked(i, self.check)
-        if reason:
-            row = self.split.samples[i]
-            raise BadImage(corrupt_sample(self.split.shard_path(int(row["shard"])), int(row["offset"]),
-                                          self.split.original(i), i, reason))
-        return data
-
-    def read_checked(self, i: int, check: bool = True) -> tuple[bytes, str | None]:
-        """Sample i's bytes and why they are not the packed ones (a short read; with check, the crc32c)."""
-        row = self.split.samples[i]
-        size = int(row["size"])
-        data = os.pread(self._fd(int(row["shard"])), size, int(row["offset"]))
-        if len(data) != size:
-            return data, f"{len(data)} of {size} bytes (the shard is truncated)"
-        want = int(row["crc32c"])
-        got = crc32c(data) if check else want
-        return data, None if got == want else f"crc32c {got:08x}, index says {want:08x}"
+    def pread(self, k: int, size: int, offset: int) -> bytes:
+        """`size` bytes of shard k from `offset` (fewer where the shard ends sooner)."""
+        return os.pread(self._fd(k), size, offset)
 
     def drop_page_cache(self) -> None:
         """Ask the kernel to forget the shards' cached pages, so the next reads come from storage."""
@@ -179,33 +162,36 @@ class PackReader:
         self._files = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"split": self.split, "check": self.check}
+        return {k: v for k, v in self.__dict__.items() if k != "_files"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.split, self.check, self._files = state["split"], state["check"], {}
+        self.__dict__.update(state, _files={})
 
 
-@dataclass
-class PackIndex(Index):
-    """A pack's split as index.Index: same classes, files and labels as the folder it was packed from;
-    encoded(i) takes the bytes from the shards, crc32c-checked (~50 us for a 110 kB image, a small part of
-    its decode) so that a corrupt sample fails with its shard, offset and original file named."""
+class PackReader(ShardReader):
+    """A pack split's samples by sample index, crc32c-checked on read when `check` is set."""
 
-    reader: PackReader | None = None
-    sample_ids: np.ndarray | None = None  # the pack's sample index of each entry of a subset (data.val_split)
+    def __init__(self, split: Split, check: bool = False) -> None:
+        super().__init__([split.shard_path(k) for k in range(len(split.shards))],
+                         f"run python -m gcvit_data.verify {split.root} and restore that shard")
+        self.split, self.check = split, check
 
-    @classmethod
-    def load(cls, root: str | Path, split: str) -> PackIndex:
-        """The index of `split` of the pack at `root`, its shard files open."""
-        sp = Split.load(root, split)
-        reader = PackReader(sp, check=True)
-        reader.open_all()
-        return cls(Path(sp.source), sp.classes, sp.files, sp.samples["label"].tolist(), reader)
+    def read(self, i: int) -> bytes:
+        """The original image bytes of sample i (BadImage with a one-line message when they are not)."""
+        data, reason = self.read_checked(i, self.check)
+        if reason:
+            row = self.split.samples[i]
+            raise BadImage(corrupt_sample(self.split.shard_path(int(row["shard"])), int(row["offset"]),
+                                          self.split.original(i), i, reason))
+        return data
 
-    def subset(self, ids: list[int]) -> PackIndex:
-        sub = super().subset(ids)
-        sub.sample_ids = np.asarray(ids, np.int64) if self.sample_ids is None else self.sample_ids[ids]
-        return sub
-
-    def encoded(self, i: int) -> bytes:
-        return self.reader.read(i if self.sample_ids is None else int(self.sample_ids[i]))
+    def read_checked(self, i: int, check: bool = True) -> tuple[bytes, str | None]:
+        """Sample i's bytes and why they are not the packed ones (a short read; with check, the crc32c)."""
+        row = self.split.samples[i]
+        size = int(row["size"])
+        data = self.pread(int(row["shard"]), size, int(row["offset"]))
+        if len(data) != size:
+            return data, f"{len(data)} of {size} bytes (the shard is truncated)"
+        want = int(row["crc32c"])
+        got = crc32c(data) if check else want
+        return data, None if got == want else f"crc32c {got:08x}, index says {want:08x}"

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from gcvit_data.file_list import read_list
-from gcvit_data.index import DataError, Index, load_index
+from gcvit_data.index import DataError, Index
+from gcvit_data.readers import load_index
+from gcvit_data.readers.file_list import read_list
 
 
 def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, dict]:

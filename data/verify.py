@@ -11,19 +11,18 @@ clean index was written.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing as mp
 import sys
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from gcvit_data.index import DataError, Index, list_classes, scan
+from gcvit_data.image_header import check_bytes
+from gcvit_data.index import DataError, Index
+from gcvit_data.pack_verify import verify_pack_cli
+from gcvit_data.readers.folder import list_classes, scan, write_index
 from gcvit_data.shards import is_pack
-
-MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
 
 
 def check_file(path: Path) -> str | None:
@@ -33,25 +32,6 @@ def check_file(path: Path) -> str | None:
     except OSError as e:
         return f"unreadable ({e.strerror})"
     return check_bytes(data, path.suffix)
-
-
-def check_bytes(data: bytes, suffix: str) -> str | None:
-    """Why `data`, stored under a name ending in `suffix`, is not a clean RGB/grayscale image, or None."""
-    if not data:
-        return "zero bytes"
-    kind = next((k for magic, k in MAGIC.items() if data.startswith(magic)), None)
-    if kind is None:
-        return "not an image"
-    if suffix.lower() in (".jpeg", ".jpg") and kind != "JPEG":
-        return f"{kind} content under a {suffix} name"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.mode == "CMYK":
-                return "CMYK JPEG"
-            img.load()  # the full decode: truncated or corrupt entropy data fails here
-    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is bad
-        return f"corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    return None
 
 
 def _check(path: Path) -> tuple[Path, str | None]:
@@ -97,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_index:
             raise DataError(f"--write-index applies to image folders and {args.root} is a pack; a bad sample "
                             "in a pack means repacking its source (python -m gcvit_data.pack --index-dir)")
-        from gcvit_data.pack_verify import verify_pack_cli  # here: it imports check_bytes from this module
-
         return verify_pack_cli(args.root, args.splits, args.workers, progress=not args.quiet)
     indices, bad = verify(args.root, args.splits, args.workers, progress=not args.quiet)
     for path, reason in sorted(bad.items()):
@@ -113,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         for split, ix in indices.items():
             out = args.write_index / f"{split}.tsv"
             kept = clean(ix, bad)
-            kept.write(out)
+            write_index(kept, out)
             print(f"wrote {out} ({len(kept)} images)")
         print(f"train on it with data.index_dir={args.write_index.resolve()}")
         return 0

@@ -16,9 +16,10 @@ from PIL import Image
 from gcvit_data import pack as pack_module
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.demo import write_image_folder
-from gcvit_data.index import BadImage, DataError, load_index
+from gcvit_data.index import BadImage, DataError
 from gcvit_data.loaders import build_loader
 from gcvit_data.pack import main as pack_main
+from gcvit_data.readers import load_index
 from gcvit_data.shards import PackReader, Split, is_pack
 from gcvit_data.verify import main as verify_main
 

@@ -12,9 +12,10 @@ from PIL import Image
 from scipy.io import savemat
 
 from gcvit_data.demo import draw
-from gcvit_data.index import DataError, load_index
+from gcvit_data.index import DataError
 from gcvit_data.pack import main as pack_main
 from gcvit_data.prepare import main
+from gcvit_data.readers import load_index
 from gcvit_data.verify import main as verify_main
 
 # ILSVRC2012_ID order (1, 2, 3) differs from sorted-wnid order: a mapping through the IDs' order would

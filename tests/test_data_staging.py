@@ -15,8 +15,9 @@ from gcvit.engine.distributed import DistEnv
 from gcvit.engine.setup import resolve_data
 from gcvit_data.config import DataConfig
 from gcvit_data.demo import write_image_folder
-from gcvit_data.index import DataError, load_index
+from gcvit_data.index import DataError
 from gcvit_data.pack import pack
+from gcvit_data.readers import load_index
 from gcvit_data.staging import DONE, stage, staged_path
 
 REPO = Path(__file__).resolve().parents[1]

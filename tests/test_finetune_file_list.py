@@ -10,9 +10,9 @@ import torch
 from finetune_harness import make_folder_dataset, train
 
 from gcvit_data.config import AugConfig, DataConfig
-from gcvit_data.file_list import read_list
 from gcvit_data.index import DataError
 from gcvit_data.loaders import build_loader
+from gcvit_data.readers.file_list import read_list
 
 CLASSES = {"apple pie": "00_circle", "Bolt-2": "03_cross"}
 

@@ -15,7 +15,9 @@ def test_setup_cfg_lists_every_package():
     cfg.read(REPO / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "gcvit").rglob("__init__.py")}
-    assert listed == found | {"gcvit_data"}, "setup.cfg [options] packages must list every package folder"
+    found |= {".".join(("gcvit_data", *p.parent.relative_to(REPO / "data").parts))
+              for p in (REPO / "data").rglob("__init__.py")}
+    assert listed == found, "setup.cfg [options] packages must list every package folder"
     assert cfg["options"]["package_dir"].split() == ["gcvit_data", "=", "data"]
 
 

@@ -1,4 +1,4 @@
-"""data.train_list / data.val_list: images that are not in class folders, listed as `path,label` rows.
+"""File-list reader (data.train_list / data.val_list): images outside class folders, as `path,label` rows.
 
 CSV or TSV (a tab in the first line), an optional `path,label` header; paths relative to data.root when it
 is set, else to the list's own folder. Labels are class names (classes: the train list's names, sorted, as

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from gcvit_data.index import DataError, Index, load_index
+from gcvit_data.index import DataError, Index
+from gcvit_data.readers import load_index
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 SEVERITY = {OK: 0, WARN: 1, FAIL: 2}
@@ -164,10 +165,8 @@ def _read_cold(path: Path) -> int:
 def timed_read(index: Index, files: int, threads: int, seed: int, budget_s: float = 20.0) -> dict[str, float]:
     """Read a random sample of `files` files with `threads` threads (as the loader does) for at most
     `budget_s` seconds; returns files, bytes and seconds."""
-    from gcvit_data.shards import PackIndex
-
     sample = random.Random(seed).sample(range(len(index)), min(files, len(index)))
-    if isinstance(index, PackIndex):  # read as training reads it: one pread per sample from open shards
+    if not index.by_path:  # read as training reads it: one pread per sample from open shards
         index.reader.drop_page_cache()
         read = lambda i: len(index.encoded(i))  # noqa: E731
     else:
