@@ -31,6 +31,7 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     def job(cfg: DictConfig) -> None:
         config = from_hydra(cfg, list_models)  # torch-free: a bad key or value fails before torch loads
+        from gcvit.engine.distributed import BUG_EXIT_CODE
         from gcvit.engine.guard import NonFiniteError
         from gcvit.engine.loop import StepOutOfMemory, run
         from gcvit.models.checkpoint import CheckpointError
@@ -38,8 +39,10 @@ def main() -> None:
         try:
             code = run(config)
         except (NonFiniteError, CheckpointError, StepOutOfMemory) as e:
-            # These carry a one-line diagnosis and what to do; a traceback would only bury it.
-            sys.exit(f"error: {e}")
+            # These carry a one-line diagnosis and what to do; a traceback would only bury it. A restart
+            # would fail alike: the launchers must not requeue (docs/cluster.md, "Exit codes").
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(BUG_EXIT_CODE)
         if code == 0 and config.mode == "train" and config.name == "demo":
             print("\nThat was the embedded demo. The paper's ImageNet-1K recipe, on 8 GPUs:\n  torchrun "
                   "--nproc_per_node=8 train.py experiment=in1k_gcvit_tiny data.root=/data/imagenet\n"

@@ -63,7 +63,7 @@ else
 fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+source "$REPO/launch/nccl_env.sh"  # flight recorder and async error handling, unless set
 # A fresh TCP store for every restart round: on the agent's shared store a restarted group reads the
 # peer addresses of the round before and fails to connect ("connectFullMesh ... Connection refused").
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}

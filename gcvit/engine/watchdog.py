@@ -36,6 +36,9 @@ STEP_FACTOR = 4.0  # auto timeout: this many median steps
 WARM_STEPS = 2  # steps after a start or a long phase that still get `grace` (compilation, loader start)
 LONG = ("startup", "eval", "checkpoint")  # phases allowed `grace`
 WAITING = ("all-reduce", "step boundary")  # phases in which a rank waits for the others
+# A file the launcher names (launch/slurm.sbatch): the winning rank writes the blamed nodes there, one a line,
+# so that the requeued job excludes them.
+FAULT_NODES_ENV = "GCVIT_FAULT_NODES_FILE"
 _WHERE = {"loading": "the data loader", "compute": "forward/backward", "all-reduce": "all-reduce",
           "step boundary": "the step boundary", "startup": "startup", "eval": "evaluation",
           "checkpoint": "a checkpoint save"}
@@ -206,6 +209,8 @@ class Watchdog:
         finally:
             tmp.unlink()
         (self.hang_dir / "verdict.txt").write_text(v["line"] + "\n")
+        if v["nodes"] and os.environ.get(FAULT_NODES_ENV):
+            Path(os.environ[FAULT_NODES_ENV]).write_text("".join(f"{n}\n" for n in v["nodes"]))
         print(f"{v['line']} (stacks in {self.hang_dir}; exit {v['code']})", file=sys.stderr, flush=True)
 
     def _dump(self) -> None:
