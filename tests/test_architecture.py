@@ -94,6 +94,20 @@ def test_library_imports_no_tool(name):
     assert not bad, f"{name} (library) imports the command-line tool or benchmark {', '.join(bad)}"
 
 
+# Layers below the engine: the model knows nothing of training or data, the data pipeline nothing of gcvit.
+LAYERS = {"gcvit.models": re.compile(r"gcvit\.(engine|config|doctor)(\..*)?|gcvit_data(\..*)?"),
+          "gcvit_data": re.compile(r"gcvit(\..*)?")}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_lower_layers_import_nothing_above_them(layer):
+    """gcvit/models imports no engine, config or data module; the data package's pipeline imports no gcvit."""
+    members = [m for m in GRAPH if (m == layer or m.startswith(layer + ".")) and m not in TOOL_MODULES]
+    assert members
+    bad = sorted(f"{m} -> {d}" for m in members for d in GRAPH[m] if LAYERS[layer].fullmatch(d))
+    assert not bad, f"{layer} reaches above its layer: {', '.join(bad)}"
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle of the graph's modules (depth-first search), or None."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
