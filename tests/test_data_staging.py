@@ -12,12 +12,12 @@ import torch
 
 from gcvit.config import Config
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.setup import resolve_data
 from gcvit_data.config import DataConfig
 from gcvit_data.demo import write_image_folder
 from gcvit_data.index import DataError
 from gcvit_data.pack import pack
 from gcvit_data.readers import load_index
+from gcvit_data.resolve import resolve_data
 from gcvit_data.staging import DONE, stage, staged_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,5 +98,5 @@ def test_training_reads_the_local_copy(packed: Path, tmp_path: Path) -> None:
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     assert resolve_data(cfg, env).root == str(staged_path(packed, tmp_path / "nvme"))
     cfg.data = replace(cfg.data, root=str(packed.parent))  # a folder, not a pack
-    with pytest.raises(SystemExit, match="data.cache_dir=.* stages packs only"):
+    with pytest.raises(SystemExit, match="data.cache_dir=.* stages packs and WebDataset shards only"):
         resolve_data(cfg, env)

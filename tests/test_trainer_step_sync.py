@@ -23,7 +23,7 @@ from gcvit.engine import distributed
 from gcvit.engine.faults import NAN_ENV as INJECT_ENV
 from gcvit.engine.loop import Parts, build, train_step
 from gcvit.engine.rng import seed_step
-from gcvit.engine.setup import resolve_data
+from gcvit_data.resolve import resolve_data
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # What turns a tensor into a Python value: on a GPU each one waits for the device.

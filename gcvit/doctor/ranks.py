@@ -41,7 +41,7 @@ def guarded(check: str, fn: Callable[..., Row | list[Row]], *args: Any) -> list[
 
 def _dataset(cfg: Config, env: DistEnv, args: argparse.Namespace, facts: Facts) -> Row:
     """The index loads and a sample of it is read; fills `facts` for rank 0's projections."""
-    from gcvit.engine.setup import resolve_data
+    from gcvit_data.resolve import resolve_data
 
     data = cfg.data
     if data.loader == "synthetic":

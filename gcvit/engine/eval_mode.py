@@ -18,12 +18,12 @@ from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import lowest_classes, predict, score
 from gcvit.engine.run_dir import run_dir_for, trained_run_dir
-from gcvit.engine.setup import resolve_data
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models.checkpoint import safe_load
 from gcvit.models.hub import is_hub_name, resolve
 from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
+from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
 
 

@@ -35,10 +35,10 @@ from gcvit.engine.rng import rng_state, seed_step, set_rng_state
 from gcvit.engine.run_dir import prepare_run_dir
 from gcvit.engine.runtime import autocast, configure_runtime
 from gcvit.engine.secrets import install_log_redaction, redact
-from gcvit.engine.setup import resolve_data
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit_data.loader_base import AUDIT_ENV, trim_audit
 from gcvit_data.loaders import build_loader
+from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
 
 # Steps of a compiled run whose time is compilation (forward and backward in the first, the
