@@ -16,12 +16,12 @@ from gcvit.engine import eval_report
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import DistEnv
-from gcvit.engine.eval_scores import lowest_classes, predict, score
+from gcvit.engine.eval_scores import loader_set, lowest_classes, predict, score
 from gcvit.engine.run_dir import run_dir_for, trained_run_dir
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models.checkpoint import safe_load
 from gcvit.models.hub import is_hub_name, resolve
-from gcvit_data.eval_sets import PROTOCOLS, EvalSet, build_eval_set, real_labels, timm_info
+from gcvit_data.eval_sets import EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
 from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
@@ -72,12 +72,8 @@ def _sets(cfg: Config, env: DistEnv, classes: list[str] | None, val_loader: Any)
     out = []
     for name in cfg.eval.sets:
         if name in ("val", "real"):
-            index = val_loader.index
-            eset = EvalSet(name, index, PROTOCOLS[name], classes=classes,
-                           real=real_labels(index, cfg.eval.real_labels) if name == "real" else None)
-            if index is None:  # synthetic images: every id once, labels id % classes
-                eset.size = val_loader.sampler.num_samples
-            out.append((eset, val_loader))
+            real = real_labels(val_loader.index, cfg.eval.real_labels) if name == "real" else None
+            out.append((loader_set(name, val_loader, classes, real), val_loader))
             continue
         eset = build_eval_set(name, data_root=None, set_root=getattr(cfg.eval, f"{name}_root"),
                               classes=classes or [], index_cache=cfg.data.index_cache)

@@ -1,4 +1,8 @@
-"""Predictions over an eval set, gathered exactly once across ranks, and the scores each set's rule gives."""
+"""Predictions over an eval set, gathered exactly once across ranks, and the scores each set's rule gives.
+
+The one evaluation path: mode=eval (gcvit.engine.eval_mode) scores every set with predict() -> score(), and
+training's epoch-end evaluation is evaluate() below, the same two on the val loader.
+"""
 from __future__ import annotations
 
 import time
@@ -11,7 +15,7 @@ from torch import nn
 from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.runtime import autocast, synchronize
-from gcvit_data.eval_sets import EvalSet
+from gcvit_data.eval_sets import PROTOCOLS, EvalSet
 
 ECE_BINS = 15
 
@@ -25,6 +29,32 @@ class Predictions:
     confidence: torch.Tensor  # (N,) softmax probability of the top-1 class
     labels: torch.Tensor  # (N,) true class index
     img_per_s: float | None = None  # all ranks, each rank's first batch (compile, warm-up) left out
+
+
+def loader_set(name: str, loader: Any, classes: list[str] | None,
+               real: list[list[int]] | None = None) -> EvalSet:
+    """The split a val loader reads as eval set `name` (val, or real with its label sets); synthetic images
+    (no index) count every sample id once."""
+    eset = EvalSet(name, loader.index, PROTOCOLS[name], classes=classes, real=real)
+    if loader.index is None:
+        eset.size = loader.sampler.num_samples
+    return eset
+
+
+def evaluate(model: nn.Module, loader: Any, env: DistEnv, precision: str) -> dict[str, Any]:
+    """Training's evaluation: score() of predict() on the val loader, as mode=eval scores val. A collective;
+    every rank gets rank 0's scores, or its error when the loader broke the exactly-once rule."""
+    preds = predict(model, loader, env, precision)
+    out: dict[str, Any] | str | None = None
+    if preds is not None:
+        try:
+            out = score(loader_set("val", loader, loader.classes), preds)
+        except RuntimeError as e:  # raised on every rank below: none is left waiting in a collective
+            out = str(e)
+    out = distributed.broadcast_object(out)
+    if isinstance(out, str):
+        raise RuntimeError(out)
+    return out
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
-from gcvit.engine.evaluation import evaluate
+from gcvit.engine.eval_scores import evaluate
 from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.rng import rng_state, seed_step, set_rng_state
 from gcvit.engine.run_dir import prepare_run_dir
