@@ -1,0 +1,212 @@
+"""WebDataset reader: timm's shards (timm/imagenet-1k-wds) read in place, one pread per image.
+
+ROOT/_info.json, as timm's reader_wds reads it, lists each split's shards ({"splits": {"train": {"filenames":
+[...], "num_samples": N, ...}, "validation": {...}}}); each shard is an uncompressed tar whose samples are
+the consecutive members <key>.jpg (or .jpeg/.png/.webp) and <key>.cls (the class index; a <key>.json is
+ignored). data.root=ROOT reads the tars as they are: the random-access index (shard, offset, size, label of
+each image) is built once by walking the tar headers with tarfile, which gives each member's data offset
+(nothing copied, nothing extracted), and kept in ROOT/.gcvit-index, or in data.index_dir when ROOT is
+read-only. It is rebuilt when a shard's name or size changes. Sample ids follow the shards' order and the
+members' order within each; data.val loads the split timm calls "validation". Classes are named "0".."n-1"
+(timm's ImageNet labels are the sorted-wnid positions), n the train split's largest label + 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gcvit_data.index import BadImage, DataError, ShardedIndex
+from gcvit_data.shards import ShardReader
+
+INFO = "_info.json"
+FORMAT = "gcvit-wds-index v1"
+SPLITS = {"train": ("train",), "val": ("validation", "val")}  # our split: timm's names for it, in order
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ROW = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<i8")])
+
+
+def detect(root: Path) -> bool:
+    """A folder with timm's _info.json."""
+    return (root / INFO).is_file()
+
+
+def read_info(root: Path) -> dict[str, Any]:
+    """_info.json, with a one-line error when it is not timm's split listing."""
+    try:
+        info = json.loads((root / INFO).read_text())
+        info["splits"].items()
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise DataError(f"cannot read {root / INFO} as timm's WebDataset info ({type(e).__name__}: {e}); "
+                        'it must hold {"splits": {"train": {"filenames": [...]}, ...}}') from None
+    return info
+
+
+def shard_names(root: Path, split: str) -> list[str]:
+    """The tar files of our `split` (train | val) as _info.json lists them."""
+    splits = read_info(root)["splits"]
+    name = next((n for n in SPLITS.get(split, (split,)) if n in splits), None)
+    if name is None:
+        raise DataError(f"{root / INFO} lists no {' or '.join(SPLITS.get(split, (split,)))} split (it has "
+                        f"{', '.join(splits)}); data.val_split=0.1 holds out part of train instead")
+    return list(splits[name]["filenames"])
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    """WebDataset's grouping: the key is the path up to the first dot of the base name."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return f"{head}/{stem}" if head else stem, ext.lower()
+
+
+def _label(path: Path, member: str, raw: bytes) -> int:
+    try:
+        label = int(raw)
+    except ValueError:
+        raise DataError(f"{path}: member {member} holds {raw[:40]!r}, not a class index; rewrite that sample "
+                        "or drop the shard from _info.json") from None
+    if label < 0:
+        raise DataError(f"{path}: member {member} holds label {label}; training needs labels 0..n-1 (timm "
+                        "writes -1 for the unlabelled test split: read the train and validation shards only)")
+    return label
+
+
+def walk(path: Path, k: int) -> tuple[list[tuple[int, int, int, int]], list[str]]:
+    """(shard k, offset, size, label) of each sample of one tar and its image member's name."""
+    rows, names, found = [], [], {}
+    size = path.stat().st_size
+
+    def finish() -> None:
+        if not found:
+            return
+        if "image" not in found or "cls" not in found:
+            missing = ".cls" if "image" in found else f"image (.{'/.'.join(IMAGE_EXTS)})"
+            raise DataError(f"{path}: sample {found['key']} has no {missing} member; rewrite that shard")
+        member, offset, n = found["image"]
+        rows.append((k, offset, n, found["cls"]))
+        names.append(f"{path.name}/{member}")
+        found.clear()
+
+    with open(path, "rb") as f:
+        try:  # not closed: closing a TarFile given a fileobj leaves the file open anyway
+            tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = _key_ext(m.name)
+                if found and key != found["key"]:
+                    finish()
+                found["key"] = key
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{path}: member {m.name} runs past the end of the file (the shard is "
+                                    "truncated); restore it")
+                if ext in IMAGE_EXTS:
+                    found["image"] = (m.name, m.offset_data, m.size)
+                elif ext == "cls":
+                    found["cls"] = _label(path, m.name, tar.extractfile(m).read())
+        except tarfile.TarError as e:
+            raise DataError(f"{path} is not a readable uncompressed tar ({e}); restore that shard") from None
+        finish()
+    return rows, names
+
+
+def index_dir_for(root: Path, index_dir: str | None) -> Path:
+    """data.index_dir, else ROOT/.gcvit-index."""
+    return Path(index_dir).expanduser().resolve() if index_dir else root / ".gcvit-index"
+
+
+def _shards_now(root: Path, names: list[str]) -> list[list[Any]]:
+    try:
+        return [[n, (root / n).stat().st_size] for n in names]
+    except OSError as e:
+        raise DataError(f"{e.filename} is listed in {root / INFO} but cannot be read ({e.strerror}); "
+                        "download the missing shards") from None
+
+
+def _read(path: Path, shards: list[list[Any]]) -> tuple[dict, np.ndarray, list[str]] | None:
+    """A stored index that describes exactly these shards (name and size), else None."""
+    with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile), np.load(path) as z:
+        header = json.loads(bytes(z["header"]).decode())
+        if header["format"] == FORMAT and header["shards"] == shards:
+            return header, z["rows"], bytes(z["files"]).decode().split("\n")
+    return None
+
+
+def build(root: Path, split: str, index_dir: str | None = None) -> tuple[dict, np.ndarray, list[str]]:
+    """The stored index of a split: read when current, else built (one process per folder; others wait)."""
+    names = shard_names(root, split)
+    shards = _shards_now(root, names)
+    where = index_dir_for(root, index_dir)
+    path = where / f"{split}.wds-index.npz"
+    if (found := _read(path, shards)) is not None:
+        return found
+    if not index_dir and not os.access(root, os.W_OK):
+        raise DataError(f"data.root {root} is read-only and its {split} shards have no index yet; set "
+                        "data.index_dir to a writable folder (the index is built there once)")
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / f".{split}.wds-index.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others then read what it wrote
+        if (found := _read(path, shards)) is not None:
+            return found
+        rows, files = [], []
+        for k, name in enumerate(names):
+            r, f = walk(root / name, k)
+            rows += r
+            files += f
+        header = {"format": FORMAT, "root": str(root), "split": split, "shards": shards,
+                  "num_classes": max((r[3] for r in rows), default=-1) + 1}
+        arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+                  "rows": np.array(rows, ROW), "files": np.frombuffer("\n".join(files).encode(), np.uint8)}
+        tmp = where / f".{path.name}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    return header, arrays["rows"], files
+
+
+class WdsReader(ShardReader):
+    """A split's images by sample id: one pread from its shard, whose length is checked."""
+
+    def __init__(self, root: Path, names: list[str], rows: np.ndarray, files: list[str]) -> None:
+        super().__init__([root / n for n in names], f"restore that shard of {root}")
+        self.rows, self.files = rows, files
+
+    def read(self, i: int) -> bytes:
+        row = self.rows[i]
+        size, k = int(row["size"]), int(row["shard"])
+        data = self.pread(k, size, int(row["offset"]))
+        if len(data) != size:
+            raise BadImage(f"{self.paths[k].parent / self.files[i]}: {len(data)} of its {size} bytes (the "
+                           "shard is truncated); restore that shard")
+        return data
+
+
+def load(root: Path, split: str, *, index_cache: str | None = None,
+         index_dir: str | None = None) -> ShardedIndex:
+    """The index of `split`, its shards open; val labels must be classes of the train split."""
+    header, rows, files = build(root, split, index_dir)
+    num_classes = header["num_classes"]
+    if split != "train" and "train" in read_info(root)["splits"]:
+        num_classes = build(root, "train", index_dir)[0]["num_classes"]
+        if header["num_classes"] > num_classes:
+            i = int(np.argmax(rows["label"]))
+            raise DataError(f"{root / files[i].rsplit('.', 1)[0]}.cls is {int(rows['label'][i])}, but the "
+                            f"train shards have {num_classes} classes; rewrite that sample")
+    reader = WdsReader(root, [s[0] for s in header["shards"]], rows, files)
+    reader.open_all()
+    return ShardedIndex(root, [str(c) for c in range(num_classes)], files, rows["label"].tolist(), reader)
+
+
+def stage_plan(root: Path) -> tuple[str, dict[str, str | None]]:
+    """What data.cache_dir copies: the key naming the copy (new shards, new copy); no checksums to check."""
+    info = (root / INFO).read_bytes()
+    names = [n for split in read_info(root)["splits"].values() for n in split["filenames"]]
+    key = hashlib.sha256(info + json.dumps(_shards_now(root, names)).encode()).hexdigest()[:16]
+    return key, dict.fromkeys(names)
