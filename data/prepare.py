@@ -115,9 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gcvit_data.prepare", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="dataset", required=True)
     im = sub.add_parser("imagenet", help="ILSVRC2012 train/val tars to ImageFolder layout")
-    im.add_argument("--train-tar", type=Path, required=True, help="ILSVRC2012_img_train.tar")
-    im.add_argument("--val", type=Path, required=True, help="ILSVRC2012_img_val.tar or its extracted folder")
-    labels = im.add_mutually_exclusive_group(required=True)
+    im.add_argument("--train-tar", type=Path, help="ILSVRC2012_img_train.tar")
+    im.add_argument("--val", type=Path, help="ILSVRC2012_img_val.tar or its extracted folder")
+    im.add_argument("--from-parquet", type=Path, metavar="DIR",
+                    help="instead of the tars: Hugging Face's ILSVRC/imagenet-1k (DIR/data/*.parquet; "
+                         "data/prepare_parquet.py)")
+    labels = im.add_mutually_exclusive_group()
     labels.add_argument("--val-solution", type=Path, help="Kaggle's LOC_val_solution.csv")
     labels.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12.tar.gz")
     im.add_argument("--out", type=Path, required=True, help="dataset root or pack to create (data.root)")
@@ -131,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
                          "rejects (printed as REASON<TAB>IMAGE)")
     im.add_argument("--quiet", action="store_true", help="--format shards: no progress bar")
     args = ap.parse_args(argv)
+    if args.from_parquet:
+        from gcvit_data.prepare_parquet import prepare_from_parquet  # a tool of its own, on pyarrow
+
+        return prepare_from_parquet(args.from_parquet, args.out, fmt=args.format,
+                                    shard_size=parse_size(args.shard_size), workers=args.workers,
+                                    check=args.check, progress=not args.quiet)
+    if not (args.train_tar and args.val and (args.val_solution or args.devkit)):
+        ap.error("imagenet needs --train-tar, --val and --val-solution or --devkit (the ILSVRC2012 tars), or "
+                 "--from-parquet DIR")
     for path in (args.train_tar, args.val, args.val_solution or args.devkit):
         if not path.exists():
             raise DataError(f"{path} does not exist")
