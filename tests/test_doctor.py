@@ -23,8 +23,8 @@ from gcvit.engine import optim
 from gcvit_data.demo import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("config", "torch", "cuda", "gpus", "dali", "launcher", "interconnect", "allreduce", "grad-sync",
-        "data-index", "data-read", "data-epoch", "disk", "wandb")
+ROWS = ("config", "torch", "cuda", "gpus", "dali", "launcher", "nccl-env", "interconnect", "allreduce",
+        "grad-sync", "data-index", "data-read", "data-epoch", "disk", "wandb")
 TINY = ["debug=tiny"]  # the smallest model: the rows that build it on the meta device stay fast
 
 
@@ -268,6 +268,29 @@ def test_launcher_rows(monkeypatch) -> None:
     monkeypatch.setenv("MASTER_PORT", "29500")
     row = checks.launcher(3, 4, 1)
     assert row.status == OK and row.detail == "torchrun: rank 3 of 4, local rank 1, rendezvous node7:29500"
+
+
+def test_nccl_env_row(monkeypatch) -> None:
+    """What launch/nccl_env.sh sets, as the launchers leave it; off is a WARN on CUDA only."""
+    for new, old, _ in checks.NCCL_DIAGNOSTICS:
+        monkeypatch.delenv(new, raising=False)
+        monkeypatch.delenv(old, raising=False)
+    assert checks.nccl_env("cpu").status == OK
+    row = checks.nccl_env("cuda")
+    assert row.status == WARN and row.detail.startswith("TORCH_FR_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT, "
+                                                        "TORCH_NCCL_ASYNC_ERROR_HANDLING unset or off")
+    launched = subprocess.run(["bash", "-c", f"source {REPO}/launch/nccl_env.sh && env"], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    for line in launched:
+        name, _, value = line.partition("=")
+        if name.startswith("TORCH_"):
+            monkeypatch.setenv(name, value)
+    row = checks.nccl_env("cuda")
+    assert row.status == OK and row.detail == ("TORCH_FR_BUFFER_SIZE=2000, TORCH_NCCL_DUMP_ON_TIMEOUT=1, "
+                                               "TORCH_NCCL_ASYNC_ERROR_HANDLING=3")
+    monkeypatch.delenv("TORCH_FR_BUFFER_SIZE")
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "500")  # the older name counts
+    assert checks.nccl_env("cuda").values["TORCH_FR_BUFFER_SIZE"] == "500"
 
 
 def test_wandb_online_without_network_advises_offline(monkeypatch) -> None:

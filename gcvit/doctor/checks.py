@@ -260,3 +260,24 @@ def launcher(rank: int, world_size: int, local_rank: int) -> Row:
         return Row("launcher", WARN, f"{detail}: {n} GPUs but one process; launch with torchrun "
                    f"--nproc_per_node={n} to check them all", values)
     return Row("launcher", OK, detail, values)
+
+
+# What launch/nccl_env.sh sets where the user has not: (name, older name, a value that leaves it off).
+NCCL_DIAGNOSTICS = (("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE", "0"),
+                    ("TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_DUMP_ON_TIMEOUT", "0"),
+                    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "0"))
+
+
+def nccl_env(device: str) -> Row:
+    """Whether a NCCL hang would leave a flight-recorder dump and end the process (docs/cluster.md)."""
+    values = {new: os.environ.get(new, os.environ.get(old)) for new, old, _ in NCCL_DIAGNOSTICS}
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None) or "none set"
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return Row("nccl-env", OK, f"{shown} (NCCL unused: gloo on CPU)", values)
+    off = [new for new, _, none in NCCL_DIAGNOSTICS if values[new] in (None, "", none)]
+    if off:
+        return Row("nccl-env", WARN, f"{', '.join(off)} unset or off: a NCCL hang would leave no flight-"
+                   "recorder dump; start with launch/torchrun.sh or launch/slurm.sbatch (they set them), or "
+                   "export them", values)
+    return Row("nccl-env", OK, shown, values)
+

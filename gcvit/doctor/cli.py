@@ -23,8 +23,8 @@ from gcvit.engine import distributed
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The table's rows in this order; a new check adds its name here.
-ORDER = ("config", "torch", "cuda", "gpus", "dali", "launcher", "interconnect", "allreduce", "grad-sync",
-         "data-index", "data-read", "data-epoch", "disk", "wandb")
+ORDER = ("config", "torch", "cuda", "gpus", "dali", "launcher", "nccl-env", "interconnect", "allreduce",
+         "grad-sync", "data-index", "data-read", "data-epoch", "disk", "wandb")
 
 
 def compose(overrides: list[str]) -> Config:

@@ -71,6 +71,7 @@ def node_rows(cfg: Config, env: DistEnv, args: argparse.Namespace) -> tuple[list
     rows += guarded("data-index", _dataset, cfg, env, args, facts)
     rows += guarded("dali", checks.dali_decode, facts.jpeg)
     rows += guarded("launcher", checks.launcher, env.rank, env.world_size, env.local_rank)
+    rows += guarded("nccl-env", checks.nccl_env, cfg.trainer.device)
     return rows, facts
 
 
