@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from gcvit.config_help import help_template
+from gcvit.kernel_choices import ATTENTION_KINDS, COMPILE_KINDS, COMPILE_MODES, NORM_KINDS
 from gcvit.variants import VARIANTS
 from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 from gcvit_data.eval_sets import SETS as EVAL_SETS
@@ -31,6 +32,8 @@ class ModelConfig:
     pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
     head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
     freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
+    attention: str = "auto"  # attention kernel: auto (cpu on CPU, sdpa on CUDA) | sdpa | flex | math | cpu
+    norm: str = "auto"  # LayerNorm under autocast: auto (fp32) | fp32 | fast (bf16/fp16 in, fp32 stats)
 
 
 @dataclass
@@ -69,7 +72,9 @@ class TrainerConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    compile: bool | None = False  # torch.compile the model; null = on CUDA only (CPU stays eager)
+    compile: str = "off"  # torch.compile: off | model | blocks (each block shape once) | auto (CUDA: blocks)
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs)
+    compile_cache: str | None = None  # inductor/AOTAutograd cache dir; null = RUN_DIR/compile-cache
     global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)
     ckpt_every_steps: int = 1000  # save `last` this often (and at every epoch end); 0 = epoch ends only
     keep_checkpoints: int = 3  # step-tagged checkpoints kept besides `last` and `best`
@@ -192,6 +197,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
     _check(cfg.model.freeze in (None, *FREEZE), "model.freeze", cfg.model.freeze,
            "null | " + " | ".join(FREEZE))
+    _one_of("model.attention", cfg.model.attention, ATTENTION_KINDS)
+    _one_of("model.norm", cfg.model.norm, NORM_KINDS)
     _check(cfg.model.head_init_scale > 0, "model.head_init_scale", cfg.model.head_init_scale,
            "a positive float")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "a positive float")
@@ -214,6 +221,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
     t = cfg.trainer
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _one_of("trainer.compile", t.compile, COMPILE_KINDS)
+    _one_of("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", t.max_steps,
            "null or a positive integer")
     _check(t.global_batch_size > 0 and t.global_batch_size % cfg.data.batch_size == 0,

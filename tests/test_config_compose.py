@@ -62,7 +62,7 @@ def test_naming_a_model_or_data_starts_from_the_paper_recipe(args: tuple[str, ..
     """No demo pin leaks: every key not named on the command line has the paper recipe's value."""
     cfg, paper = _flat(_compose(*args)), _flat(_compose(f"model={model}", "data.root=/data/imagenet"))
     named = {a.split("=")[0] for a in args} | {"name", "data.root"}
-    if "experiment" in named:  # the in1k_* presets also compile on CUDA (trainer.compile=null)
+    if "experiment" in named:  # the in1k_* presets also compile on CUDA (trainer.compile=auto)
         named.add("trainer.compile")
     leaked = {k: v for k, v in cfg.items() if v != paper[k] and not any(k.startswith(n) for n in named)}
     assert leaked == {}
@@ -96,7 +96,7 @@ def test_every_paper_recipe_composes(exp: str) -> None:
     assert cfg.aug.label_smoothing == 0.1 and cfg.aug.mixup > 0 and cfg.aug.cutmix > 0
     assert cfg.model.drop_path_rate is not None and cfg.model.drop_path_rate > 0
     assert cfg.model.img_size == 224 and cfg.model.overrides == {} and cfg.trainer.device == "auto"
-    assert cfg.trainer.compile is None  # compiled on CUDA, eager on CPU (gcvit.engine.compile.compiled)
+    assert cfg.trainer.compile == "auto"  # block by block on CUDA, eager on CPU (gcvit.engine.compile.how)
 
 
 def test_every_model_file_names_a_registered_model() -> None:
@@ -113,16 +113,17 @@ def test_drop_path_is_the_variants_unless_set() -> None:
 
 
 def test_compile_follows_the_device_unless_set() -> None:
+    from gcvit.engine.compile import how
     from gcvit.engine.distributed import DistEnv
-    from gcvit.engine.compile import compiled
 
-    def on(kind: str, *overrides: str) -> bool:
-        return compiled(_compose(*overrides), DistEnv(0, 1, 0, torch.device(kind)))
+    def on(kind: str, *overrides: str) -> str:
+        return how(_compose(*overrides), DistEnv(0, 1, 0, torch.device(kind)))
 
     recipe = ("experiment=in1k_gcvit_tiny", "data.root=/data/imagenet")
-    assert on("cuda", *recipe) and not on("cpu", *recipe)
-    assert not on("cuda", *recipe, "trainer.compile=false") and on("cpu", *recipe, "trainer.compile=true")
-    assert not on("cuda") and not on("cuda", "debug=tiny")  # the demo and the smoke test stay eager
+    assert on("cuda", *recipe) == "blocks" and on("cpu", *recipe) == "off"
+    assert on("cuda", *recipe, "trainer.compile=off") == "off"
+    assert on("cpu", *recipe, "trainer.compile=model") == "model"
+    assert on("cuda") == on("cuda", "debug=tiny") == "off"  # the demo and the smoke test stay eager
 
 
 def test_debug_tiny_and_overrides() -> None:
@@ -151,6 +152,10 @@ def test_debug_tiny_and_overrides() -> None:
     ("trainer.stall_grace=0", "trainer.stall_grace", "seconds in [5, 900]"),
     ("trainer.straggler_ratio=0.9", "trainer.straggler_ratio", "a float > 1"),
     ("trainer.straggler_windows=0", "trainer.straggler_windows", "an integer >= 1"),
+    ("model.attention=flash", "model.attention", "auto | sdpa | flex | math | cpu"),
+    ("model.norm=fp16", "model.norm", "auto | fp32 | fast"),
+    ("trainer.compile=true", "trainer.compile", "off | model | blocks | auto"),
+    ("trainer.compile_mode=max-autotune", "trainer.compile_mode", "max-autotune-no-cudagraphs"),
 ])
 def test_invalid_values_fail_with_one_line(override: str, key: str, allowed: str) -> None:
     with pytest.raises(SystemExit) as err:

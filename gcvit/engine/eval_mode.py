@@ -8,13 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import gcvit
 from gcvit.config import Config, to_container
 from gcvit.engine import eval_report
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.compile import compiled
+from gcvit.engine.compile import compile_model, how, kernels
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import loader_set, lowest_classes, predict, score
 from gcvit.engine.run_dir import run_dir_for, trained_run_dir
@@ -102,7 +100,8 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     sets = _sets(cfg, env, classes, val_loader)
     model = gcvit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                                **cfg.model.overrides).to(env.device)
-    net = torch.compile(model) if compiled(cfg, env) else model  # the path training takes
+    model.set_kernels(*kernels(cfg, env, training=False))
+    net = compile_model(model, model, how(cfg, env), cfg.trainer.compile_mode)  # the path training takes
     rows: list[dict[str, Any]] = []
     for which in ("model", "ema") if ours and state.get("ema") else ("model",):
         gcvit.load_checkpoint(model, state[which] if ours else state)

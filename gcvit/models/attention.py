@@ -7,20 +7,15 @@ Every form computes softmax(q k^T / sqrt(d) + bias) v with a learned (heads, N, 
   sequence under a block-diagonal mask (attention_flex.py);
 - math: the formula written out, which inductor fuses under torch.compile (what timm's compiled model runs);
 - cpu: the form written for CPU kernels, with its own backward (attention_cpu.py);
-- auto: the measured choice for the device (AUTO).
+- auto: the measured choice for the device (gcvit/kernel_choices.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from gcvit.kernel_choices import ATTENTION_AUTO, ATTENTION_KINDS
 from gcvit.models import attention_cpu, attention_flex
-
-ATTENTION_KINDS = ("auto", "sdpa", "flex", "math", "cpu")
-
-# What `auto` runs, per device type: measured on CPU (the cpu form: docs/benchmarks.md); on CUDA the form the
-# one GPU run so far measured (H200, 2026-11-27), until the kit's candidates table decides (docs/gpu-kit.md).
-AUTO = {"cpu": "cpu", "cuda": "sdpa"}
 
 # Memory-efficient attention reads its additive mask with the strides it is given but pads (copies) any
 # mask whose non-last strides are not multiples of 8: N = 49 or 196 tokens would cost a full
@@ -31,7 +26,7 @@ MASK_ALIGN = 8
 def resolve(kind: str, x: torch.Tensor) -> str:
     """The form `kind` runs as for tensors like x: `auto` becomes the device's measured choice."""
     if kind == "auto":
-        return AUTO.get(x.device.type, "sdpa")
+        return ATTENTION_AUTO.get(x.device.type, "sdpa")
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention={kind!r} is not a kernel; choose one of {', '.join(ATTENTION_KINDS)}")
     return kind

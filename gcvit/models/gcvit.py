@@ -11,8 +11,9 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gcvit.models.attention import ATTENTION_KINDS, packed_attention, resolve, windowed_attention
-from gcvit.models.ops import NORM_KINDS, ChannelLayerNorm, LayerNorm, pointwise
+from gcvit.kernel_choices import ATTENTION_KINDS, NORM_KINDS
+from gcvit.models.attention import packed_attention, resolve, windowed_attention
+from gcvit.models.ops import ChannelLayerNorm, LayerNorm, pointwise
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
 __all__ = ["GCViT", "stage_window_sizes"]
@@ -330,6 +331,15 @@ class GCViT(TimmApi, nn.Module):
         """Recompute each transformer block in backward instead of storing its activations."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def compile_regions(self) -> list[nn.Module]:
+        """The modules torch.compile may compile one by one (regional compilation): every block, every
+        downsampler and global-query generator; modules of one class and shape share a compiled graph."""
+        parts = [self.stem_reduce]
+        for stage in self.stages:
+            parts += [m for m in (stage.downsample, stage.global_query) if m is not None] + list(stage.blocks)
+        return parts
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer."""

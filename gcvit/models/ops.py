@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcvit.kernel_choices import NORM_AUTO
+
 # Widest input (channels) that pointwise() runs as a oneDNN convolution on CPU; see pointwise().
 CONV_MAX_CHANNELS = 64
 
 # model.norm: how LayerNorm runs under autocast. fp32: autocast's rule (input cast to fp32, fp32 out);
 # fast: on the autocast type with fp32 statistics and fp32 parameters (timm's fast_norm pattern: no fp32
 # copy of the input, a low-precision output the next GEMM takes as it is); auto: fp32 until the GPU kit
-# measures fast faster (docs/gpu-kit.md). What `auto` runs, per device type:
-NORM_KINDS = ("auto", "fp32", "fast")
-NORM_AUTO = {"cpu": "fp32", "cuda": "fp32"}
+# measures fast faster (gcvit/kernel_choices.py).
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,7 +34,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm over the last dimension, in the precision model.norm chooses (NORM_KINDS)."""
+    """LayerNorm over the last dimension, in the precision model.norm chooses (fp32 | fast | auto)."""
 
     kind = "auto"
 
@@ -43,9 +43,13 @@ class LayerNorm(nn.LayerNorm):
         device = x.device.type
         kind = NORM_AUTO.get(device, "fp32") if self.kind == "auto" else self.kind
         if kind == "fast" and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):  # the kernels take a low-precision input with fp32
-                return F.layer_norm(x.to(torch.get_autocast_dtype(device)), self.normalized_shape,  # params
-                                    self.weight, self.bias, self.eps)
+            dtype = torch.get_autocast_dtype(device)
+            # CPU's kernel takes a low-precision input with fp32 parameters; CUDA's wants one type for all
+            # (tests/test_fake_cuda.py), so there the (C,) parameters are cast, as timm's fast_norm does
+            weight, bias = (self.weight, self.bias) if device == "cpu" else \
+                (self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+            with torch.autocast(device, enabled=False):
+                return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

@@ -82,7 +82,7 @@ def test_eval_only_on_gpu_reads_the_checkpoint(full_run) -> None:
 
 
 def test_compiled_bf16_run(tmp_path) -> None:
-    _train(tmp_path, "trainer.compile=true", "trainer.deterministic=false", "trainer.max_steps=16",
+    _train(tmp_path, "trainer.compile=model", "trainer.deterministic=false", "trainer.max_steps=16",
            timeout=500)
     losses = _losses(tmp_path)
     assert max(losses) == 16 and all(v == v for v in losses.values())
