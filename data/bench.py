@@ -13,14 +13,16 @@ when fully used, and unlike img/s it barely moves when other processes share the
 `*_main_us_per_img` is the CPU the training thread itself spends per image inside the loader (what it
 cannot spend launching kernels); compare --feeder-workers 0 (the feeder on that thread) with the default.
 
-Folder vs packed shards (docs/shards.md), the same images both ways:
+Folder vs packed shards (docs/shards.md) vs timm's WebDataset shards, the same images every way:
 
-    python -m gcvit_data.bench --root ../shared/imagenet-sample --format folder shards --loaders dali --fs-ops
+    python -m gcvit_data.bench --root ../shared/imagenet-sample --format folder shards wds --loaders dali \
+        --fs-ops
 
-packs ROOT's train split into a temporary folder once, then times every loader on either format in the
-same alternating rounds (keys `<loader>_<format>_img_s`, and `<loader>_shards_vs_folder`, the ratio of
-img/s). Images per CPU-second need one loader of each kind and are left out then. --fs-ops also counts
-the opens and stats of dataset files per image of each (gcvit_data.bench_fs: strace on a child process).
+packs ROOT's train split into a temporary folder once (and writes it as WebDataset shards once), then times
+every loader on every format in the same alternating rounds (keys `<loader>_<format>_img_s`, and
+`<loader>_<format>_vs_folder`, the ratio of img/s). Images per CPU-second need one loader of each kind and
+are left out then. --fs-ops also counts the opens and stats of dataset files per image of each
+(gcvit_data.bench_fs: strace on a child process).
 """
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ from typing import Any
 import torch
 
 from gcvit_data import bench_fs
-from gcvit_data.bench_streams import FULL, Endless, dataset_root
+from gcvit_data.bench_streams import FULL, Endless, dataset_root, write_wds
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 from gcvit_data.pack import pack, parse_size
+from gcvit_data.readers import load_index
 
 
 def children_cpu_seconds() -> dict[int, float]:
@@ -123,9 +126,9 @@ def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Names
         cpu = {k: images[k] / (main[k] + after[k] - before[k]) for k in streams}
         row.update(ratio=round(med["dali"] / med["torch"], 3), dali_img_per_cpu_s=round(cpu["dali"], 1),
                    torch_img_per_cpu_s=round(cpu["torch"], 1), cpu_ratio=round(cpu["dali"] / cpu["torch"], 3))
-    if len(roots) == 2:
-        row.update({f"{k}_shards_vs_folder": round(med[f"{k}_shards"] / med[f"{k}_folder"], 3)
-                    for k in args.loaders})
+    if len(roots) > 1 and "folder" in roots:
+        row.update({f"{k}_{fmt}_vs_folder": round(med[f"{k}_{fmt}"] / med[f"{k}_folder"], 3)
+                    for fmt in roots if fmt != "folder" for k in args.loaders})
     row.update({f"{k}_main_us_per_img": round(1e6 * main[k] / images[k], 1) for k in streams})
     row.update(load_avg=round(os.getloadavg()[0], 1),
                rounds_img_s={k: [round(v, 1) for v in vs] for k, vs in wall.items()})
@@ -133,11 +136,16 @@ def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Names
 
 
 def formats(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
-    """The dataset root of each --format: the folder itself; its train split packed into `tmp` once."""
+    """The dataset root of each --format: the folder itself; its train split packed into `tmp` once, or
+    written there as WebDataset shards once."""
     roots = {}
     for fmt in args.format:
         if fmt == "folder":
             roots[fmt] = root
+        elif fmt == "wds":
+            roots[fmt] = write_wds({"train": load_index(root, "train", index_cache=args.index_cache)},
+                                   tmp / "wds", shard_size=parse_size(args.shard_size))
+            print(f"wrote the train split as WebDataset shards in {tmp / 'wds'}", file=sys.stderr)
         else:
             manifest = pack(root, tmp / "pack", shard_size=parse_size(args.shard_size),
                             workers=max(1, args.threads), splits=("train",), progress=False)
@@ -168,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
                     help="gpu: share of JPEGs for the hardware JPEG decoder (data.hw_decoder_load)")
     ap.add_argument("--loaders", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
-    ap.add_argument("--format", nargs="+", choices=("folder", "shards"), default=["folder"],
-                    help="read the images from their folder or packed into shards first; both: side by side")
-    ap.add_argument("--shard-size", default="1GB", help="shard size of --format shards (as gcvit_data.pack)")
+    ap.add_argument("--format", nargs="+", choices=("folder", "shards", "wds"), default=["folder"],
+                    help="read the images from their folder, packed into shards (gcvit_data.pack) or written "
+                         "as timm-style WebDataset shards first; several: side by side")
+    ap.add_argument("--shard-size", default="1GB", help="shard size of --format shards and wds (1GB, 512MB)")
     ap.add_argument("--fs-ops", action="store_true",
                     help="also count opens and stats of dataset files per image (strace on a child process)")
     ap.add_argument("--fs-batches", type=int, default=4, help="batches the two --fs-ops runs differ by")

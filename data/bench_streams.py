@@ -43,24 +43,26 @@ class Endless:
             return next(self.it)
 
 
-def write_wds(indices: dict[str, Index], out: Path, per_shard: int, prefix: str = "data") -> Path:
+def write_wds(indices: dict[str, Index], out: Path, per_shard: int = 100000, shard_size: float = 3e9,
+              prefix: str = "data") -> Path:
     """Each split's images ({timm's split name: index}), unchanged and in index order, as the tar shards
     OUT/<prefix>-<split>-NNNN.tar of <key>.jpg / <key>.cls / <key>.json samples written by the webdataset
-    package's own ShardWriter, and the _info.json that timm's reader_wds reads; returns OUT."""
+    package's own ShardWriter (a new shard after `per_shard` samples or `shard_size` bytes), and the
+    _info.json that timm's reader_wds reads; returns OUT."""
     import webdataset as wds  # the dev extra: only benchmarks and tests write shards
 
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {"name": prefix, "splits": {}}
     for split, ix in indices.items():
         pattern = str(out / f"{prefix}-{split}-%04d.tar")
-        with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        lengths: list[int] = []
+        with wds.ShardWriter(pattern, maxcount=per_shard, maxsize=shard_size, verbose=0) as sink:
             for i in range(len(ix)):
                 key = re.sub(r"[./]", "_", ix.files[i].rsplit(".", 1)[0])  # a key holds no dot
                 meta = {"filename": Path(ix.files[i]).name, "label": ix.labels[i]}
                 sink.write({"__key__": key, "jpg": ix.encoded(i), "cls": ix.labels[i], "json": meta})
-            shards = sink.shard
-        lengths = [min(per_shard, len(ix) - k * per_shard) for k in range(shards)]
+                lengths[sink.shard - 1:] = [sink.count]  # sink.shard counts the shards opened so far
         info["splits"][split] = {"name": split, "num_samples": len(ix), "shard_lengths": lengths,
-                                 "filenames": [Path(pattern % k).name for k in range(shards)]}
+                                 "filenames": [Path(pattern % k).name for k in range(len(lengths))]}
     (out / "_info.json").write_text(json.dumps(info, indent=1) + "\n")
     return out

@@ -36,17 +36,21 @@ def test_gpu_bench_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture) -> N
     assert "--dali-device gpu needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_bench_format_times_the_folder_and_its_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bench_format_times_the_folder_its_pack_and_its_wds_shards(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     root = write_image_folder(tmp_path / "flat", train_per_class=6, val_per_class=1, num_classes=2)
     assert main(["--root", str(root / "train"), "--threads", "0", "--batch", "4", "--img-size", "32",
                  "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none",
-                 "--format", "folder", "shards", "--loaders", "torch"]) == 0
+                 "--format", "folder", "shards", "wds", "--loaders", "torch"]) == 0
     captured = capsys.readouterr()
     rec = json.loads(captured.out)
     folder, shards = rec["torch_folder_img_s"], rec["torch_shards_img_s"]
     assert folder > 0 and shards > 0 and "torch_img_per_cpu_s" not in rec
     assert rec["torch_shards_vs_folder"] == pytest.approx(shards / folder, rel=0.01)
     assert "packed the train split into 1 shards" in captured.err
+    wds = rec["torch_wds_img_s"]  # timm's WebDataset shards of the same images, side by side
+    assert wds > 0 and rec["torch_wds_vs_folder"] == pytest.approx(wds / folder, rel=0.01)
+    assert "wrote the train split as WebDataset shards" in captured.err
 
 
 def test_fs_ops_counts_only_the_calls_that_name_dataset_files(tmp_path: Path) -> None:
