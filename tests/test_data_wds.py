@@ -18,6 +18,7 @@ from gcvit_data.loaders import build_loader
 from gcvit_data.readers import load_index
 from gcvit_data.readers import wds as wds_reader
 from gcvit_data.staging import stage
+from gcvit_data.verify import main as verify_main
 
 wds = pytest.importorskip("webdataset")
 PER_SHARD = 5  # 18 train images in 4 shards, 6 val images in 2
@@ -161,3 +162,17 @@ def test_a_truncated_jpeg_is_one_line_naming_shard_and_member(source: Path, tmp_
         _batches(tar.parent, "train", loader, workers=workers)
     msg = str(err.value)
     assert msg.startswith(f"data error: cannot decode {tar}/{key}.jpg (") and "\n" not in msg
+
+
+def test_verify_names_the_bad_sample_of_the_shards(source: Path, tmp_path: Path, capsys) -> None:
+    raw = load_index(source, "train").encoded(4)
+    tar = _write(source, tmp_path / "v") / "data-train-0000.tar"
+    key = _change(tar, 4, jpg=raw[:len(raw) // 2])
+    assert verify_main([str(tar.parent), "--workers", "1", "--quiet"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("corrupt or truncated (")
+    assert lines[0].endswith(f"\t{tar}/{key}.jpg")
+    assert lines[1] == (f"checked 24 images in {tar.parent} (train: 18, val: 6): 1 bad "
+                        "(1 corrupt or truncated)")
+    with pytest.raises(DataError, match="--write-index applies to image folders"):
+        verify_main([str(tar.parent), "--write-index", str(tmp_path / "clean")])
