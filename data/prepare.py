@@ -4,6 +4,9 @@
         (--val-solution LOC_val_solution.csv | --devkit ILSVRC2012_devkit_t12.tar.gz) --out ROOT \\
         [--format shards [--shard-size 1GB] [--workers N]]
 
+--from-parquet DIR (Hugging Face's parquet) and --from-kaggle DIR (Kaggle's CLS-LOC folders) replace the
+tars: data/prepare_parquet.py, data/prepare_kaggle.py (docs/imagenet.md has a section on each source).
+
 --format shards writes a pack (docs/shards.md) straight from the tars instead (data/prepare_shards.py); the
 label files and naming rules both read are in data/imagenet.py.
 
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--from-parquet", type=Path, metavar="DIR",
                     help="instead of the tars: Hugging Face's ILSVRC/imagenet-1k (DIR/data/*.parquet; "
                          "data/prepare_parquet.py)")
+    im.add_argument("--from-kaggle", type=Path, metavar="DIR",
+                    help="instead of the tars: Kaggle's ILSVRC/Data/CLS-LOC download, linked into --out "
+                         "(data/prepare_kaggle.py)")
     labels = im.add_mutually_exclusive_group()
     labels.add_argument("--val-solution", type=Path, help="Kaggle's LOC_val_solution.csv")
     labels.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12.tar.gz")
@@ -140,9 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         return prepare_from_parquet(args.from_parquet, args.out, fmt=args.format,
                                     shard_size=parse_size(args.shard_size), workers=args.workers,
                                     check=args.check, progress=not args.quiet)
+    if args.from_kaggle:
+        from gcvit_data.prepare_kaggle import prepare_from_kaggle
+
+        return prepare_from_kaggle(args.from_kaggle, args.out, fmt=args.format,
+                                   shard_size=parse_size(args.shard_size), check=args.check,
+                                   workers=args.workers, progress=not args.quiet)
     if not (args.train_tar and args.val and (args.val_solution or args.devkit)):
         ap.error("imagenet needs --train-tar, --val and --val-solution or --devkit (the ILSVRC2012 tars), or "
-                 "--from-parquet DIR")
+                 "--from-parquet DIR, or --from-kaggle DIR")
     for path in (args.train_tar, args.val, args.val_solution or args.devkit):
         if not path.exists():
             raise DataError(f"{path} does not exist")
