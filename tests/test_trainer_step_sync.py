@@ -20,8 +20,9 @@ from hydra import compose, initialize_config_dir
 from gcvit import list_models
 from gcvit.config import Config, from_hydra, register
 from gcvit.engine import distributed
+from gcvit.engine.build import Parts, build
 from gcvit.engine.faults import NAN_ENV as INJECT_ENV
-from gcvit.engine.loop import Parts, build, train_step
+from gcvit.engine.loop import train_step
 from gcvit.engine.rng import seed_step
 from gcvit_data.resolve import resolve_data
 

@@ -1,8 +1,9 @@
 """The training and evaluation loop of train.py, readable top to bottom.
 
-run() -> evaluate_only() | train(). train(): run dir -> data -> model + recipe (build) -> auto-resume ->
-epochs of optimizer steps (train_step) with logging, periodic checkpoints and the preemption check at
-every step boundary -> evaluation of model and EMA and `last`/`best` checkpoints at every epoch end.
+run() -> evaluate_only() | train(). train(): prepare() (run dir -> data -> model + recipe (build) ->
+auto-resume -> run_info.json) -> per epoch: run_epoch() (optimizer steps (train_step) with logging,
+periodic checkpoints and the preemption check at every step boundary) -> end_of_epoch() (evaluation of
+model and EMA, `last` and `best` checkpoints).
 """
 from __future__ import annotations
 
@@ -11,33 +12,27 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from torch import nn
 
-import gcvit
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, faults, metrics, optim, param_groups, pretrained
+from gcvit.engine import distributed, metrics, optim
+from gcvit.engine.build import Parts, build
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.eval_scores import evaluate
-from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.rng import rng_state, seed_step, set_rng_state
 from gcvit.engine.run_dir import prepare_run_dir
 from gcvit.engine.runtime import autocast, configure_runtime
 from gcvit.engine.secrets import install_log_redaction, redact
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit_data.loader_base import AUDIT_ENV, trim_audit
-from gcvit_data.loaders import build_loader
 from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
 
@@ -83,102 +78,6 @@ def run(cfg: Config) -> int:
     code = evaluate_only(cfg, env) if cfg.mode == "eval" else train(cfg, env)
     distributed.shutdown()  # not on exceptions: the barrier would wait for ranks that are gone
     return code
-
-
-@dataclass
-class Parts:
-    """Everything a training run is made of."""
-
-    train_loader: Any
-    val_loader: Any
-    model: nn.Module  # the bare model (what is saved and evaluated)
-    net: nn.Module  # what the step calls: DDP wrapper and/or compiled
-    ema: ModelEmaV3 | None
-    optimizer: torch.optim.Optimizer
-    schedule: optim.WarmupCosine
-    scaler: torch.amp.GradScaler
-    guard: NonFiniteGuard
-    mixup: Mixup | None
-    erasing: RandomErasing | None
-    criterion: nn.Module
-    accum: int  # micro-batches per optimizer step on each rank
-    steps_per_epoch: int
-    total_steps: int  # schedule length incl. cooldown
-    start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
-    faults: faults.StepFaults | None = None  # tests only: what GCVIT_TEST_* injects into the steps
-
-
-def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Parts:
-    """Loaders, model, EMA and the recipe, all derived from the global batch and the world size;
-    `init_weights`: apply model.pretrained (not when the run resumes from its own checkpoint)."""
-    t, aug = cfg.trainer, cfg.aug
-    common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                  device=env.device, audit=t.audit, precision=t.precision)
-    train_loader = build_loader(data, aug, split="train", **common)
-    val_loader = build_loader(data, aug, split="val", **common)
-    accum = optim.accumulation_steps(t.global_batch_size, data.batch_size, env.world_size)
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f"config error: trainer.global_batch_size={t.global_batch_size} exceeds the "
-                         f"{train_loader.num_samples} training images; lower it")
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
-                               img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
-                               **cfg.model.overrides)
-    start = None
-    if init_weights:  # before .to(device): the file is read onto the CPU
-        start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main, env.local_rank)
-    frozen = param_groups.freeze(model, cfg.model.freeze)  # before DDP and the optimizer: both skip them
-    if frozen and env.is_main:
-        print(frozen, flush=True)
-    model = model.to(env.device)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    net: nn.Module = model
-    if env.distributed:
-        unused = unused_parameters(model, cfg.model.img_size, env.device)
-        if unused and env.is_main:
-            print(f"{len(unused)} parameter tensors get no gradient (e.g. {unused[0]}); DDP looks for unused "
-                  "parameters every step", flush=True)
-        net = distributed.wrap_ddp(model, env.device, unused, accum)
-    base_lr = optim.scaled_lr(cfg.optim.lr, cfg.optim.lr_batch_size, t.global_batch_size)
-    schedule, total_steps = optim.build_schedule(
-        base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=cfg.sched.epochs,
-        warmup_epochs=cfg.sched.warmup_epochs, cooldown_epochs=cfg.sched.cooldown_epochs,
-        warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr)
-    if cfg.optim.layer_decay is not None and env.is_main:
-        print(param_groups.describe_layer_decay(model, cfg.optim.layer_decay), flush=True)
-    mixing = aug.mixup > 0 or aug.cutmix > 0
-    smoothing = aug.label_smoothing
-    return Parts(
-        train_loader=train_loader, val_loader=val_loader, model=model,
-        net=torch.compile(net) if compiled(cfg, env) else net,
-        ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
-        optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                                        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
-                                        layer_decay=cfg.optim.layer_decay),
-        schedule=schedule, scaler=torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16"),
-        guard=NonFiniteGuard(t.nonfinite_policy, t.nonfinite_max_consecutive,
-                             scaler_handles_overflow=t.precision == "fp16", verbose=env.is_main),
-        mixup=Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                    switch_prob=aug.switch_prob, label_smoothing=aug.label_smoothing,
-                    num_classes=train_loader.num_classes) if mixing else None,
-        erasing=RandomErasing(aug.reprob, mode=aug.remode, device=str(env.device)) if aug.reprob else None,
-        # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
-        criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
-        accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start,
-        faults=faults.step_faults())
-
-
-def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:
-    """Names of parameters no forward reaches (e.g. a reduced model's idle branches); DDP must know them."""
-    was_training = model.training
-    model.eval()  # no running-stat updates; gradients still flow
-    model(torch.zeros(2, 3, img_size, img_size, device=device)).float().sum().backward()
-    unused = [n for n, q in model.named_parameters() if q.requires_grad and q.grad is None]
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return unused
 
 
 def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Tensor) -> dict[str, Any]:
@@ -246,8 +145,65 @@ def restore(p: Parts, state: dict[str, Any], wandb: WandbLogger, env: DistEnv) -
     return Progress(**state["progress"])
 
 
+@dataclass
+class Run:
+    """One training run: its parts, where it stands, and what its epochs, evaluations and saves share."""
+
+    cfg: Config
+    env: DistEnv
+    p: Parts
+    run_dir: Path
+    ckpt: CheckpointManager
+    writer: metrics.MetricsWriter
+    wandb: WandbLogger
+    target: int  # the step the run ends at (trainer.max_steps, else the schedule's end)
+    progress: Progress = field(default_factory=Progress)
+    loader_state: dict[str, Any] | None = None  # the train loader's place in a resumed epoch, until used
+    stop: distributed.StopFlag = field(default_factory=distributed.StopFlag)
+    bar: metrics.Progress | None = None
+    flops: float | None = None  # training FLOPs per image (CUDA only), for MFU
+    peak: float | None = None  # the device's peak FLOP/s at trainer.precision, when known
+    warmup_until: int = 0  # img/s leaves out the steps up to this one (compilation after a (re)start)
+
+    def save(self, *tags: str) -> None:
+        """Checkpoint every piece under `tags`; a collective (rank 0 writes once, the rest are hard links)."""
+        self.p.guard.settle()  # the counters saved include every step so far (a stop policy may still raise)
+        state = checkpoint_state(self.p, self.progress, self.wandb, self.cfg)
+        if self.env.is_main:
+            self.ckpt.save(state, tag=tags)
+
+    def close(self, exit_code: int) -> None:
+        """Progress bar, signal handlers and W&B, whichever way the run ends."""
+        if self.bar is not None:
+            self.bar.close()
+        self.stop.uninstall()
+        self.wandb.finish(exit_code=exit_code)
+
+
 def train(cfg: Config, env: DistEnv) -> int:
     """Train with the recipe in `cfg`, resuming from the run dir's newest checkpoint when there is one."""
+    run = prepare(cfg, env)
+    if run is None:
+        return 0
+    run.stop.install()
+    exit_code = 0
+    try:
+        while run.progress.step < run.target:
+            if not run_epoch(run):
+                exit_code = PREEMPTED_EXIT_CODE
+                return exit_code
+            end_of_epoch(run)
+    finally:
+        run.close(exit_code)
+    if env.is_main:
+        print(f"done: {run.progress.step} steps, best top1 {run.progress.best_top1:.2f}; "
+              f"run dir {run.run_dir}", flush=True)
+    return 0
+
+
+def prepare(cfg: Config, env: DistEnv) -> Run | None:
+    """Run dir, data, model and recipe (build), auto-resume, run_info.json and W&B; None when the run in
+    the run dir is finished already."""
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
     data = resolve_data(cfg, env)
@@ -259,128 +215,140 @@ def train(cfg: Config, env: DistEnv) -> int:
     p = build(cfg, env, data, init_weights=not latest)
     if p.val_loader.split_record and env.is_main:
         print(describe_split(p.val_loader.split_record), flush=True)
-    target = min(p.total_steps, t.max_steps or p.total_steps)
-    writer = metrics.MetricsWriter(run_dir, env.is_main)
-    wandb = WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity,
-                        run_dir, env.is_main)
-    progress, loader_state = Progress(), None
+    run = Run(cfg, env, p, run_dir, ckpt, metrics.MetricsWriter(run_dir, env.is_main),
+              WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, run_dir,
+                          env.is_main),
+              target=min(p.total_steps, t.max_steps or p.total_steps))
     if latest:
-        state = ckpt.load(Path(latest))
-        progress, loader_state = restore(p, state, wandb, env), state["loader"]
-        writer.truncate_after(progress.step)
-        if t.audit:
-            if env.is_main:
-                trim_audit(os.environ[AUDIT_ENV], loader_state["epoch"], loader_state["position"])
-            distributed.broadcast_object(None)  # no rank appends before the trim is done
+        resume(run, Path(latest))
+    if run.progress.step >= run.target:
         if env.is_main:
-            print(f"resumed from {latest} at step {progress.step} (epoch {progress.epoch})", flush=True)
-    if progress.step >= target:
-        if env.is_main:
-            print(f"run already finished (step {progress.step} of {target}) in {run_dir}; nothing to do (to "
-                  "train on: raise trainer.max_steps, or sched.cooldown_epochs/sched.epochs with "
+            print(f"run already finished (step {run.progress.step} of {run.target}) in {run_dir}; nothing "
+                  "to do (to train on: raise trainer.max_steps, or sched.cooldown_epochs/sched.epochs with "
                   "trainer.resume=force)")
-        return 0
+        return None
+    announce(run, data.batch_size)
+    # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
+    run.warmup_until = run.progress.step + (COMPILE_WARMUP_STEPS if compiled(cfg, env) else 0)
+    run.bar = metrics.Progress(total=run.target, initial=run.progress.step,
+                               enabled=env.is_main and cfg.logger.progress)
+    p.model.train()
+    return run
 
+
+def resume(run: Run, path: Path) -> None:
+    """Continue from checkpoint `path`: every piece's state, the metrics file and the audit trail cut
+    back to its step, the loader's place kept for the epoch it was saved in."""
+    env = run.env
+    state = run.ckpt.load(path)
+    run.progress, run.loader_state = restore(run.p, state, run.wandb, env), state["loader"]
+    run.writer.truncate_after(run.progress.step)
+    if run.cfg.trainer.audit:
+        if env.is_main:
+            trim_audit(os.environ[AUDIT_ENV], run.loader_state["epoch"], run.loader_state["position"])
+        distributed.broadcast_object(None)  # no rank appends before the trim is done
+    if env.is_main:
+        print(f"resumed from {path} at step {run.progress.step} (epoch {run.progress.epoch})", flush=True)
+
+
+def announce(run: Run, batch_size: int) -> None:
+    """run_info.json and the run's one-paragraph summary (rank 0), W&B's start, the FLOPs behind MFU."""
+    cfg, env, p, t = run.cfg, run.env, run.p, run.cfg.trainer
     base_lr = p.schedule.base_lr
     if env.is_main:
         n_params = sum(q.numel() for q in p.model.parameters())
         info = metrics.run_info(env.world_size, env.device, {
-            "run_dir": str(run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
-            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": target,
+            "run_dir": str(run.run_dir), "num_params": n_params, "accumulation": p.accum, "lr": base_lr,
+            "steps_per_epoch": p.steps_per_epoch, "total_steps": p.total_steps, "target_steps": run.target,
             "pretrained": p.start, "classes": p.train_loader.classes, "val_split": p.val_loader.split_record})
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-        print(f"run dir: {run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; global "
-              f"batch {t.global_batch_size} = {data.batch_size} x {env.world_size} ranks x {p.accum} "
-              f"accumulation; lr {base_lr:.3g}; {p.steps_per_epoch} steps/epoch; {target} steps", flush=True)
-    wandb.start(run_dir.name, redact(to_container(cfg)))
-    cuda = env.device.type == "cuda"
-    flops = metrics.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
-    peak = metrics.peak_flops(env.device, t.precision)
-
-    def save(*tags: str) -> None:
-        p.guard.settle()  # the counters saved include every step so far (a stop policy may still raise)
-        state = checkpoint_state(p, progress, wandb, cfg)
-        if env.is_main:
-            ckpt.save(state, tag=tags)  # written once, the other tags are hard links
-
-    # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
-    warmup_until = progress.step + (COMPILE_WARMUP_STEPS if compiled(cfg, env) else 0)
-    stop = distributed.StopFlag().install()
-    bar = metrics.Progress(total=target, initial=progress.step, enabled=env.is_main and cfg.logger.progress)
-    exit_code = 0
-    p.model.train()
-    try:
-        while progress.step < target:
-            epoch = progress.epoch = progress.step // p.steps_per_epoch
-            p.train_loader.set_epoch(epoch)
-            if loader_state is not None and progress.step % p.steps_per_epoch:
-                p.train_loader.load_state_dict(loader_state)  # continue mid-epoch at the next sample
-            loader_state = None
-            batches = iter(p.train_loader)
-            epoch_end = min((epoch + 1) * p.steps_per_epoch, target)
-            window = metrics.Window(env.device)
-            while progress.step < epoch_end:
-                seed_step(t.seed, env.rank, progress.step)
-                try:
-                    out = train_step(p, batches, env, cfg, stop.tensor(env.device))
-                except torch.OutOfMemoryError as e:
-                    raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
-                progress.step += 1
-                window.add(out["loss"], out["wait"])
-                if progress.step <= warmup_until:
-                    window.restart_clock()
-                log_now = progress.step % t.log_every_steps == 0 or progress.step == epoch_end
-                # the epoch end saves anyway
-                periodic = bool(t.ckpt_every_steps) and progress.step % t.ckpt_every_steps == 0 \
-                    and progress.step < epoch_end
-                # Steady state reads the previous step's verdicts while the device runs this one; log and
-                # checkpoint steps wait for this one too.
-                stopping = p.guard.settle(keep_last=not (log_now or periodic))
-                if log_now:
-                    rec = window.record(step=progress.step, epoch=epoch, lr=out["lr"],
-                                        grad_norm=float(out["grad_norm"]), global_batch=t.global_batch_size,
-                                        world_size=env.world_size, flops_per_image=flops, peak=peak)
-                    writer.write(rec)
-                    wandb.log(rec, step=progress.step)
-                    bar.show(rec)
-
-                # step boundary: a stop signal on any rank makes all ranks save once and exit together
-                if stopping:
-                    save("last")
-                    if env.is_main:
-                        why = f"signal {stop.signum}" if stop.signum else "a stop signal on another rank"
-                        bar.write(f"{why}: saved step {progress.step} in {ckpt.run_dir}; "
-                                  f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
-                    exit_code = PREEMPTED_EXIT_CODE
-                    return exit_code
-                if periodic:
-                    save("last", f"step{progress.step:09d}")
-
-            # ---- epoch end: evaluate model and EMA; `last` always, `best` by (EMA) top-1
-            progress.epoch = progress.step // p.steps_per_epoch
-            tags = ["last", f"step{progress.step:09d}"]
-            if progress.step >= target or (epoch + 1) % t.eval_every_epochs == 0:
-                rec = {"kind": "eval", "step": progress.step, "epoch": epoch}
-                res = evaluate(p.model, p.val_loader, env, t.precision)
-                rec.update(top1=res["top1"], top5=res["top5"], count=res["count"])
-                if p.ema is not None:
-                    res = evaluate(p.ema.module, p.val_loader, env, t.precision)
-                    rec.update(ema_top1=res["top1"], ema_top5=res["top5"])
-                writer.write(rec)
-                wandb.log(rec, step=progress.step)
-                if rec.get("ema_top1", rec["top1"]) > progress.best_top1:
-                    progress.best_top1 = rec.get("ema_top1", rec["top1"])
-                    tags.append("best")
-                if env.is_main:
-                    ema_txt = f" | EMA top1 {rec['ema_top1']:.2f} top5 {rec['ema_top5']:.2f}" if p.ema else ""
-                    bar.write(f"epoch {epoch}: top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}{ema_txt} "
-                              f"({rec['count']} val images)")
-            save(*tags)
-    finally:
-        bar.close()
-        stop.uninstall()
-        wandb.finish(exit_code=exit_code)
-    if env.is_main:
-        print(f"done: {progress.step} steps, best top1 {progress.best_top1:.2f}; run dir {run_dir}",
+        (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"run dir: {run.run_dir}\n{n_params / 1e6:.2f}M params on {env.world_size} x {env.device}; "
+              f"global batch {t.global_batch_size} = {batch_size} x {env.world_size} ranks x {p.accum} "
+              f"accumulation; lr {base_lr:.3g}; {p.steps_per_epoch} steps/epoch; {run.target} steps",
               flush=True)
-    return 0
+    run.wandb.start(run.run_dir.name, redact(to_container(cfg)))
+    cuda = env.device.type == "cuda"
+    run.flops = metrics.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
+    run.peak = metrics.peak_flops(env.device, t.precision)
+
+
+def run_epoch(run: Run) -> bool:
+    """The optimizer steps to the end of this epoch (or of the run), with logging, periodic checkpoints and
+    the stop check at every step boundary; False when a stop signal ended the run (saved in `last`)."""
+    cfg, env, p, t, progress = run.cfg, run.env, run.p, run.cfg.trainer, run.progress
+    epoch = progress.epoch = progress.step // p.steps_per_epoch
+    p.train_loader.set_epoch(epoch)
+    if run.loader_state is not None and progress.step % p.steps_per_epoch:
+        p.train_loader.load_state_dict(run.loader_state)  # continue mid-epoch at the next sample
+    run.loader_state = None
+    batches = iter(p.train_loader)
+    epoch_end = min((epoch + 1) * p.steps_per_epoch, run.target)
+    window = metrics.Window(env.device)
+    while progress.step < epoch_end:
+        seed_step(t.seed, env.rank, progress.step)
+        try:
+            out = train_step(p, batches, env, cfg, run.stop.tensor(env.device))
+        except torch.OutOfMemoryError as e:
+            raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
+        progress.step += 1
+        window.add(out["loss"], out["wait"])
+        if progress.step <= run.warmup_until:
+            window.restart_clock()
+        log_now = progress.step % t.log_every_steps == 0 or progress.step == epoch_end
+        # the epoch end saves anyway
+        periodic = bool(t.ckpt_every_steps) and progress.step % t.ckpt_every_steps == 0 \
+            and progress.step < epoch_end
+        # Steady state reads the previous step's verdicts while the device runs this one; log and
+        # checkpoint steps wait for this one too.
+        stopping = p.guard.settle(keep_last=not (log_now or periodic))
+        if log_now:
+            rec = window.record(step=progress.step, epoch=epoch, lr=out["lr"],
+                                grad_norm=float(out["grad_norm"]), global_batch=t.global_batch_size,
+                                world_size=env.world_size, flops_per_image=run.flops, peak=run.peak)
+            run.writer.write(rec)
+            run.wandb.log(rec, step=progress.step)
+            run.bar.show(rec)
+        # step boundary: a stop signal on any rank makes all ranks save once and exit together
+        if stopping:
+            run.save("last")
+            if env.is_main:
+                why = f"signal {run.stop.signum}" if run.stop.signum else "a stop signal on another rank"
+                run.bar.write(f"{why}: saved step {progress.step} in {run.ckpt.run_dir}; "
+                              f"exiting with {PREEMPTED_EXIT_CODE} so the launcher requeues")
+            return False
+        if periodic:
+            run.save("last", f"step{progress.step:09d}")
+    return True
+
+
+def end_of_epoch(run: Run) -> None:
+    """Evaluate model and EMA when due (every trainer.eval_every_epochs, and at the run's end), then save
+    `last` and the step's tag, and `best` when the selection metric improved."""
+    p, t, progress = run.p, run.cfg.trainer, run.progress
+    epoch = progress.epoch  # the one just trained
+    progress.epoch = progress.step // p.steps_per_epoch
+    tags = ["last", f"step{progress.step:09d}"]
+    if progress.step >= run.target or (epoch + 1) % t.eval_every_epochs == 0:
+        rec = evaluate_epoch(run, epoch)
+        if rec.get("ema_top1", rec["top1"]) > progress.best_top1:
+            progress.best_top1 = rec.get("ema_top1", rec["top1"])
+            tags.append("best")
+    run.save(*tags)
+
+
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Top-1/top-5 of the model and of its EMA on the val split: logged, printed and returned."""
+    env, p, precision = run.env, run.p, run.cfg.trainer.precision
+    rec: dict[str, Any] = {"kind": "eval", "step": run.progress.step, "epoch": epoch}
+    res = evaluate(p.model, p.val_loader, env, precision)
+    rec.update(top1=res["top1"], top5=res["top5"], count=res["count"])
+    if p.ema is not None:
+        res = evaluate(p.ema.module, p.val_loader, env, precision)
+        rec.update(ema_top1=res["top1"], ema_top5=res["top5"])
+    run.writer.write(rec)
+    run.wandb.log(rec, step=run.progress.step)
+    if env.is_main:
+        ema_txt = f" | EMA top1 {rec['ema_top1']:.2f} top5 {rec['ema_top5']:.2f}" if p.ema else ""
+        run.bar.write(f"epoch {epoch}: top1 {rec['top1']:.2f} top5 {rec['top5']:.2f}{ema_txt} "
+                      f"({rec['count']} val images)")
+    return rec
