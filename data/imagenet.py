@@ -13,10 +13,20 @@ import os
 import re
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 from gcvit_data.index import DataError
 
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+
+
+class Prepared(NamedTuple):
+    """What a download turned into the folder layout holds (prepare --from-parquet / --from-kaggle)."""
+
+    classes: int
+    counts: dict[str, int]  # images per split (train, val)
+    bad: list[tuple[str, str]]  # (reason, image) of each image --check left out
+    notes: list[str]  # lines to print: the label order found, what was skipped
 
 
 def class_of(name: str, train_tar: Path) -> str:

@@ -37,7 +37,7 @@ from gcvit_data.imagenet import (
     val_class,
 )
 from gcvit_data.index import DataError
-from gcvit_data.pack import parse_size
+from gcvit_data.pack import check_out, pack, parse_size
 from gcvit_data.prepare_shards import prepare_pack
 
 
@@ -113,6 +113,34 @@ def place_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, so
     return len(seen)
 
 
+def from_download(args: argparse.Namespace) -> int:
+    """--from-parquet / --from-kaggle: their folder layout at OUT, or written beside OUT, packed into OUT
+    (gcvit_data.pack) and removed."""
+    if args.from_parquet:
+        from gcvit_data.prepare_parquet import prepare_from_parquet as prepare  # on pyarrow
+    else:
+        from gcvit_data.prepare_kaggle import prepare_from_kaggle as prepare
+    out = args.out.expanduser().resolve()
+    layout = out if args.format == "folder" else out.parent / f".{out.name}.staged"
+    if args.format == "shards":
+        check_out(out)
+    done = prepare(args.from_parquet or args.from_kaggle, layout, check=args.check, workers=args.workers,
+                   progress=not args.quiet)
+    for reason, where in done.bad:
+        print(f"{reason}\t{where}")
+    print("\n".join(done.notes))
+    what = f"{done.classes} classes, {done.counts['train']} train and {done.counts['val']} val images"
+    what += f" ({len(done.bad)} bad images left out)" if args.check else ""
+    if args.format == "shards":
+        manifest = pack(layout, out, shard_size=parse_size(args.shard_size), workers=args.workers,
+                        progress=not args.quiet)
+        shutil.rmtree(layout)
+        what = (f"pack of {what} in {sum(len(s['shards']) for s in manifest['splits'].values())} shards "
+                f"(staged in {layout}, now removed)")
+    print(f"{out}: {what}; next: python -m gcvit_data.verify {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     ap = argparse.ArgumentParser(prog="python -m gcvit_data.prepare", description=__doc__.splitlines()[0])
@@ -140,18 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                          "rejects (printed as REASON<TAB>IMAGE)")
     im.add_argument("--quiet", action="store_true", help="--format shards: no progress bar")
     args = ap.parse_args(argv)
-    if args.from_parquet:
-        from gcvit_data.prepare_parquet import prepare_from_parquet  # a tool of its own, on pyarrow
-
-        return prepare_from_parquet(args.from_parquet, args.out, fmt=args.format,
-                                    shard_size=parse_size(args.shard_size), workers=args.workers,
-                                    check=args.check, progress=not args.quiet)
-    if args.from_kaggle:
-        from gcvit_data.prepare_kaggle import prepare_from_kaggle
-
-        return prepare_from_kaggle(args.from_kaggle, args.out, fmt=args.format,
-                                   shard_size=parse_size(args.shard_size), check=args.check,
-                                   workers=args.workers, progress=not args.quiet)
+    if args.from_parquet or args.from_kaggle:
+        return from_download(args)
     if not (args.train_tar and args.val and (args.val_solution or args.devkit)):
         ap.error("imagenet needs --train-tar, --val and --val-solution or --devkit (the ILSVRC2012 tars), or "
                  "--from-parquet DIR, or --from-kaggle DIR")

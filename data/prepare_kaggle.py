@@ -8,8 +8,8 @@ the first wnid of each PredictionString) and DIR/LOC_synset_mapping.txt (the 100
 is a link to each train class folder and ROOT/val/<wnid>/<file> a link to each val image, so ROOT is the
 layout data.root reads while the JPEGs stay where Kaggle put them (keep DIR). Each split appears
 atomically; a rerun skips the finished ones. --check decodes every image first (gcvit_data.verify's test)
-and links only the good ones. --format shards packs that linked layout (gcvit_data.pack) into OUT and
-removes the links: a pack with no intermediate copy.
+and links only the good ones. --format shards packs that linked layout (written beside OUT, removed after)
+into OUT: a pack with no intermediate copy.
 """
 from __future__ import annotations
 
@@ -22,9 +22,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gcvit_data.imagenet import check_val_complete, check_val_labels, labels_from_solution, val_class
+from gcvit_data.imagenet import (
+    Prepared,
+    check_val_complete,
+    check_val_labels,
+    labels_from_solution,
+    val_class,
+)
 from gcvit_data.index import IMAGE_EXTENSIONS, DataError
-from gcvit_data.pack import check_out, pack
 from gcvit_data.verify import check_file
 
 CLS_LOC = Path("ILSVRC", "Data", "CLS-LOC")
@@ -125,14 +130,10 @@ def link_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, sou
     return n
 
 
-def prepare_from_kaggle(src: Path, out: Path, *, fmt: str = "folder", shard_size: int = 10**9,
-                        check: bool = False, workers: int = 1, progress: bool = True) -> int:
-    """The `prepare imagenet --from-kaggle` command: prints what it did, one line each; returns 0."""
+def prepare_from_kaggle(src: Path, out: Path, *, check: bool = False, workers: int = 1,
+                        progress: bool = True) -> Prepared:
+    """Link OUT/{train,val} to the Kaggle download SRC (`prepare imagenet --from-kaggle`)."""
     train, val, solution, mapping = (p.resolve() for p in layout(src.expanduser()))
-    pack_to = out.expanduser().resolve() if fmt == "shards" else None
-    if pack_to is not None:
-        check_out(pack_to)
-    out = pack_to.parent / f".{pack_to.name}.links" if pack_to else out.expanduser().resolve()
     wnids, order = train_classes(train, mapping)
     labels = labels_from_solution(solution)
     todo = [s for s in ("train", "val") if not (out / s).is_dir()]  # finished splits are kept
@@ -145,17 +146,5 @@ def prepare_from_kaggle(src: Path, out: Path, *, fmt: str = "folder", shard_size
         counts["train"] = link_train(train, wnids, out, bad)
     if "val" in todo:
         counts["val"] = link_val(val, labels, wnids, out, solution, bad)
-    for p, reason in sorted(bad.items()):
-        print(f"{reason}\t{p}")
-    print(order)
-    left = f" ({len(bad)} bad images left out)" if check else ""
-    if pack_to is None:
-        print(f"{out}: {len(wnids)} classes, {counts['train']} train and {counts['val']} val "
-              f"images{left}, as links into {src}; next: python -m gcvit_data.verify {out}")
-        return 0
-    manifest = pack(out, pack_to, shard_size=shard_size, workers=workers, progress=progress)
-    shutil.rmtree(out)
-    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
-    print(f"{pack_to}: pack of {len(wnids)} classes, {counts['train']} train and {counts['val']} val "
-          f"images{left} in {shards} shards; next: python -m gcvit_data.verify {pack_to}")
-    return 0
+    notes = [order, f"links into {src.expanduser().resolve()}: keep it"]
+    return Prepared(len(wnids), counts, [(reason, str(p)) for p, reason in sorted(bad.items())], notes)

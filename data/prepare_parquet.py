@@ -3,13 +3,13 @@
     python -m gcvit_data.prepare imagenet --from-parquet DIR --out ROOT [--format folder|shards] [--check]
 
 DIR is the downloaded dataset: DIR/data/{train,validation,test}-*.parquet (or those files in DIR itself),
-columns `image` {bytes, path} and `label`. The JPEG bytes are written unchanged, row group by row group:
-`--format folder` to ROOT/{train,val}/<wnid>/<file name>; `--format shards` to a folder beside OUT first and
-then through the pack writer (gcvit_data.pack), which needs the samples in sorted order while the parquet
-rows are in the dataset's order, so the pack is byte-identical to `--format folder` + `python -m
-gcvit_data.pack` and needs room for one temporary copy. Labels are checked to be ImageNet's sorted-wnid
-order (the label names in the files' metadata, and the wnid every file name carries); the test split
-(label -1) is counted and skipped. Each split appears atomically: a rerun skips the finished ones.
+columns `image` {bytes, path} and `label`. The JPEG bytes are written unchanged, row group by row group, to
+ROOT/{train,val}/<wnid>/<file name>. `--format shards` packs that folder (written beside OUT and removed
+after: the pack writer needs the samples in sorted order, the parquet rows are in the dataset's order), so
+the pack is byte-identical to `--format folder` + `python -m gcvit_data.pack`. Labels are checked to be
+ImageNet's sorted-wnid order (the label names in the files' metadata, and the wnid every file name
+carries); the test split (label -1) is counted and skipped. Each split appears atomically: a rerun skips
+the finished ones.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from gcvit_data.eval_sets import timm_info
 from gcvit_data.image_header import MAGIC, check_bytes
+from gcvit_data.imagenet import Prepared
 from gcvit_data.index import DataError
-from gcvit_data.pack import check_out, pack
 
 SPLITS = {"train": "train", "validation": "val"}  # the dataset's split names -> ours
 BATCH_ROWS = 256  # rows decoded from a row group at a time: memory stays at a few tens of MB
@@ -184,20 +184,16 @@ def _write_batch(batch: list[tuple[int, str, str, bytes]], path: Path, tmp: Path
     return n
 
 
-def prepare_from_parquet(src: Path, out: Path, *, fmt: str, shard_size: int, workers: int = 1,
-                         check: bool = False, progress: bool = True) -> int:
-    """The `prepare imagenet --from-parquet` command: prints what it did, one line each; returns 0."""
+def prepare_from_parquet(src: Path, out: Path, *, check: bool = False, workers: int = 1,
+                         progress: bool = True) -> Prepared:
+    """Write OUT/{train,val}/<wnid>/ from the parquet download SRC (`prepare imagenet --from-parquet`)."""
     found = find_files(src)
     wnids, lemmas = imagenet_classes()
     named = [check_label_names(f, _parquet().read_schema(f).metadata, wnids, lemmas)
              for split in SPLITS for f in found[split]]
     how = ("the label names in their metadata and the wnid in every file name" if all(named) else
            "the wnid in every file name (no label names in their metadata)")
-    out = out.expanduser().resolve()
-    images = out if fmt == "folder" else out.parent / f".{out.name}.images"
-    if fmt == "shards":
-        check_out(out)
-    images.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     counts, bad = {}, []
     with mp.get_context("spawn").Pool(workers) if check and workers > 1 else nullcontext() as pool:
 
@@ -209,26 +205,12 @@ def prepare_from_parquet(src: Path, out: Path, *, fmt: str, shard_size: int, wor
                     for r in part]
 
         for split, ours in SPLITS.items():
-            counts[ours], left_out = write_split(found[split], ours, images, wnids, check=check,
-                                                 checker=checker, progress=progress)
+            counts[ours], left_out = write_split(found[split], ours, out, wnids, check=check, checker=checker,
+                                                 progress=progress)
             bad += left_out
-    for reason, where in bad:
-        print(f"{reason}\t{where}")
     test = sum(_parquet().ParquetFile(f).metadata.num_rows for f in found["test"])
-    classes = len(list((images / "train").iterdir()))
-    print(f"labels: ImageNet-1K's standard sorted-wnid order (label 0 = {wnids[0]} {lemmas[wnids[0]]!r}), "
-          f"checked against {how}")
-    print(f"test split: {test} unlabelled images (label -1) skipped" if found["test"] else
-          "test split: no test-*.parquet (nothing to skip)")
-    left = f" ({len(bad)} bad images left out)" if check else ""
-    if fmt == "folder":
-        print(f"{out}: {classes} classes, {counts['train']} train and {counts['val']} val images{left}; "
-              f"next: python -m gcvit_data.verify {out}")
-        return 0
-    manifest = pack(images, out, shard_size=shard_size, workers=workers, progress=progress)
-    shutil.rmtree(images)
-    shards = sum(len(s["shards"]) for s in manifest["splits"].values())
-    print(f"{out}: pack of {classes} classes, {counts['train']} train and {counts['val']} val images{left} "
-          f"in {shards} shards (the images staged in {images}, now removed); "
-          f"next: python -m gcvit_data.verify {out}")
-    return 0
+    notes = [f"labels: ImageNet-1K's standard sorted-wnid order (label 0 = {wnids[0]} {lemmas[wnids[0]]!r}), "
+             f"checked against {how}",
+             f"test split: {test} unlabelled images (label -1) skipped" if found["test"] else
+             "test split: no test-*.parquet (nothing to skip)"]
+    return Prepared(len(list((out / "train").iterdir())), counts, bad, notes)

@@ -63,8 +63,9 @@ def test_links_only_index_like_a_copy_and_the_pack_equals_packing_it(tmp_path, c
     out = capsys.readouterr().out.splitlines()
     assert out == ["labels: LOC_synset_mapping.txt is the standard sorted-wnid order; label i is the i-th of "
                    "the 3 sorted wnids (label 0 = n01440764)",
-                   f"{tmp_path / 'root'}: 3 classes, 9 train and 6 val images, as links into {src}; next: "
-                   f"python -m gcvit_data.verify {tmp_path / 'root'}"]
+                   f"links into {src}: keep it",
+                   f"{tmp_path / 'root'}: 3 classes, 9 train and 6 val images; next: python -m "
+                   f"gcvit_data.verify {tmp_path / 'root'}"]
     root = tmp_path / "root"
     assert all((root / "train" / w).is_symlink() for w in WNIDS)
     files = [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
@@ -79,7 +80,7 @@ def test_links_only_index_like_a_copy_and_the_pack_equals_packing_it(tmp_path, c
 
     assert main(["imagenet", "--from-kaggle", str(src), "--out", str(tmp_path / "pack"), "--format", "shards",
                  "--shard-size", "20KB", "--quiet"]) == 0
-    assert not (tmp_path / ".pack.links").exists()
+    assert not (tmp_path / ".pack.staged").exists()
     pack(copy, tmp_path / "packed", shard_size=20_000, progress=False)
     ours, theirs = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("pack", "packed"))
     assert ours["splits"] == theirs["splits"] and sum(len(s["shards"]) for s in ours["splits"].values()) > 2

@@ -84,11 +84,11 @@ def test_folder_holds_the_bytes_and_the_pack_is_that_folder_packed(tmp_path, cap
     assert main(["imagenet", "--from-parquet", str(tmp_path / "hf"), "--out", str(tmp_path / "pack"),
                  "--format", "shards", "--shard-size", "20KB", "--quiet"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
-    assert not (tmp_path / ".pack.images").exists()
+    assert not (tmp_path / ".pack.staged").exists()
     pack(tmp_path / "root", tmp_path / "packed", shard_size=20_000, progress=False)
     theirs, ours = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("packed", "pack"))
     shards = sum(len(s["shards"]) for s in ours["splits"].values())
-    assert shards > 2 and f"12 train and 6 val images in {shards} shards (the images staged in " in line
+    assert shards > 2 and f"12 train and 6 val images in {shards} shards (staged in " in line
     assert ours["splits"] == theirs["splits"] and ours["classes"] == theirs["classes"] == [
         WNIDS[label] for label in LABELS]
     assert _files(tmp_path / "pack").keys() == _files(tmp_path / "packed").keys()
