@@ -55,18 +55,19 @@ def compiled(cfg: Config, env: DistEnv) -> bool:
     return how(cfg, env) != "off"
 
 
-def compile_model(net: nn.Module, model: nn.Module, kind: str, mode: str = "default") -> nn.Module:
+def compile_model(net: nn.Module, model: nn.Module, kind: str, mode: str = "default",
+                  backend: str = "inductor") -> nn.Module:
     """What the step calls: `net` (the model or its DDP wrapper) compiled whole, or with the regions of the
-    bare `model` compiled in place (kind: off | model | blocks)."""
+    bare `model` compiled in place (kind: off | model | blocks); `backend` as torch.compile's."""
     mode_arg = None if mode == "default" else mode
     if kind == "model":
-        return torch.compile(net, mode=mode_arg)
+        return torch.compile(net, mode=mode_arg, backend=backend)
     if kind == "blocks":
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for region in model.compile_regions():
             # static shapes: a region of another stage's shape gets its own graph rather than turning the
             # first one dynamic (automatic dynamic shapes), whose kernels are slower and fail in inductor
-            region.compile(mode=mode_arg, dynamic=False)
+            region.compile(mode=mode_arg, dynamic=False, backend=backend)
     return net
 
 
