@@ -13,6 +13,7 @@ import torch
 from gcvit_data.bench_streams import write_wds
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.demo import write_image_folder
+from gcvit_data.eval_sets import timm_info
 from gcvit_data.index import DataError
 from gcvit_data.loaders import build_loader
 from gcvit_data.readers import load_index
@@ -47,6 +48,8 @@ def test_the_index_is_built_once_from_the_headers_and_matches_the_folder(source:
         assert not ix.by_path and ix.labels == folder.labels and len(ix) == len(folder)
         assert all(ix.encoded(i) == folder.encoded(i) for i in range(len(ix)))
         assert ix.classes == ["0", "1", "2"] and ix.sample(3) == (folder.encoded(3), folder.labels[3], 3)
+    in1k = wds_reader.class_names(1000, ["imagenet1k-train-0000.tar"])  # timm's shards: the folder's wnids
+    assert in1k == timm_info("imagenet_synsets.txt").split() and in1k == sorted(in1k)
     first = ix.path(0)
     assert first == shards / "data-validation-0000.tar" / "00_circle_val_circle_0000.jpg"
     index = shards / ".gcvit-index" / "train.wds-index.npz"

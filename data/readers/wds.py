@@ -7,8 +7,10 @@ ignored). data.root=ROOT reads the tars as they are: the random-access index (sh
 each image) is built once by walking the tar headers with tarfile, which gives each member's data offset
 (nothing copied, nothing extracted), and kept in ROOT/.gcvit-index, or in data.index_dir when ROOT is
 read-only. It is rebuilt when a shard's name or size changes. Sample ids follow the shards' order and the
-members' order within each; data.val loads the split timm calls "validation". Classes are named "0".."n-1"
-(timm's ImageNet labels are the sorted-wnid positions), n the train split's largest label + 1.
+members' order within each; the val split is the one timm calls "validation". There are n classes, n the
+train split's largest label + 1, named by ImageNet-1K's sorted wnids (timm's list) when the shards are
+timm's ImageNet-1K (1000 classes, "imagenet" in their names: timm's labels are the sorted-wnid positions),
+so a checkpoint trained on the folder keeps its head; other shards' classes are named "0".."n-1".
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pkgutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -58,6 +61,13 @@ def shard_names(root: Path, split: str) -> list[str]:
         raise DataError(f"{root / INFO} lists no {' or '.join(SPLITS.get(split, (split,)))} split (it has "
                         f"{', '.join(splits)}); data.val_split=0.1 holds out part of train instead")
     return list(splits[name]["filenames"])
+
+
+def class_names(n: int, shards: list[str]) -> list[str]:
+    """ImageNet-1K's sorted wnids (shipped with timm) for timm's ImageNet-1K shards, else "0".."n-1"."""
+    if n == 1000 and shards and "imagenet" in shards[0].lower():
+        return pkgutil.get_data("timm.data", "_info/imagenet_synsets.txt").decode().split()
+    return [str(c) for c in range(n)]
 
 
 def _key_ext(name: str) -> tuple[str, str]:
@@ -136,7 +146,8 @@ def _read(path: Path, shards: list[list[Any]]) -> tuple[dict, np.ndarray, list[s
     with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile), np.load(path) as z:
         header = json.loads(bytes(z["header"]).decode())
         if header["format"] == FORMAT and header["shards"] == shards:
-            return header, z["rows"], bytes(z["files"]).decode().split("\n")
+            rows = z["rows"]
+            return header, rows, bytes(z["files"]).decode().split("\n") if len(rows) else []
     return None
 
 
@@ -153,7 +164,10 @@ def build(root: Path, split: str, index_dir: str | None = None) -> tuple[dict, n
                         "data.index_dir to a writable folder (the index is built there once)")
     where.mkdir(parents=True, exist_ok=True)
     with open(where / f".{split}.wds-index.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others then read what it wrote
+        # one builder, the others then read what it wrote; where the filesystem has no flock (Lustre
+        # mounted without it) each builds the same index and the last atomic rename wins
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (found := _read(path, shards)) is not None:
             return found
         rows, files = [], []
@@ -199,9 +213,10 @@ def load(root: Path, split: str, *, index_cache: str | None = None,
             i = int(np.argmax(rows["label"]))
             raise DataError(f"{root / files[i].rsplit('.', 1)[0]}.cls is {int(rows['label'][i])}, but the "
                             f"train shards have {num_classes} classes; rewrite that sample")
-    reader = WdsReader(root, [s[0] for s in header["shards"]], rows, files)
+    names = [s[0] for s in header["shards"]]
+    reader = WdsReader(root, names, rows, files)
     reader.open_all()
-    return ShardedIndex(root, [str(c) for c in range(num_classes)], files, rows["label"].tolist(), reader)
+    return ShardedIndex(root, class_names(num_classes, names), files, rows["label"].tolist(), reader)
 
 
 def stage_plan(root: Path) -> tuple[str, dict[str, str | None]]:
