@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from loader_epochs import assert_same as _assert_same
+from loader_epochs import epoch_batches as _batches
 from PIL import Image
 
 from gcvit_data import pack as pack_module
-from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.demo import write_image_folder
 from gcvit_data.index import BadImage, DataError
-from gcvit_data.loaders import build_loader
 from gcvit_data.pack import main as pack_main
 from gcvit_data.readers import load_index
 from gcvit_data.shards import PackReader, Split, is_pack
@@ -240,35 +239,6 @@ def test_pack_cli_runs_as_a_module(source: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "gcvit_data.pack", str(source), str(tmp_path / "p"),
                           "--splits", "val"], capture_output=True, text=True, check=True)
     assert run.stdout.startswith("packed 6 images (val: 6) into 1 shards") and "pack " in run.stderr
-
-
-def _batches(root: Path, split: str, workers: int, resume_after: int | None = None,
-             val_split: float | None = None, loader: str = "torch") -> list[tuple]:
-    """A whole epoch; workers: DataLoader workers (torch) or feeder processes (dali, on 1 DALI thread)."""
-    procs = {"workers": workers} if loader == "torch" else {"workers": 1, "feeder_workers": workers}
-    data = DataConfig(root=str(root), loader=loader, batch_size=5, val_split=val_split, **procs)
-
-    def build():
-        return build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
-                            seed=3, rank=0, world_size=1, device=torch.device("cpu"))
-    loader_ = build()
-    loader_.set_epoch(1)
-    out = []
-    for batch in loader_:
-        out.append((batch.images, batch.labels, batch.ids))
-        if resume_after is not None and len(out) == resume_after:  # a restart from the saved position
-            state = loader_.state_dict()
-            loader_ = build()
-            loader_.load_state_dict(state)
-            out += [(b.images, b.labels, b.ids) for b in loader_]
-            break
-    return out
-
-
-def _assert_same(got: list[tuple], want: list[tuple]) -> None:
-    assert len(got) == len(want)
-    for (x, y, i), (fx, fy, fi) in zip(got, want):
-        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

@@ -8,14 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+from loader_epochs import assert_same, epoch_batches
 
 from gcvit_data.bench_streams import write_wds
-from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.demo import write_image_folder
 from gcvit_data.eval_sets import timm_info
 from gcvit_data.index import DataError
-from gcvit_data.loaders import build_loader
 from gcvit_data.readers import load_index
 from gcvit_data.readers import wds as wds_reader
 from gcvit_data.staging import stage
@@ -72,41 +70,14 @@ def test_no_file_is_opened_per_image(shards: Path, monkeypatch: pytest.MonkeyPat
     assert sum(len(ix.encoded(i)) for i in range(len(ix))) > 0
 
 
-def _batches(root: Path, split: str, loader: str, workers: int = 0, resume_after: int | None = None,
-             **data_kw) -> list[tuple]:
-    procs = {"workers": workers} if loader == "torch" else {"workers": 1, "feeder_workers": workers}
-    data = DataConfig(root=str(root), loader=loader, batch_size=5, **procs, **data_kw)
-
-    def build():
-        return build_loader(data, AugConfig(rand_augment="rand-m9-mstd0.5-inc1"), split=split, img_size=24,
-                            seed=3, rank=0, world_size=1, device=torch.device("cpu"))
-    loader_ = build()
-    loader_.set_epoch(1)
-    out = []
-    for batch in loader_:
-        out.append((batch.images, batch.labels, batch.ids))
-        if resume_after is not None and len(out) == resume_after:
-            state = loader_.state_dict()
-            loader_ = build()
-            loader_.load_state_dict(state)
-            out += [(b.images, b.labels, b.ids) for b in loader_]
-            break
-    return out
-
-
-def _assert_same(got: list[tuple], want: list[tuple]) -> None:
-    assert len(got) == len(want) >= 2
-    for (x, y, i), (fx, fy, fi) in zip(got, want):
-        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
-
-
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_loaders_give_bitwise_the_folder_batches(source: Path, shards: Path, split: str, loader: str) -> None:
-    folder = _batches(source, split, loader)
-    _assert_same(_batches(shards, split, loader, workers=2), folder)
+    folder = epoch_batches(source, split, workers=0, loader=loader)
+    assert len(folder) >= 2
+    assert_same(epoch_batches(shards, split, workers=2, loader=loader), folder)
     if split == "train":
-        _assert_same(_batches(shards, split, loader, resume_after=1), folder)
+        assert_same(epoch_batches(shards, split, workers=0, resume_after=1, loader=loader), folder)
 
 
 def test_a_read_only_root_keeps_its_index_in_data_index_dir(source: Path, tmp_path: Path,
@@ -162,7 +133,7 @@ def test_a_truncated_jpeg_is_one_line_naming_shard_and_member(source: Path, tmp_
     tar = _write(source, tmp_path / "trunc") / "data-train-0000.tar"
     key = _change(tar, 2, jpg=raw[:raw.index(b"\xff\xda") + 12])
     with pytest.raises(DataError) as err:
-        _batches(tar.parent, "train", loader, workers=workers)
+        epoch_batches(tar.parent, "train", workers=workers, loader=loader)
     msg = str(err.value)
     assert msg.startswith(f"data error: cannot decode {tar}/{key}.jpg (") and "\n" not in msg
 
