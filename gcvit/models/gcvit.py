@@ -177,7 +177,18 @@ class GCViTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_path), persistent=False)
         self.drop_path = drop_path
+
+    @property
+    def drop_path(self) -> float:
+        """This block's stochastic-depth rate."""
+        return self._drop_path
+
+    @drop_path.setter
+    def drop_path(self, rate: float) -> None:
+        self._drop_path = rate
+        self.keep_prob.fill_(1.0 - rate)  # the rate a compiled graph reads (_residual)
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C); q_global: the stage's global query (read by global blocks only)."""
@@ -200,8 +211,13 @@ class GCViTBlock(nn.Module):
         0, so skipping it saves drop_path of the branch's work (DINOv2 runs a fixed-size subset; these are
         exactly the kept samples, so the regulariser stays timm's, with the same random draws). On a GPU,
         reading the kept count would stall the queue: there the keep mask is folded into the residual's
-        scale (one pass).
+        scale (one pass), as it is under torch.compile, where the rate comes from the keep_prob buffer, an
+        input of the graph: the float would be a constant of it, and each block (each its own rate) would
+        compile a graph of its own.
         """
+        if self.training and torch.compiler.is_compiling():
+            scale = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(self.keep_prob).div_(self.keep_prob)
+            return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
         if not (self.training and self.drop_path > 0):
             return _scaled_add(x, branch(x, q), gamma, 1.0)
         keep = 1.0 - self.drop_path
@@ -223,8 +239,8 @@ class GCViTBlock(nn.Module):
 
 def kept_rows(x: torch.Tensor, keep: float) -> torch.Tensor | None:
     """The samples of x whose residual branch drop path keeps (a Bernoulli(keep) draw per sample, as timm's),
-    or None where the count must not be read on the host: off the CPU and while compiling."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    or None where the count must not be read on the host: off the CPU."""
+    if x.device.type != "cpu":
         return None
     return x.new_empty(x.shape[0]).bernoulli_(keep).nonzero().flatten()
 
