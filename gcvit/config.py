@@ -29,7 +29,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
     pretrained: str | None = None  # starting weights: NVlabs, timm or gcvit-train file, or hf-hub:ORG/REPO
-    pretrained_weights: str = "ema"  # from a file holding both: ema (when present) | model
+    pretrained_weights: str = "best"  # of a file with both: best (the set that earned its best) | ema | model
     head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
     freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
     attention: str = "auto"  # attention kernel: auto (cpu on CPU, sdpa on CUDA) | sdpa | flex | math | cpu
@@ -194,7 +194,7 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
            "null in mode=train (it names the weights of mode=eval); to start training from a checkpoint "
            "use model.pretrained=PATH (an initialisation: optimizer, schedule and data start fresh; a run "
            "resumes from its own run dir by itself)")
-    _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("ema", "model"))
+    _one_of("model.pretrained_weights", cfg.model.pretrained_weights, ("best", "ema", "model"))
     _check(cfg.model.freeze in (None, *FREEZE), "model.freeze", cfg.model.freeze,
            "null | " + " | ".join(FREEZE))
     _one_of("model.attention", cfg.model.attention, ATTENTION_KINDS)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gcvit.engine.pretrained import WEIGHTS, Pretrained, read
+from gcvit.engine.pretrained import BEST, WEIGHTS, Pretrained, read
 from gcvit.models.checkpoint import CheckpointLoadError, describe
 from gcvit.models.gcvit import GCViT
 from gcvit.predict import build
@@ -50,12 +50,13 @@ class Loaded:
     variant: str  # e.g. "gcvit_tiny (dim 64, depths (3, 4, 19, 5), ...)"
     weights: str  # ema | model | plain (a bare state dict)
     preprocessing: Preprocessing
+    choice: str = ""  # one line: which weights of the file, and why
 
     def summary(self) -> dict[str, object]:
         return {"variant": self.variant, "weights": self.weights, **asdict(self.preprocessing)}
 
 
-def load(path: str | Path, *, img_size: int | None = None, weights: str = "ema") -> Loaded:
+def load(path: str | Path, *, img_size: int | None = None, weights: str = BEST) -> Loaded:
     """The GC ViT a checkpoint holds (its architecture read off the shapes), at `img_size` or its own,
     with the crop and interpolation of the run that trained it (timm's ImageNet defaults otherwise)."""
     src: Pretrained = read(path, weights, what="checkpoint")
@@ -63,7 +64,7 @@ def load(path: str | Path, *, img_size: int | None = None, weights: str = "ema")
     data = (src.config or {}).get("data") or {}
     prep = Preprocessing(img_size=model.img_size, crop_pct=data.get("crop_pct", 0.875),
                          interpolation=data.get("interpolation", "bicubic"), class_names=src.classes)
-    return Loaded(model, describe(src.state), src.weights, prep)
+    return Loaded(model, describe(src.state), src.weights, prep, src.choice)
 
 
 def example_batch(n: int, img_size: int, seed: int = 0) -> torch.Tensor:
@@ -150,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="batch axis left free (default) or fixed to --check-batch")
-    p.add_argument("--weights", choices=WEIGHTS, default="ema",
-                   help="ema (default; model weights where the file has no EMA) or model")
+    p.add_argument("--weights", choices=(BEST, *WEIGHTS), default=BEST,
+                   help="best (default: the set that earned the run's best top-1, else the EMA), ema (model "
+                   "weights where the file has no EMA) or model")
     p.add_argument("--check-batch", type=int, default=4, help="second batch size the check runs (default 4)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (default 1e-4)")
     args = p.parse_args(argv)
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     diffs = ", ".join(f"batch {n}: {d:.2e}" for n, d in report["max_abs_logit_diff"].items())
     weights = "state dict" if report["weights"] == "plain" else f"{report['weights']} weights"
+    print(loaded.choice)
     print(f"exported {report['variant']} ({weights}, {report['img_size']} px) -> {args.out}")
     print(f"max |logit diff| vs PyTorch: {diffs} (tolerance {args.tolerance:g}); "
           f"preprocessing: {args.out.with_suffix('.json')}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gcvit.engine.pretrained import Pretrained, read
+from gcvit.engine.pretrained import BEST, WEIGHTS, Pretrained, read
 from gcvit.models.checkpoint import CheckpointLoadError, infer_config, load_checkpoint
 from gcvit.models.gcvit import GCViT
 from gcvit_data.index import IMAGE_EXTENSIONS, BadImage, Index
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="from a run checkpoint: its EMA (default, when present) or raw model weights")
+    p.add_argument("--weights", choices=(BEST, *WEIGHTS), default=BEST,
+                   help="from a run checkpoint: best (default: the set that earned its best top-1, else the "
+                   "EMA), its EMA (when present) or raw model weights")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     args = p.parse_args(argv)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(src.choice, file=sys.stderr, flush=True)  # stderr: stdout holds only the predictions (--json)
     names = class_names(src, model.num_classes)
     data_cfg = (src.config or {}).get("data", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,20 +1,22 @@
 """python -m gcvit.predict: our run checkpoints print their own class names with the probabilities of the
 val pipeline; official/timm 1000-class files print ImageNet names, also at another resolution; one-line
-errors."""
+errors; by default the weights that earned a run's best."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from finetune_harness import ENV, REPO
+from finetune_harness import ENV, HUB_NAME, REPO, hub_env, make_folder_dataset, train, write_hub_cache
 from PIL import Image
 from timm.data import ImageNetInfo
 
 import gcvit
+from gcvit.engine.pretrained import read
 from gcvit.models.checkpoint import from_native
 from gcvit.predict import main
 from gcvit_data.config import AugConfig, DataConfig
@@ -110,3 +112,37 @@ def test_bad_inputs_are_one_line(run_checkpoint, tmp_path, capsys) -> None:
     (root / "val" / NAMES[0] / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=r"^error: cannot decode \S+broken.png"):
         main([str(ckpt), str(root / "val")])
+
+
+@pytest.mark.slow
+def test_predict_takes_the_weights_that_earned_best_when_the_ema_lags(tmp_path, capsys) -> None:
+    """Issue 25's case, small: fine-tuning from timm-format weights with the in1k recipe's EMA (decay 0.9998,
+    no warmup) for 30 steps. The EMA barely leaves the start while the model learns; best.pt follows the
+    better of the two and predict, by default, reproduces the top-1 the run logged for it."""
+    hf_home = tmp_path / "hf"
+    write_hub_cache(hf_home)
+    data = make_folder_dataset(tmp_path / "data", {"train": 32, "val": 20}, gray=True)
+    res = train(tmp_path / "run", f"data.root={data}", f"model.pretrained={HUB_NAME}", "data.loader=torch",
+                "trainer.max_steps=null", "sched.epochs=5", "trainer.eval_every_epochs=5",
+                "trainer.ckpt_every_steps=0", "trainer.ema_decay=0.9998", "trainer.ema_warmup=false",
+                env=hub_env(hf_home))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("EMA: trainer.ema_decay=0.9998 averages over ~5000 steps, more than half of this run's 30, so "
+            "its weights lag the model's") in res.stdout
+    assert "set trainer.ema_warmup=true or trainer.ema_decay=" in res.stdout
+    (ev,) = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"]
+    assert ev["top1"] >= ev["ema_top1"] + 20, ev  # the case: the model far ahead of its lagging EMA
+    best = tmp_path / "run" / "checkpoints" / "best.pt"
+    progress = torch.load(best, weights_only=True)["progress"]
+    assert progress["best_weights"] == "model" and progress["best_top1"] == ev["top1"]
+    assert read(best).weights == "model" and read(best, "ema").weights == "ema"  # export, model.pretrained
+
+    capsys.readouterr()
+    assert main([str(best), str(data / "val"), "--json", "--topk", "1"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    correct = sum(r["top"][0]["name"] == Path(r["image"]).parent.name for r in rows)
+    assert len(rows) == ev["count"] and 100.0 * correct / len(rows) == pytest.approx(ev["top1"])
+    assert out.err.startswith(f"weights: {best}: its model weights; the model weights earned the run's best "
+                              f"top-1 ({ev['top1']:.2f})")

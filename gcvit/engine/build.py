@@ -13,7 +13,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import gcvit
-from gcvit.config import Config
+from gcvit.config import Config, TrainerConfig
 from gcvit.engine import distributed, faults, optim, param_groups, pretrained
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import DistEnv
@@ -115,3 +115,17 @@ def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> 
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return unused
+
+
+def ema_lag(t: TrainerConfig, steps: int) -> str | None:
+    """One line when the EMA cannot follow the model within a run of `steps`: its horizon (about
+    1/(1 - decay) steps) is more than half the run and no warmup shortens it; None otherwise."""
+    if not t.ema_decay or t.ema_warmup:
+        return None
+    horizon = 1 / (1 - t.ema_decay)
+    if horizon <= steps / 2:
+        return None
+    decay = max(0.5, 1 - 10 / steps)  # a horizon of about a tenth of the run
+    return (f"EMA: trainer.ema_decay={t.ema_decay} averages over ~{horizon:.0f} steps, more than half of "
+            f"this run's {steps}, so its weights lag the model's (best.pt keeps whichever scores better); "
+            f"set trainer.ema_warmup=true or trainer.ema_decay={decay:.3g}")

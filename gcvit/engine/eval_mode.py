@@ -15,6 +15,7 @@ from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compile_model, how, kernels
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import loader_set, lowest_classes, predict, score
+from gcvit.engine.pretrained import earned_best
 from gcvit.engine.run_dir import run_dir_for, trained_run_dir
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models.checkpoint import safe_load
@@ -103,7 +104,7 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     model.set_kernels(*kernels(cfg, env, training=False))
     net = compile_model(model, model, how(cfg, env), cfg.trainer.compile_mode)  # the path training takes
     rows: list[dict[str, Any]] = []
-    for which in ("model", "ema") if ours and state.get("ema") else ("model",):
+    for which in _weights(state, path, env.is_main) if ours else ("model",):
         gcvit.load_checkpoint(model, state[which] if ours else state)
         for eset, loader in sets:
             preds = predict(net, loader, env, cfg.trainer.precision, eset.subset)
@@ -113,6 +114,19 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     if env.is_main:
         _report(cfg, env, rows, path, run_dir)
     return 0
+
+
+def _weights(state: dict[str, Any], path: Path, verbose: bool) -> tuple[str, ...]:
+    """The weight sets of one of our checkpoints to score: the set that earned its run's best first (what
+    predict, export and model.pretrained take by default; one line says which), then the other."""
+    if not state.get("ema"):
+        return ("model",)
+    which, earned = earned_best(state)
+    if verbose:
+        why = f": {earned}" if earned else " (the file records no best: the EMA)"
+        print(f"eval: predict, export and model.pretrained take the {which} weights of {path}{why}",
+              flush=True)
+    return (which, "model" if which == "ema" else "ema")
 
 
 def _print_row(row: dict[str, Any], path: Path) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim
-from gcvit.engine.build import Parts, build
+from gcvit.engine.build import Parts, build, ema_lag
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
@@ -47,7 +47,8 @@ class Progress:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next step
-    best_top1: float = -1.0  # best selection metric so far (EMA top-1 when the EMA is on)
+    best_top1: float = -1.0  # best val top-1 so far, of the model or of its EMA, whichever scored better
+    best_weights: str = ""  # which weights earned best_top1 (and `best`): model | ema; "" before any eval
 
 
 class StepOutOfMemory(RuntimeError):
@@ -196,8 +197,10 @@ def train(cfg: Config, env: DistEnv) -> int:
     finally:
         run.close(exit_code)
     if env.is_main:
-        print(f"done: {run.progress.step} steps, best top1 {run.progress.best_top1:.2f}; "
-              f"run dir {run.run_dir}", flush=True)
+        best = run.progress
+        earned = f" ({best.best_weights} weights)" if best.best_weights else ""
+        print(f"done: {best.step} steps, best top1 {best.best_top1:.2f}{earned}; run dir {run.run_dir}",
+              flush=True)
     return 0
 
 
@@ -266,6 +269,9 @@ def announce(run: Run, batch_size: int) -> None:
               f"global batch {t.global_batch_size} = {batch_size} x {env.world_size} ranks x {p.accum} "
               f"accumulation; lr {base_lr:.3g}; {p.steps_per_epoch} steps/epoch; {run.target} steps",
               flush=True)
+        lag = ema_lag(t, run.target)
+        if lag:
+            print(lag, flush=True)
     run.wandb.start(run.run_dir.name, redact(to_container(cfg)))
     cuda = env.device.type == "cuda"
     run.flops = metrics.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
@@ -323,15 +329,18 @@ def run_epoch(run: Run) -> bool:
 
 def end_of_epoch(run: Run) -> None:
     """Evaluate model and EMA when due (every trainer.eval_every_epochs, and at the run's end), then save
-    `last` and the step's tag, and `best` when the selection metric improved."""
+    `last` and the step's tag, and `best` when the better of model and EMA beat the best so far (a slow
+    EMA must not hide a better model: predict, export and model.pretrained follow the weights that won)."""
     p, t, progress = run.p, run.cfg.trainer, run.progress
     epoch = progress.epoch  # the one just trained
     progress.epoch = progress.step // p.steps_per_epoch
     tags = ["last", f"step{progress.step:09d}"]
     if progress.step >= run.target or (epoch + 1) % t.eval_every_epochs == 0:
         rec = evaluate_epoch(run, epoch)
-        if rec.get("ema_top1", rec["top1"]) > progress.best_top1:
-            progress.best_top1 = rec.get("ema_top1", rec["top1"])
+        which = "ema" if rec.get("ema_top1", -1.0) >= rec["top1"] else "model"  # a tie keeps the EMA
+        top1 = rec["ema_top1" if which == "ema" else "top1"]
+        if top1 > progress.best_top1:
+            progress.best_top1, progress.best_weights = top1, which
             tags.append("best")
     run.save(*tags)
 

@@ -33,6 +33,9 @@ from gcvit.models.gcvit import GCViT
 from gcvit.models.hub import is_hub_name, resolve
 
 WEIGHTS = ("ema", "model")
+# The default choice: the weights that earned the run's best top-1 (a gcvit-train checkpoint records which:
+# progress.best_weights), else the EMA when present.
+BEST = "best"
 # Where training scripts keep each set of weights: ours (model/ema), timm's and the official repo's train.py
 # (state_dict/state_dict_ema), other EMA wrappers (model_ema).
 _KEYS = {"ema": ("ema", "state_dict_ema", "model_ema"), "model": ("model", "state_dict")}
@@ -57,13 +60,20 @@ class Pretrained:
         """How messages name the weights: the Hub name and its cached file, or the path."""
         return f"{self.name} ({self.path})" if self.name else self.path
 
+    @property
+    def choice(self) -> str:
+        """One line: which weights of the file these are, and why when the file decided."""
+        which = "a bare state dict" if self.weights == "plain" else f"its {self.weights} weights"
+        return "; ".join([f"weights: {self.label}: {which}", *self.notes])
 
-def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained",
+
+def read(path: str | Path, weights: str = BEST, what: str = "model.pretrained",
          local_rank: int = 0) -> Pretrained:
-    """The model weights in `path` (a file, or a Hub name: gcvit.models.hub): EMA (when present and `weights`
-    is ema) or raw model weights; `what` names the setting in error messages."""
-    if weights not in WEIGHTS:
-        raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: ema | model")
+    """The model weights in `path` (a file, or a Hub name: gcvit.models.hub): `weights` best (those that
+    earned the run's best top-1, else EMA), ema (when present) or model; `what` names the setting in
+    errors."""
+    if weights not in (BEST, *WEIGHTS):
+        raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: best | ema | model")
     name = str(path) if is_hub_name(str(path)) else None
     p = Path(resolve(str(path), what, local_rank)).expanduser()
     if not p.is_file():
@@ -77,15 +87,30 @@ def read(path: str | Path, weights: str = "ema", what: str = "model.pretrained",
     if found["ema"] is None and found["model"] is None:
         chosen, which = obj, "plain"
     else:
-        which = weights if found[weights] is not None else next(w for w in WEIGHTS if w != weights)
-        if which != weights:
-            notes.append(f"{p} has no {weights.upper() if weights == 'ema' else weights} weights; using its "
+        wanted, earned = earned_best(obj) if weights == BEST else (weights, None)
+        which = wanted if found[wanted] is not None else next(w for w in WEIGHTS if w != wanted)
+        if which != wanted:
+            notes.append(f"{p} has no {wanted.upper() if wanted == 'ema' else wanted} weights; using its "
                          f"{which.upper() if which == 'ema' else which} weights")
+        elif earned:
+            notes.append(earned)
         chosen = obj[found[which]]
     state = unwrap(chosen)
     classes = obj.get("classes") if isinstance(obj.get("classes"), list) else None
     config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else None
     return Pretrained(str(p), state, detect_format(state, f"{what}={p}"), which, classes, config, notes, name)
+
+
+def earned_best(obj: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The weights `best` means in a checkpoint: those its run's best top-1 was earned by, with a line saying
+    so; the EMA (and no line) when the file records none (another trainer's, or no evaluation yet)."""
+    progress = obj.get("progress")
+    which = progress.get("best_weights") if isinstance(progress, Mapping) else None
+    if which not in WEIGHTS:
+        return "ema", None
+    other = "model" if which == "ema" else "ema"
+    return which, (f"the {which} weights earned the run's best top-1 ({progress['best_top1']:.2f}); the "
+                   f"{other} weights on request")
 
 
 def stage_windows(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
