@@ -143,7 +143,9 @@ def test_verify_names_the_bad_sample_of_the_shards(source: Path, tmp_path: Path,
     tar = _write(source, tmp_path / "v") / "data-train-0000.tar"
     key = _change(tar, 4, jpg=raw[:len(raw) // 2])
     assert verify_main([str(tar.parent), "--workers", "1", "--quiet"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr()
+    assert f"{tar.parent}: indexing the train split's 4 WebDataset shards once" in out.err
+    lines = out.out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("corrupt or truncated (")
     assert lines[0].endswith(f"\t{tar}/{key}.jpg")
     assert lines[1] == (f"checked 24 images in {tar.parent} (train: 18, val: 6): 1 bad "
