@@ -152,3 +152,6 @@ def test_verify_names_the_bad_sample_of_the_shards(source: Path, tmp_path: Path,
                         "(1 corrupt or truncated)")
     with pytest.raises(DataError, match="--write-index applies to image folders"):
         verify_main([str(tar.parent), "--write-index", str(tmp_path / "clean")])
+    (tar.parent / "_info.json").unlink()
+    with pytest.raises(DataError, match=r"holds .tar files but no train/ folder, _info.json or pack.json"):
+        load_index(tar.parent, "train")

@@ -110,6 +110,10 @@ def load(root: Path, split: str, *, index_cache: str | None = None, index_dir: s
             raise DataError(f"{path} indexes {index.root}, not {root / split}; point data.index_dir at the "
                             "index written for this data.root")
         return index
+    if not (root / "train").is_dir() and next(root.glob("*.tar"), None) is not None:
+        raise DataError(f"data.root {root} holds .tar files but no train/ folder, _info.json or pack.json; "
+                        "WebDataset shards are read with the _info.json listing them (timm's, as "
+                        "downloaded), a pack with its pack.json")
     classes = list_classes(root / "train")
     split_dir = root / split
     if split != "train":
