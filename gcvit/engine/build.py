@@ -18,6 +18,7 @@ from gcvit.engine import distributed, faults, optim, param_groups, pretrained
 from gcvit.engine.compile import compiled
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.guard import NonFiniteGuard
+from gcvit.engine.step_accounting import StepClock
 from gcvit_data.loaders import build_loader
 
 
@@ -40,6 +41,7 @@ class Parts:
     accum: int  # micro-batches per optimizer step on each rank
     steps_per_epoch: int
     total_steps: int  # schedule length incl. cooldown
+    clock: StepClock  # where each step's time goes, gathered at log steps (gcvit.engine.step_accounting)
     start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
     faults: faults.StepFaults | None = None  # tests only: what GCVIT_TEST_* injects into the steps
 
@@ -103,6 +105,8 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         # Mixup folds label smoothing into its soft targets; without it the plain loss smooths.
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
         accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start,
+        clock=StepClock(env.device, ratio=t.straggler_ratio, windows=t.straggler_windows).watch(
+            model.parameters()),
         faults=faults.step_faults())
 
 

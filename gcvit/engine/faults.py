@@ -45,10 +45,10 @@ class StepFaults:
         self.slow_loader, self.slow_forward = slow_loader, slow_forward
 
     def batches(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """`batches`, each one late by the slow-loader delay of this rank."""
+        """`batches`, each one late by the slow-loader delay of this rank (inside the consumer's next())."""
         for batch in batches:
+            time.sleep(self.slow_loader)
             yield batch
-            time.sleep(self.slow_loader)  # before the next one is handed out: inside the loader's wait
 
     def on_loss(self, loss: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         """The loss of micro-batch `micro` of optimizer step `step`, after pausing or raising when asked."""

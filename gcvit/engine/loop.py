@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from gcvit.engine.run_dir import prepare_run_dir
 from gcvit.engine.runtime import autocast, configure_runtime
 from gcvit.engine.secrets import install_log_redaction, redact
 from gcvit.engine.wandb_logger import WandbLogger
+from gcvit.engine.watchdog import Watchdog, watch
 from gcvit_data.loader_base import AUDIT_ENV, trim_audit
 from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
@@ -88,11 +88,11 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
     device) travel in one all-reduce and the optimizer applies the verdict itself; the loop reads them later.
     """
     lr = p.schedule.apply(p.optimizer)
+    p.clock.start()
     loss_sum, wait = torch.zeros((), device=env.device), 0.0
     for micro in range(p.accum):
-        tic = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - tic
+        batch, waited = p.clock.next_batch(batches)
+        wait += waited
         x, y = batch.images, batch.labels
         if p.mixup is not None:
             x, y = p.mixup(x, y)
@@ -106,10 +106,13 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
                 if p.faults is not None:  # a test's NaN, OOM or pause (gcvit.engine.faults)
                     loss = p.faults.on_loss(loss, p.schedule.step + 1, micro)
             p.scaler.scale(loss / p.accum).backward()
+        if last:
+            p.clock.backward_done()  # DDP's all-reduce is done (queued, on CUDA)
         loss_sum += loss.detach().float()
     p.scaler.unscale_(p.optimizer)
     grad_norm = nn.utils.clip_grad_norm_(p.model.parameters(), cfg.optim.clip_grad or float("inf"))
-    found_inf = p.guard.check(loss_sum, grad_norm, stop)  # a collective: every rank gets the same verdict
+    with p.clock.collective():
+        found_inf = p.guard.check(loss_sum, grad_norm, stop)  # a collective: every rank gets the same verdict
     # Not scaler.step(): it would replace the verdict with its own overflow flag (which the guard's grad
     # norm already covers); update() reads the flag unscale_() recorded.
     optim.step_unless(p.optimizer, found_inf)
@@ -118,6 +121,7 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
     p.schedule.step += 1
     if p.ema is not None:
         p.ema.update(p.model, step=p.schedule.step)
+    p.clock.finish()
     return {"loss": loss_sum / p.accum, "lr": lr, "grad_norm": grad_norm, "wait": wait}
 
 
@@ -157,6 +161,7 @@ class Run:
     ckpt: CheckpointManager
     writer: metrics.MetricsWriter
     wandb: WandbLogger
+    dog: Watchdog  # this rank's heartbeat and stall watchdog
     target: int  # the step the run ends at (trainer.max_steps, else the schedule's end)
     progress: Progress = field(default_factory=Progress)
     loader_state: dict[str, Any] | None = None  # the train loader's place in a resumed epoch, until used
@@ -168,13 +173,15 @@ class Run:
 
     def save(self, *tags: str) -> None:
         """Checkpoint every piece under `tags`; a collective (rank 0 writes once, the rest are hard links)."""
+        self.dog.enter("checkpoint")
         self.p.guard.settle()  # the counters saved include every step so far (a stop policy may still raise)
         state = checkpoint_state(self.p, self.progress, self.wandb, self.cfg)
         if self.env.is_main:
             self.ckpt.save(state, tag=tags)
 
     def close(self, exit_code: int) -> None:
-        """Progress bar, signal handlers and W&B, whichever way the run ends."""
+        """Watchdog, progress bar, signal handlers and W&B, whichever way the run ends."""
+        self.dog.stop()  # while the watchdog handles a stall this waits for it to end the process
         if self.bar is not None:
             self.bar.close()
         self.stop.uninstall()
@@ -209,6 +216,7 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     the run dir is finished already."""
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
+    dog = watch(run_dir, env, t.stall_timeout, t.stall_grace)
     data = resolve_data(cfg, env)
     if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
         os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
@@ -216,12 +224,13 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     # auto-resume from the run dir's newest loadable checkpoint takes precedence over model.pretrained
     latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
     p = build(cfg, env, data, init_weights=not latest)
+    p.clock.phase = dog.enter  # the heartbeat follows each step through its phases
     if p.val_loader.split_record and env.is_main:
         print(describe_split(p.val_loader.split_record), flush=True)
     run = Run(cfg, env, p, run_dir, ckpt, metrics.MetricsWriter(run_dir, env.is_main),
               WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, run_dir,
                           env.is_main),
-              target=min(p.total_steps, t.max_steps or p.total_steps))
+              dog, target=min(p.total_steps, t.max_steps or p.total_steps))
     if latest:
         resume(run, Path(latest))
     if run.progress.step >= run.target:
@@ -229,6 +238,7 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
             print(f"run already finished (step {run.progress.step} of {run.target}) in {run_dir}; nothing "
                   "to do (to train on: raise trainer.max_steps, or sched.cooldown_epochs/sched.epochs with "
                   "trainer.resume=force)")
+        dog.stop()
         return None
     announce(run, data.batch_size)
     # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
@@ -288,6 +298,8 @@ def run_epoch(run: Run) -> bool:
         p.train_loader.load_state_dict(run.loader_state)  # continue mid-epoch at the next sample
     run.loader_state = None
     batches = iter(p.train_loader)
+    if p.faults is not None:  # a test's slow loader (gcvit.engine.faults)
+        batches = p.faults.batches(batches)
     epoch_end = min((epoch + 1) * p.steps_per_epoch, run.target)
     window = metrics.Window(env.device)
     while progress.step < epoch_end:
@@ -297,6 +309,7 @@ def run_epoch(run: Run) -> bool:
         except torch.OutOfMemoryError as e:
             raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
         progress.step += 1
+        run.dog.completed(progress.step)
         window.add(out["loss"], out["wait"])
         if progress.step <= run.warmup_until:
             window.restart_clock()
@@ -311,6 +324,7 @@ def run_epoch(run: Run) -> bool:
             rec = window.record(step=progress.step, epoch=epoch, lr=out["lr"],
                                 grad_norm=float(out["grad_norm"]), global_batch=t.global_batch_size,
                                 world_size=env.world_size, flops_per_image=run.flops, peak=run.peak)
+            rec.update(p.clock.report())  # a gather: each rank's step split, the slowest rank and node
             run.writer.write(rec)
             run.wandb.log(rec, step=progress.step)
             run.bar.show(rec)
@@ -348,6 +362,7 @@ def end_of_epoch(run: Run) -> None:
 def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     """Top-1/top-5 of the model and of its EMA on the val split: logged, printed and returned."""
     env, p, precision = run.env, run.p, run.cfg.trainer.precision
+    run.dog.enter("eval")
     rec: dict[str, Any] = {"kind": "eval", "step": run.progress.step, "epoch": epoch}
     res = evaluate(p.model, p.val_loader, env, precision)
     rec.update(top1=res["top1"], top5=res["top5"], count=res["count"])

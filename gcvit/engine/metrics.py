@@ -154,10 +154,14 @@ class Progress:
                         file=sys.stdout, mininterval=1.0)
 
     def show(self, rec: Mapping[str, Any]) -> None:
-        """Move to the record's step and show its loss, lr, img/s, data-wait share (and MFU on GPU)."""
+        """Move to the record's step and show its loss, lr, img/s, data-wait share (and MFU on GPU), and with
+        several ranks the slowest one (gcvit.engine.step_accounting)."""
         keys = {"loss": "loss", "lr": "lr", "img_per_s": "img/s", "data_wait": "wait", "mfu": "mfu"}
-        self.bar.set_postfix({name: f"{rec[k]:.3g}" for k, name in keys.items() if rec.get(k) is not None},
-                             refresh=False)
+        postfix = {name: f"{rec[k]:.3g}" for k, name in keys.items() if rec.get(k) is not None}
+        if "slowest_rank" in rec:
+            postfix["slowest"] = (f"r{rec['slowest_rank']}@{rec['slowest_host']} {rec['slowest_cause']} "
+                                  f"{rec['slowest_ratio']:.2f}x")
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(rec["step"] - self.bar.n)
 
     def write(self, msg: str) -> None:

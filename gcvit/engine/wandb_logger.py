@@ -75,9 +75,9 @@ class WandbLogger:
                                    config=redact(dict(config)), settings=settings)
 
     def log(self, record: Mapping[str, Any], step: int) -> None:
-        """Forward one metrics record."""
+        """Forward one metrics record: numbers and names, nested records flattened (nodes/HOST/data)."""
         if self._run is not None:
-            self._run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            self._run.log(_flat(record), step=step)
 
     def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """Log rows as one W&B table (the eval summary)."""
@@ -91,3 +91,14 @@ class WandbLogger:
         if self._run is not None:
             self._run.finish(exit_code=exit_code)
             self._run = None
+
+
+def _flat(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The record's numbers and strings (but its kind), nested mappings as PREFIX/KEY."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str)) and k != "kind":
+            out[prefix + k] = v
+    return out

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gcvit.engine.distributed import BUG_EXIT_CODE, NODE_FAULT_EXIT_CODE
+from gcvit.engine import distributed
+from gcvit.engine.distributed import BUG_EXIT_CODE, NODE_FAULT_EXIT_CODE, DistEnv
 
 FLOOR_S = 90.0  # auto timeout never below this: a slow log or metrics write must not end a job
 STEP_FACTOR = 4.0  # auto timeout: this many median steps
@@ -39,6 +40,7 @@ WAITING = ("all-reduce", "step boundary")  # phases in which a rank waits for th
 # A file the launcher names (launch/slurm.sbatch): the winning rank writes the blamed nodes there, one a line,
 # so that the requeued job excludes them.
 FAULT_NODES_ENV = "GCVIT_FAULT_NODES_FILE"
+FR_DUMP_FILE_ENV = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")  # torch 2.9+, older
 _WHERE = {"loading": "the data loader", "compute": "forward/backward", "all-reduce": "all-reduce",
           "step boundary": "the step boundary", "startup": "startup", "eval": "evaluation",
           "checkpoint": "a checkpoint save"}
@@ -87,6 +89,14 @@ def verdict(beats: dict[int, dict[str, Any]], world: int, now: float, silent_aft
             "line": f"stall at step {at}: " + "; ".join(lines)}
 
 
+def watch(run_dir: Path, env: DistEnv, timeout: float | None, grace: float) -> Watchdog:
+    """This rank's started watchdog for a (re)start of the run in `run_dir` (a collective: the ranks agree
+    on the launch's name, so each restart gets its own RUN_DIR/hang/<launch>/)."""
+    launch = distributed.broadcast_object(time.strftime("%Y%m%dT%H%M%S") if env.is_main else None)
+    return Watchdog(run_dir, launch, env.rank, env.world_size, timeout=timeout, grace=grace,
+                    nccl=env.distributed and env.device.type == "cuda").start()
+
+
 class Watchdog:
     """Heartbeat and stall detection of one rank; `timeout` None = auto, 0 = off (no thread, no files)."""
 
@@ -105,6 +115,7 @@ class Watchdog:
         self.dumped = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stalled = threading.Event()  # set while this rank dumps and exits
 
     @property
     def enabled(self) -> bool:
@@ -144,6 +155,12 @@ class Watchdog:
         return 2 * self.tick_s() + 2
 
     def start(self) -> Watchdog:
+        """Write the first heartbeat and start the thread (unless off). On NCCL the flight recorder's own
+        dump at a collective timeout goes into RUN_DIR/hang/ unless TORCH_FR_DUMP_TEMP_FILE or its older
+        name is set (torch reads it when it dumps)."""
+        if self.nccl and not set(FR_DUMP_FILE_ENV) & os.environ.keys():
+            self.hang_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.environ[FR_DUMP_FILE_ENV[0]] = str(self.hang_dir.parent / "nccl-timeout-rank")
         if self.enabled:
             self.beats_dir.mkdir(parents=True, exist_ok=True)
             self.beat()
@@ -152,11 +169,19 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """End the thread; while it is handling a stall, wait for it to end the process instead (a main thread
+        that failed meanwhile, e.g. a collective broken by a rank that already exited, must not exit first
+        with another code)."""
+        if self._stalled.is_set():
+            threading.Event().wait()
         self._stop.set()
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_s()):
-            self.check()
+            try:
+                self.check()
+            except OSError as e:  # a heartbeat not written this tick (file system hiccup): try the next
+                print(f"watchdog: rank {self.rank}: {e}", file=sys.stderr, flush=True)
 
     def beat(self) -> None:
         """Write this rank's heartbeat (atomically: a reader never sees half a file)."""
@@ -185,16 +210,20 @@ class Watchdog:
         found = self.hang_dir / "verdict.json"
         if not found.exists() and self.clock() - self.progress_at <= self.allowed():
             return
-        self.hang_dir.mkdir(parents=True, exist_ok=True)
-        if not found.exists():
-            self._judge(found)
-        self._dump()
-        self._await_dumps()
-        code = json.loads(found.read_text())["code"]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self._stop.set()
-        self._exit(code)
+        self._stalled.set()
+        code = BUG_EXIT_CODE  # if the verdict cannot be read (a failing file system), still end the job
+        try:
+            self.hang_dir.mkdir(parents=True, exist_ok=True)
+            if not found.exists():
+                self._judge(found)
+            self._dump()
+            self._await_dumps()
+            code = json.loads(found.read_text())["code"]
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            self._stop.set()
+            self._exit(code)
 
     def _judge(self, path: Path) -> None:
         """Write the verdict unless another rank did first; print its line if this rank's won."""
@@ -223,7 +252,8 @@ class Watchdog:
             try:
                 from torch._C._distributed_c10d import _dump_nccl_trace  # the recorder's pickled entries
 
-                (self.hang_dir / f"nccl-trace-rank{self.rank}.pkl").write_bytes(_dump_nccl_trace())
+                # <prefix><rank>, as torch's analyser reads them (torch.distributed.flight_recorder.fr_trace)
+                (self.hang_dir / f"nccl-trace-rank{self.rank}").write_bytes(_dump_nccl_trace())
             except Exception as e:  # a dump that fails must not keep the job from exiting
                 print(f"watchdog: no NCCL flight recorder dump on rank {self.rank}: {e}", file=sys.stderr)
         self.dumped = True
