@@ -22,7 +22,7 @@ from gcvit.config import Config, to_container
 from gcvit.engine import distributed, metrics, optim
 from gcvit.engine.build import Parts, build, ema_lag
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.compile import compiled
+from gcvit.engine.compile import CompileClock, compiled, how, use_cache
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.eval_scores import evaluate
@@ -170,6 +170,7 @@ class Run:
     flops: float | None = None  # training FLOPs per image (CUDA only), for MFU
     peak: float | None = None  # the device's peak FLOP/s at trainer.precision, when known
     warmup_until: int = 0  # img/s leaves out the steps up to this one (compilation after a (re)start)
+    compile_clock: CompileClock | None = None  # times the first compiled step, then says cold or warm
 
     def save(self, *tags: str) -> None:
         """Checkpoint every piece under `tags`; a collective (rank 0 writes once, the rest are hard links)."""
@@ -217,6 +218,7 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
     dog = watch(run_dir, env, t.stall_timeout, t.stall_grace)
+    cache = use_cache(cfg, run_dir) if compiled(cfg, env) else None  # before anything compiles
     data = resolve_data(cfg, env)
     if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
         os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
@@ -242,7 +244,8 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
         return None
     announce(run, data.batch_size)
     # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
-    run.warmup_until = run.progress.step + (COMPILE_WARMUP_STEPS if compiled(cfg, env) else 0)
+    run.warmup_until = run.progress.step + (COMPILE_WARMUP_STEPS if cache else 0)
+    run.compile_clock = CompileClock(how(cfg, env), t.compile_mode, cache) if cache and env.is_main else None
     run.bar = metrics.Progress(total=run.target, initial=run.progress.step,
                                enabled=env.is_main and cfg.logger.progress)
     p.model.train()
@@ -310,6 +313,9 @@ def run_epoch(run: Run) -> bool:
             raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
         progress.step += 1
         run.dog.completed(progress.step)
+        if run.compile_clock is not None:  # the first step after a (re)start compiled (or loaded) the graphs
+            run.bar.write(run.compile_clock.report())
+            run.compile_clock = None
         window.add(out["loss"], out["wait"])
         if progress.step <= run.warmup_until:
             window.restart_clock()
