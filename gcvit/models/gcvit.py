@@ -323,18 +323,16 @@ class GCViT(TimmApi, nn.Module):
     def set_kernels(self, attention: str | None = None, norm: str | None = None) -> None:
         """Choose the attention kernel (ATTENTION_KINDS) and LayerNorm's precision (NORM_KINDS) of every
         block; None keeps the current choice. `auto` is the measured choice for the device of each call."""
-        if attention is not None:
-            if attention not in ATTENTION_KINDS:
-                raise ValueError(f"attention={attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        choices = (("attention", attention, ATTENTION_KINDS, WindowAttention, "kernel"),
+                   ("norm", norm, NORM_KINDS, LayerNorm, "kind"))
+        for key, value, kinds, cls, attr in choices:
+            if value is None:
+                continue
+            if value not in kinds:
+                raise ValueError(f"{key}={value!r}; choose one of {', '.join(kinds)}")
             for m in self.modules():
-                if isinstance(m, WindowAttention):
-                    m.kernel = attention
-        if norm is not None:
-            if norm not in NORM_KINDS:
-                raise ValueError(f"norm={norm!r}; choose one of {', '.join(NORM_KINDS)}")
-            for m in self.modules():
-                if isinstance(m, LayerNorm):
-                    m.kind = norm
+                if isinstance(m, cls):
+                    setattr(m, attr, value)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
