@@ -75,13 +75,13 @@ def test_ddp_two_ranks_equals_one_process_with_and_without_accumulation(tmp_path
 
 def test_ddp_wrapper_settings_and_what_justifies_them(tmp_path: Path) -> None:
     """Bucket-view gradients always; static graph only without no_sync accumulation or unused parameters; no
-    per-forward buffer broadcast, since no variant has a buffer worth broadcasting (only the constant
-    rel-pos indices, outside the state_dict)."""
+    per-forward buffer broadcast, since no variant has a buffer worth broadcasting (only constants set at
+    build time, outside the state_dict: the rel-pos indices and the drop path keep probabilities)."""
     for name in gcvit.list_models():
         with torch.device("meta"):
             model = gcvit.create_model(name)
         buffers = dict(model.named_buffers())
-        assert all(n.endswith(".rel_index") for n in buffers)
+        assert all(n.endswith((".rel_index", ".keep_prob")) for n in buffers)
         assert not buffers.keys() & model.state_dict().keys()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:

@@ -15,7 +15,7 @@ from torch import nn
 import gcvit
 from gcvit.config import Config, TrainerConfig
 from gcvit.engine import distributed, faults, optim, param_groups, pretrained
-from gcvit.engine.compile import compiled
+from gcvit.engine.compile import compile_model, how, kernels
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.step_accounting import StepClock
@@ -63,6 +63,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
     model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
                                img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
                                **cfg.model.overrides)
+    model.set_kernels(*kernels(cfg, env, training=True))
     start = None
     if init_weights:  # before .to(device): the file is read onto the CPU
         start = pretrained.start_from(model, cfg.model, train_loader.classes, env.is_main, env.local_rank)
@@ -90,7 +91,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
     smoothing = aug.label_smoothing
     return Parts(
         train_loader=train_loader, val_loader=val_loader, model=model,
-        net=torch.compile(net) if compiled(cfg, env) else net,
+        net=compile_model(net, model, how(cfg, env), t.compile_mode),
         ema=ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema_decay else None,
         optimizer=optim.build_optimizer(model, lr=base_lr, weight_decay=cfg.optim.weight_decay,
                                         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, impl=cfg.optim.impl,
