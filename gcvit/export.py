@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gcvit.engine.pretrained import BEST, WEIGHTS, Pretrained, read
-from gcvit.models.checkpoint import CheckpointLoadError, describe
+from gcvit.models.checkpoint import CheckpointError, describe
 from gcvit.models.gcvit import GCViT
 from gcvit.predict import build
 from gcvit_data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load(args.checkpoint, img_size=args.img_size, weights=args.weights)
         report = export(loaded, args.out, to=args.to, opset=args.opset, dynamic_batch=args.dynamic_batch,
                         check_batch=args.check_batch, tolerance=args.tolerance)
-    except (CheckpointLoadError, ExportError, OSError, ValueError) as e:
+    except (CheckpointError, ExportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     diffs = ", ".join(f"batch {n}: {d:.2e}" for n, d in report["max_abs_logit_diff"].items())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gcvit.engine.pretrained import BEST, WEIGHTS, Pretrained, read
-from gcvit.models.checkpoint import CheckpointLoadError, infer_config, load_checkpoint
+from gcvit.models.checkpoint import CheckpointError, infer_config, load_checkpoint
 from gcvit.models.gcvit import GCViT
 from gcvit_data.index import IMAGE_EXTENSIONS, BadImage, Index
 from gcvit_data.loaders import normalize_on
@@ -36,7 +36,7 @@ def build(src: Pretrained, img_size: int | None = None) -> GCViT:
     windows = [w * size / trained_at for w in cfg["window_size"]]
     if any(w != int(w) for w in windows):
         step = trained_at // math.gcd(trained_at, *cfg["window_size"])
-        raise CheckpointLoadError(f"--img-size {size} scales the windows {cfg['window_size']} of "
+        raise CheckpointError(f"--img-size {size} scales the windows {cfg['window_size']} of "
                                   f"{trained_at} px to {windows}; pick a size that keeps them whole (a "
                                   f"multiple of {step})")
     cfg.update(img_size=size, window_size=tuple(int(w) for w in windows))
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = read(args.checkpoint, args.weights, what="checkpoint")
         model = build(src, args.img_size)
-    except (CheckpointLoadError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(src.choice, file=sys.stderr, flush=True)  # stderr: stdout holds only the predictions (--json)

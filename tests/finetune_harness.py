@@ -90,7 +90,7 @@ def resolve_on_rank(rank: int, out: str, names: list[str]) -> None:
     import torch.distributed as dist
 
     from gcvit.models import hub
-    from gcvit.models.checkpoint import CheckpointLoadError
+    from gcvit.models.checkpoint import CheckpointError
 
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     real, calls, record = hub.hf_hub_download, [], {}
@@ -113,7 +113,7 @@ def resolve_on_rank(rank: int, out: str, names: list[str]) -> None:
         dist.barrier()  # rank 1 has finished the previous name
         try:
             result = hub.resolve(name, "model.pretrained", local_rank=rank)
-        except CheckpointLoadError as e:
+        except CheckpointError as e:
             result = f"error: {e}"
         record[name] = {"calls": list(calls), "result": result}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))

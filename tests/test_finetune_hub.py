@@ -14,7 +14,7 @@ from finetune_harness import HUB_NAME, TINY_64, hub_env, resolve_on_rank, train,
 
 from gcvit.engine.pretrained import read
 from gcvit.export import load
-from gcvit.models.checkpoint import CheckpointLoadError
+from gcvit.models.checkpoint import CheckpointError
 from gcvit.predict import build, main
 from gcvit_data.demo import ensure_demo_dataset
 
@@ -72,7 +72,7 @@ def test_a_name_not_in_the_cache_is_one_line(offline, capsys) -> None:
         "the Hub is reachable, with the same HF_HOME (`hf download timm/gcvit_nope.in1k`), or pass the "
         "weights file's path\n")
     line = r"^model.pretrained=hf-hub:gcvit_tiny: a Hub name is hf-hub:ORG/REPO\[@REVISION\]; timm's GC ViT "
-    with pytest.raises(CheckpointLoadError, match=line):
+    with pytest.raises(CheckpointError, match=line):
         read("hf-hub:gcvit_tiny")
 
 

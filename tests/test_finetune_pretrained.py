@@ -9,7 +9,7 @@ from timm.models.gcvit import GlobalContextVit
 
 import gcvit
 from gcvit.engine.pretrained import initialise, read
-from gcvit.models.checkpoint import CheckpointLoadError, from_native
+from gcvit.models.checkpoint import CheckpointError, from_native
 
 ARCH = dict(dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
 TABLE = "relative_position_bias_table"
@@ -114,17 +114,17 @@ def test_same_class_count_with_other_class_names_reinitialises_the_head(tmp_path
 
 
 def test_bad_starting_weights_are_one_line(tmp_path) -> None:
-    with pytest.raises(CheckpointLoadError, match=r"^model.pretrained=\S+missing.pth: no such file; pass "):
+    with pytest.raises(CheckpointError, match=r"^model.pretrained=\S+missing.pth: no such file; pass "):
         read(tmp_path / "missing.pth")
     deeper = gcvit.create_model("gcvit_xxtiny", num_classes=10, img_size=64,
                                 **{**ARCH, "depths": (2, 2, 4, 2)})
     torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
-    with pytest.raises(CheckpointLoadError) as info:
+    with pytest.raises(CheckpointError) as info:
         initialise(_model(5), read(tmp_path / "deeper.pth"), head_init_scale=0.001)
     msg = str(info.value)
     assert "\n" not in msg and "does not fit this model" in msg and "depths (2, 2, 4, 2)" in msg
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointLoadError, match="is not a GC ViT checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a GC ViT checkpoint"):
         read(tmp_path / "other.pth")
 
 

@@ -14,7 +14,7 @@ import torch
 import gcvit
 from gcvit.convert import main as convert_main
 from gcvit.models.checkpoint import (
-    CheckpointLoadError,
+    CheckpointError,
     detect_format,
     from_native,
     infer_config,
@@ -58,16 +58,16 @@ def test_timm_state_dict_loads_into_create_model(tmp_path: Path) -> None:
 
 def test_mismatch_is_one_line_naming_keys_and_variant() -> None:
     small = _debug(depths=(2, 2, 4, 2))
-    with pytest.raises(CheckpointLoadError) as info:
+    with pytest.raises(CheckpointError) as info:
         gcvit.load_checkpoint(_debug(), from_native(small.state_dict(), "official"))
     msg = str(info.value)
     assert "\n" not in msg
     assert "unexpected levels.2.blocks.2.norm1.weight" in msg  # the file's own names, first ones listed
     assert "depths (2, 2, 4, 2)" in msg and "depths (2, 2, 2, 2)" in msg
-    with pytest.raises(CheckpointLoadError, match=r"looks like gcvit_xxtiny .*10 classes.*num_classes"):
+    with pytest.raises(CheckpointError, match=r"looks like gcvit_xxtiny .*10 classes.*num_classes"):
         ten = gcvit.create_model("gcvit_xxtiny", num_classes=10).state_dict()
         gcvit.load_checkpoint(gcvit.create_model("gcvit_xxtiny"), from_native(ten, "timm"))
-    with pytest.raises(CheckpointLoadError, match=r"is not a GC ViT checkpoint .*keys start fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"is not a GC ViT checkpoint .*keys start fc\.weight"):
         gcvit.load_checkpoint(_debug(), {"fc.weight": torch.zeros(2, 2)})
 
 
@@ -110,7 +110,7 @@ class _RunsCode:
 def test_safe_load_refuses_code_in_one_line(tmp_path: Path) -> None:
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
     torch.save({"state_dict": _debug().state_dict(), "x": _RunsCode(marker)}, evil)
-    with pytest.raises(CheckpointLoadError) as info:
+    with pytest.raises(CheckpointError) as info:
         gcvit.load_checkpoint(_debug(), evil)
     msg = str(info.value)
     assert "\n" not in msg and str(evil) in msg and "system" in msg and "arbitrary code" in msg

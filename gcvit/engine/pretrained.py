@@ -22,7 +22,7 @@ import torch
 from timm.layers import trunc_normal_
 
 from gcvit.models.checkpoint import (
-    CheckpointLoadError,
+    CheckpointError,
     detect_format,
     fit_state_dict,
     safe_load,
@@ -73,15 +73,15 @@ def read(path: str | Path, weights: str = BEST, what: str = "model.pretrained",
     earned the run's best top-1, else EMA), ema (when present) or model; `what` names the setting in
     errors."""
     if weights not in (BEST, *WEIGHTS):
-        raise CheckpointLoadError(f"{what} weights={weights!r} are invalid; allowed: best | ema | model")
+        raise CheckpointError(f"{what} weights={weights!r} are invalid; allowed: best | ema | model")
     name = str(path) if is_hub_name(str(path)) else None
     p = Path(resolve(str(path), what, local_rank)).expanduser()
     if not p.is_file():
-        raise CheckpointLoadError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
+        raise CheckpointError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
                                   "gcvit-train checkpoint (.pth/.pt/.safetensors) or hf-hub:ORG/REPO")
     obj = safe_load(p)
     if not isinstance(obj, Mapping):
-        raise CheckpointLoadError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
     found = {w: next((k for k in _KEYS[w] if isinstance(obj.get(k), Mapping)), None) for w in WEIGHTS}
     notes = []
     if found["ema"] is None and found["model"] is None:

@@ -19,7 +19,7 @@ from torch import nn
 from gcvit.models.gcvit import GCViT, relative_position_index
 from gcvit.variants import VARIANTS
 
-__all__ = ["CheckpointError", "CheckpointLoadError", "safe_load", "load_error", "load_checkpoint",
+__all__ = ["CheckpointError", "safe_load", "load_error", "load_checkpoint",
            "fit_state_dict", "detect_format", "unwrap", "to_native", "from_native", "infer_config",
            "describe", "FORMATS"]
 
@@ -35,9 +35,6 @@ _SAFE_GLOBALS = [argparse.Namespace, np.dtype, *_DTYPES,
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, read or fitted to the model; one line naming the file and what to do.
     (Written: gcvit.engine.checkpoint; read and fitted: here.)"""
-
-
-CheckpointLoadError = CheckpointError  # its earlier name, still part of this module's public API
 
 
 def safe_load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from gcvit.models.checkpoint import CheckpointLoadError
+from gcvit.models.checkpoint import CheckpointError
 
 PREFIX = "hf-hub:"
 # What timm pushes to its Hub repos, in the order timm's loader tries them (safetensors needs no unpickling).
@@ -38,11 +38,11 @@ def split(spec: str) -> tuple[str, str | None]:
 
 def fetch(spec: str, what: str, local_files_only: bool = False) -> str:
     """The cached file of Hub name `spec` (downloaded when missing and allowed); a one-line
-    CheckpointLoadError naming `what`, the name and the cache when it cannot be had."""
+    CheckpointError naming `what`, the name and the cache when it cannot be had."""
     repo, revision = split(spec)
     where = f"{what}={spec}"
     if repo.count("/") != 1:
-        raise CheckpointLoadError(f"{where}: a Hub name is hf-hub:ORG/REPO[@REVISION]; {HINT}")
+        raise CheckpointError(f"{where}: a Hub name is hf-hub:ORG/REPO[@REVISION]; {HINT}")
     uncached = False
     for name in FILES:
         try:
@@ -53,21 +53,21 @@ def fetch(spec: str, what: str, local_files_only: bool = False) -> str:
         except EntryNotFoundError:  # the repository exists but lacks this file: try the next one
             continue
         except RepositoryNotFoundError:  # also gated and private repositories without a token
-            raise CheckpointLoadError(
+            raise CheckpointError(
                 f"{where}: no such repository on the Hub (or it is gated/private: set HF_TOKEN or run "
                 f"`hf auth login`); {HINT}") from None
         except RevisionNotFoundError:
-            raise CheckpointLoadError(f"{where}: {repo} has no revision {revision!r}; drop @{revision} for "
+            raise CheckpointError(f"{where}: {repo} has no revision {revision!r}; drop @{revision} for "
                                       "the latest") from None
         except HFValidationError as e:
-            raise CheckpointLoadError(f"{where}: not a valid Hub name ({str(e).splitlines()[0]}); "
+            raise CheckpointError(f"{where}: not a valid Hub name ({str(e).splitlines()[0]}); "
                                       f"{HINT}") from None
     if uncached:
         why = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else "the Hub was not reachable"
-        raise CheckpointLoadError(
+        raise CheckpointError(
             f"{where}: not in the Hub cache {constants.HF_HUB_CACHE} and {why}; fetch it once where the Hub "
             f"is reachable, with the same HF_HOME (`hf download {repo}`), or pass the weights file's path")
-    raise CheckpointLoadError(f"{where}: {repo} has neither {' nor '.join(FILES)}; pass a weights file's "
+    raise CheckpointError(f"{where}: {repo} has neither {' nor '.join(FILES)}; pass a weights file's "
                               "path")
 
 
@@ -82,7 +82,7 @@ def resolve(spec: str, what: str, local_rank: int = 0) -> str:
     if local_rank == 0:
         try:
             path = fetch(spec, what)
-        except CheckpointLoadError as e:  # raised after the barrier: the waiting ranks are not left hanging
+        except CheckpointError as e:  # raised after the barrier: the waiting ranks are not left hanging
             error = e
     dist.barrier()
     if error is not None:
