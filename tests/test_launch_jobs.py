@@ -29,17 +29,17 @@ TINY = ("debug=tiny", "trainer.deterministic=true", f"trainer.max_steps={TARGET}
 pytestmark = pytest.mark.slow
 
 
-def job_env() -> dict[str, str]:
+def job_env(**extra: str) -> dict[str, str]:
     """The environment sbatch exports to the job: this venv's python, this checkout, one thread."""
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))  # also without `pip -e`
-    return child_env(GCVIT_PYTHON=sys.executable, GCVIT_REPO=str(REPO), PYTHONPATH=path)
+    return child_env(GCVIT_PYTHON=sys.executable, GCVIT_REPO=str(REPO), PYTHONPATH=path, **extra)
 
 
-def sbatch(out_dir: Path, *args: str, wait: bool = False) -> subprocess.CompletedProcess:
+def sbatch(out_dir: Path, *args: str, wait: bool = False, **env: str) -> subprocess.CompletedProcess:
     """Submit launch/slurm.sbatch as 2 tasks of 1 CPU with its log in `out_dir`, from `out_dir`."""
     cmd = ["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", f"--output={out_dir}/slurm-%j.out",
            "--time=10", *(["--wait"] if wait else []), str(SBATCH), *args]
-    return subprocess.run(cmd, cwd=out_dir, env=job_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=out_dir, env=job_env(**env), capture_output=True, text=True, timeout=300)
 
 
 def job_field(job: str, name: str) -> str:
@@ -172,6 +172,49 @@ def test_preempted_job_requeues_resumes_and_matches_uninterrupted(reference: Pat
     assert resumed, text[-4000:]
     stopped = int(resumed.group(1))
     assert 1 <= stopped < TARGET < steps_per_epoch(run), f"not stopped mid-epoch: step {stopped}"
+    assert sorted(losses(run)) == sorted(losses(reference))
+    final, ref = state(run), state(reference)
+    assert_states_equal(ref["model"], final["model"], "model")
+    assert_states_equal(ref["ema"], final["ema"], "ema")
+
+
+@pytest.mark.slurm
+def test_a_frozen_rank_requeues_the_job_without_its_node_and_it_resumes_bitwise(reference: Path,
+                                                                               tmp_path: Path) -> None:
+    """SIGSTOP on rank 1 mid-epoch: rank 0's watchdog blames rank 1's node and exits 76, the batch script
+    requeues the job excluding that node; lifted (this cluster has one node), the job resumes from its last
+    checkpoint and ends with the uninterrupted run's weights, bit for bit."""
+    run = tmp_path / "run"
+    # rank 0 gets each batch 0.3 s late (numerically a no-op), so the freeze lands before the last step
+    res = sbatch(tmp_path, *TINY, "trainer.ckpt_every_steps=2", "trainer.stall_timeout=10",
+                 f"trainer.output_dir={run}", GCVIT_TEST_SLOW_LOADER="0:0.3")
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    wait_for_step(run, 3)
+    victim = rank_pid(run, "SLURM_PROCID=1")
+    os.kill(victim, signal.SIGSTOP)
+    deadline = time.monotonic() + 120
+    while not list(run.glob("hang/*/verdict.json")):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    (verdict_file,) = run.glob("hang/*/verdict.json")
+    verdict = json.loads(verdict_file.read_text())
+    os.kill(victim, signal.SIGKILL)  # what srun --wait=60 does to the frozen rank a minute later
+    wait_state(job, {"PENDING"})
+    node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                          timeout=30).stdout.split()[0]  # the cluster's one node
+    assert verdict["stuck"] == [1] and verdict["nodes"] == [node], verdict
+    assert job_field(job, "ExcNodeList") == node and job_field(job, "Restarts") == "1"
+    assert f"node fault suspected on {node} (exit " in log.read_text()
+    time.sleep(3)  # as release_requeued: slurmd's revoked credential
+    subprocess.run(["scontrol", "update", f"JobId={job}", "ExcNodeList=", "StartTime=now"], check=True,
+                   timeout=30)
+    final_state = wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    text = log.read_text()
+    assert final_state == "COMPLETED", f"{final_state} {job_field(job, 'Reason')}\n{text[-4000:]}"
+    resumed = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) >= 2, text[-4000:]
     assert sorted(losses(run)) == sorted(losses(reference))
     final, ref = state(run), state(reference)
     assert_states_equal(ref["model"], final["model"], "model")

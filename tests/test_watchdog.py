@@ -50,8 +50,10 @@ def test_allowance_is_grace_while_starting_evaluating_saving_then_a_multiple_of_
     for phase in ("eval", "checkpoint"):
         w.enter(phase)
         assert w.allowed() == 300
-    w.enter("loading")  # back to training: the next steps warm up again (the loader restarts)
+    w.enter("loading")  # back to training: the first step may restart the loader
     assert w.allowed() == 300
+    steps(w, clock, 1, dt=1)
+    assert w.allowed() == FLOOR_S
     assert dog(tmp_path, clock, timeout=7).timeout == 7 and not dog(tmp_path, clock, timeout=0).enabled
 
 

@@ -6,6 +6,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from types import FrameType
@@ -77,6 +78,12 @@ def _launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def node_name() -> str:
+    """This process's node as the scheduler names it (SLURMD_NODENAME under srun, which --exclude takes),
+    else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def resolve_device(kind: str, local_rank: int = 0) -> torch.device:
     """The torch device for `trainer.device` (auto|cpu|cuda) on this process."""
     if kind == "auto":
@@ -134,8 +141,8 @@ def wrap_ddp(model: nn.Module, device: torch.device, unused: list[str],
         # The same graph every step lets DDP fix its bucket order after the first; no_sync steps and
         # unused parameters break that promise.
         static_graph=not unused and accum == 1,
-        # The only buffers are the constant rel-pos indices (persistent=False, rebuilt by the official
-        # converter): nothing to broadcast before every forward.
+        # The only buffers are constants set at build time (persistent=False): the rel-pos indices and the
+        # drop path keep probabilities: nothing to broadcast before every forward.
         **no_buffer_sync)
 
 

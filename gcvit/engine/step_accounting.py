@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import socket
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from gcvit.engine import distributed
 
 PARTS = ("data", "copy", "compute", "comm")
 # What a rank slow in each part points at, alone or together with every rank of its node.
@@ -192,7 +193,7 @@ class StepClock:
         self.sums, self.steps = [0.0] * len(PARTS), 0
         active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if self._hosts is None:
-            self._hosts = [socket.gethostname()]
+            self._hosts = [distributed.node_name()]
             if active:
                 gathered: list[Any] = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, self._hosts[0])

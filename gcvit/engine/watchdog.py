@@ -4,7 +4,7 @@ Each rank's main thread only records where it is (step and phase: a few attribut
 per rank writes that as a heartbeat file (RUN_DIR/heartbeats/rank-N.json, shared by all nodes like the
 checkpoints) and checks that a step completed within the allowed time: `timeout` seconds (auto: 4 x the
 median step, at least FLOOR_S), or `grace` seconds while starting up or compiling (the first WARM_STEPS
-steps after a start or a long phase), evaluating or saving a checkpoint. Files rather than the process
+steps after a start), evaluating or saving a checkpoint (and the step after). Files rather than the process
 group's store: with srun the store lives inside rank 0, which may be the rank that froze.
 
 On a stall every live rank writes its Python stacks (faulthandler) and, on NCCL, the flight recorder into
@@ -19,7 +19,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -34,7 +33,9 @@ from gcvit.engine.distributed import BUG_EXIT_CODE, NODE_FAULT_EXIT_CODE, DistEn
 
 FLOOR_S = 90.0  # auto timeout never below this: a slow log or metrics write must not end a job
 STEP_FACTOR = 4.0  # auto timeout: this many median steps
-WARM_STEPS = 2  # steps after a start or a long phase that still get `grace` (compilation, loader start)
+# Steps after a start that still get `grace` (compilation); after an evaluation or a save only the next step
+# does (the loader may restart for a new epoch).
+WARM_STEPS = 2
 LONG = ("startup", "eval", "checkpoint")  # phases allowed `grace`
 WAITING = ("all-reduce", "step boundary")  # phases in which a rank waits for the others
 # A file the launcher names (launch/slurm.sbatch): the winning rank writes the blamed nodes there, one a line,
@@ -75,7 +76,8 @@ def verdict(beats: dict[int, dict[str, Any]], world: int, now: float, silent_aft
                 f"{now - hb['since']:.0f} s ago"
         lines.append(where + (f", silent for {now - hb['beat']:.0f} s (process frozen or node down)"
                               if silent else ""))
-    steps = [hb["step"] for hb in beats.values()]
+    # the step the waiting ranks are in (their beats are fresh; a silent rank's may be a tick old)
+    steps = [beats[r]["step"] for r in waiting] or [hb["step"] for hb in beats.values()]
     at = min(steps) + 1 if steps else 0
     if waiting:
         where = "all-reduce" if all(beats[r]["phase"] == "all-reduce" for r in waiting) else "collectives"
@@ -107,7 +109,7 @@ class Watchdog:
         self.launch, self.rank, self.world = launch, rank, world
         self.timeout, self.grace, self.nccl = timeout, grace, nccl
         self.clock, self._exit = clock, exit
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.pid = distributed.node_name(), os.getpid()
         self.step, self.phase = 0, "startup"
         self.since = self.progress_at = clock()
         self.warm = 0  # steps completed since the last start or long phase
@@ -126,7 +128,7 @@ class Watchdog:
         """This rank is now in `phase`; entering or leaving a long phase restarts the clock."""
         now = self.clock()
         if phase in LONG or self.phase in LONG:
-            self.progress_at, self.warm = now, 0
+            self.progress_at, self.warm = now, min(self.warm, WARM_STEPS - 1)
         self.phase, self.since = phase, now
 
     def completed(self, step: int) -> None:
@@ -139,10 +141,12 @@ class Watchdog:
     # ---- the watchdog thread
     def allowed(self) -> float:
         """Seconds this rank may go without progress in its current phase."""
-        if self.phase in LONG or self.warm < WARM_STEPS or not self.durations:
+        if self.phase in LONG or self.warm < WARM_STEPS:
             return self.grace
         if self.timeout is not None:
             return self.timeout
+        if not self.durations:
+            return self.grace
         return max(FLOOR_S, STEP_FACTOR * statistics.median(self.durations))
 
     def tick_s(self) -> float:
@@ -178,10 +182,7 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_s()):
-            try:
-                self.check()
-            except OSError as e:  # a heartbeat not written this tick (file system hiccup): try the next
-                print(f"watchdog: rank {self.rank}: {e}", file=sys.stderr, flush=True)
+            self.check()
 
     def beat(self) -> None:
         """Write this rank's heartbeat (atomically: a reader never sees half a file)."""
@@ -206,7 +207,10 @@ class Watchdog:
 
     def check(self) -> None:
         """One tick: beat, then act on a verdict (another rank's or our own)."""
-        self.beat()
+        try:
+            self.beat()
+        except OSError as e:  # a file system hiccup must not stop the stall check; the others see us silent
+            print(f"watchdog: rank {self.rank} wrote no heartbeat: {e}", file=sys.stderr, flush=True)
         found = self.hang_dir / "verdict.json"
         if not found.exists() and self.clock() - self.progress_at <= self.allowed():
             return
@@ -219,6 +223,9 @@ class Watchdog:
             self._dump()
             self._await_dumps()
             code = json.loads(found.read_text())["code"]
+        except OSError as e:  # the run directory is unwritable: end the job all the same, and say why
+            print(f"watchdog: rank {self.rank} saw no step for {self.clock() - self.progress_at:.0f} s and "
+                  f"could not write its verdict or stacks ({e}); exiting {code}", file=sys.stderr, flush=True)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
