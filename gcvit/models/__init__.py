@@ -1,4 +1,4 @@
-"""The GC ViT model zoo: variant registry and factory."""
+"""The GC ViT model zoo: create_model, the factory of the variants named in gcvit/variants.py."""
 
 from __future__ import annotations
 
