@@ -26,7 +26,9 @@ from hydra import compose, initialize_config_dir
 from gcvit import list_models
 from gcvit.config import from_hydra, register
 from gcvit.engine import distributed
-from gcvit.engine.loop import build, train_step
+from gcvit.engine.build import build
+from gcvit.engine.loop import train_step
+from gcvit.engine.provenance import environment
 from gcvit.engine.step_accounting import StepClock
 from gcvit_data.resolve import resolve_data
 
@@ -99,7 +101,7 @@ def main() -> None:
     print(json.dumps({"model": args.model, "steps": args.steps * args.rounds, "step_s_with": step_on,
                       "step_s_without": step_off, "difference": step_on / step_off - 1,
                       "clock_us_per_step": calls, "clock_share": calls * 1e-6 / step_off,
-                      "threads": torch.get_num_threads()}, indent=1))
+                      "threads": torch.get_num_threads(), **environment(env.device)}, indent=1))
 
 
 if __name__ == "__main__":

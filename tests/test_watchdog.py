@@ -45,7 +45,7 @@ def test_allowance_is_grace_while_starting_evaluating_saving_then_a_multiple_of_
     assert w.allowed() == 300 and not w.durations
     steps(w, clock, 5, dt=40)
     assert w.allowed() == 4 * 40
-    steps(w, clock, 5, dt=1)
+    steps(w, clock, 10, dt=1)
     assert w.allowed() == FLOOR_S  # fast steps: the floor
     for phase in ("eval", "checkpoint"):
         w.enter(phase)

@@ -235,6 +235,7 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
               dog, target=min(p.total_steps, t.max_steps or p.total_steps))
     if latest:
         resume(run, Path(latest))
+        dog.step = run.progress.step  # a stall before the first step names the step it was in
     if run.progress.step >= run.target:
         if env.is_main:
             print(f"run already finished (step {run.progress.step} of {run.target}) in {run_dir}; nothing "

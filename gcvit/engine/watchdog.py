@@ -31,7 +31,7 @@ from typing import Any
 from gcvit.engine import distributed
 from gcvit.engine.distributed import BUG_EXIT_CODE, NODE_FAULT_EXIT_CODE, DistEnv
 
-FLOOR_S = 90.0  # auto timeout never below this: a slow log or metrics write must not end a job
+FLOOR_S = 75.0  # auto timeout never below this: a slow log step or a GC pause must not end a job
 STEP_FACTOR = 4.0  # auto timeout: this many median steps
 # Steps after a start that still get `grace` (compilation); after an evaluation or a save only the next step
 # does (the loader may restart for a new epoch).
@@ -269,7 +269,7 @@ class Watchdog:
     def _await_dumps(self) -> None:
         """Until every rank that still beats has dumped too (bounded: a rank may die meanwhile)."""
         tick = self.tick_s()
-        deadline = time.monotonic() + 3 * tick + 10
+        deadline = time.monotonic() + 2 * tick + 5
         while time.monotonic() < deadline:
             now = self.clock()
             live = [hb for hb in self.beats().values() if now - hb["beat"] <= self.silent_after()]
