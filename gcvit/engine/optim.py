@@ -1,15 +1,14 @@
-"""Optimizer construction (weight-decay groups, lr scaling, torch/apex AdamW), the per-step schedule and
-the gradient-accumulation arithmetic."""
+"""The optimizer of a run and what drives it: torch/apex AdamW, the per-step lr schedule, lr scaling and
+gradient accumulation (which parameters it updates: param_groups.py)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gcvit.engine.param_groups import layer_decay_groups
+from gcvit.engine.param_groups import layer_decay_groups, weight_decay_groups
 
 
 def scaled_lr(lr: float, lr_batch_size: int, global_batch_size: int) -> float:
@@ -38,31 +37,14 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
     return global_batch_size // per_step
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
-    """Two groups: decayed weights, and undecayed norms/biases/rel-pos tables (1-d or named by the model)."""
-    skip = set(no_decay)
-    decay, plain = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # The model lists its own exceptions (rel-pos tables are 2-d); 1-d tensors are norms and biases.
-        named = name in skip or any(name.endswith("." + s) or name.startswith(s + ".") for s in skip)
-        if p.ndim <= 1 or named:
-            plain.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-
-
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, impl: str, layer_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (or layer_decay_groups with `layer_decay`): torch's fused kernels (CPU and
-    CUDA) or apex's FusedAdam."""
+    """AdamW over weight_decay_groups (or layer_decay_groups with `layer_decay`): torch's fused kernels (CPU
+    and CUDA) or apex's FusedAdam."""
     if layer_decay is not None:
         groups = layer_decay_groups(model, weight_decay, layer_decay)
     else:
-        no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-        groups = param_groups(model, weight_decay, no_decay)
+        groups = weight_decay_groups(model, weight_decay)
     if impl == "apex":
         try:
             from apex.optimizers import FusedAdam

@@ -1,5 +1,5 @@
-"""Which parameters train, with which weight decay and lr scale: layer-wise lr decay (optim.layer_decay)
-through timm, over the depth order the model's group_matcher() defines."""
+"""Which parameters train, with which weight decay and lr scale: plain weight-decay groups, or layer-wise lr
+decay (optim.layer_decay) through timm over the depth order the model's group_matcher() defines."""
 from __future__ import annotations
 
 from timm.models import group_parameters
@@ -9,12 +9,33 @@ from torch import nn
 from gcvit.config import FREEZE
 
 
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms/biases/rel-pos tables (1-d or named by the model's
+    no_weight_decay()); frozen parameters are left out."""
+    skip = _no_decay(model)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # The model lists its own exceptions (rel-pos tables are 2-d); 1-d tensors are norms and biases.
+        named = name in skip or any(name.endswith("." + s) or name.startswith(s + ".") for s in skip)
+        if p.ndim <= 1 or named:
+            plain.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's param_groups_layer_decay: lr_scale = layer_decay ** (last layer - layer) per group, weight decay
     off for 1-d tensors and the model's no_weight_decay() names; frozen parameters are left out."""
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=sorted(no_decay),
-                                    layer_decay=layer_decay)
+    return param_groups_layer_decay(model, weight_decay=weight_decay,
+                                    no_weight_decay_list=sorted(_no_decay(model)), layer_decay=layer_decay)
+
+
+def _no_decay(model: nn.Module) -> set[str]:
+    """The names the model keeps out of weight decay (timm's no_weight_decay() convention)."""
+    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
 
 
 def describe_layer_decay(model: nn.Module, layer_decay: float) -> str:
@@ -22,8 +43,6 @@ def describe_layer_decay(model: nn.Module, layer_decay: float) -> str:
     layers = max(group_parameters(model, model.group_matcher(), reverse=True).values()) + 1
     return (f"layer decay {layer_decay}: {layers} layers (stem, each block, head); lr x "
             f"{layer_decay ** (layers - 1):.3g} at the stem rising to x 1 at the head")
-
-
 
 
 def _depth_level(model: nn.Module, name: str) -> int:
