@@ -18,8 +18,8 @@ from test_fake_cuda import fake_cuda
 from test_trainer_step_sync import step_parts
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from gcvit.engine import build as engine_build
 from gcvit.engine import distributed
-from gcvit.engine import loop as engine_loop
 from gcvit.engine.loop import Parts, train_step
 from gcvit_data.loaders import labels_on, normalize_on
 
@@ -27,10 +27,20 @@ CUDA = torch.device("cuda", 0)
 
 
 class _Event:
-    """torch.cuda.Event without a device: recording and waiting are no-ops on fake tensors."""
+    """torch.cuda.Event without a device: recording and waiting are no-ops on fake tensors, and a recorded
+    interval (the step accounting's) has completed at once and lasted 0 ms."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        pass
 
     def record(self, stream: object = None) -> None:
         pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _Event) -> float:
+        return 0.0
 
     def synchronize(self) -> None:
         pass
@@ -41,7 +51,7 @@ def fake_cuda_trainer() -> Iterator[None]:
     """fake_cuda() plus what the trainer's set-up asks of a real device: a CUDA process (distributed.init),
     the model built on the host as train.py builds it (then moved), CUDA generators and events, pinned host
     memory (fake tensors have no pages to pin: a pinned copy is a plain one)."""
-    create = engine_loop.gcvit.create_model
+    create = engine_build.gcvit.create_model
 
     def on_host(*args, **kwargs) -> torch.nn.Module:
         with unset_fake_temporarily():
@@ -51,7 +61,7 @@ def fake_cuda_trainer() -> Iterator[None]:
     generator = torch.Generator
     with fake_cuda(), \
             mock.patch.object(distributed, "init", lambda *a, **k: env), \
-            mock.patch.object(engine_loop.gcvit, "create_model", on_host), \
+            mock.patch.object(engine_build.gcvit, "create_model", on_host), \
             mock.patch("torch.Generator", lambda device=None: generator()), \
             mock.patch("torch.cuda.Event", _Event), \
             mock.patch("torch.Tensor.pin_memory", lambda self: self):
