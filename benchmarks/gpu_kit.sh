@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The one-shot GPU kit: on a bare GPU machine that has only torch and timm, install the carried wheels, run
-# the GPU test tier, then time our GC ViT against timm's (bf16, eager and compiled) and write one JSON per
-# benchmark under benchmarks/results/ (copied to OUT_DIR too). Without CUDA every GPU step says so in one
-# line and is skipped.
+# the GPU test tier, then time every kernel candidate of our GC ViT against timm's (bf16, eager and compiled:
+# benchmarks/kernel_candidates.py) and the data path, writing one JSON per benchmark under benchmarks/results/
+# (copied to OUT_DIR too). Without CUDA every GPU step says so in one line and is skipped.
 #
-#   bash benchmarks/gpu_kit.sh [OUT_DIR]        # OUT_DIR (default: benchmarks/results/kit-<date>) gets the logs
+#   bash benchmarks/gpu_kit.sh [OUT_DIR] [PARTS]   # OUT_DIR (default: benchmarks/results/kit-<date>): the logs
+#
+# PARTS (default: all) picks what runs, so that a short lease takes it in calls of under 10 minutes each:
+# tests (doctor and the GPU tier, ~4 min), kernels (kernel_candidates.py, KIT_BUDGET seconds, default 480),
+# data (DALI's data path, when DALI is installed), or several, e.g. "tests data".
 #
 # Wheels: the machine needs hydra-core, omegaconf and antlr4-python3-runtime (the trainer tests); prepare them
 # on a machine with a package index, in the repository root (pure-Python wheels, any platform):
@@ -17,12 +21,13 @@
 #   echo nvidia_dali_cuda130-*.whl > .dali/NAME      # the wheel's file name, carried with the last part
 # DALI's own dependencies that such a machine lacks (astunparse, gast, libcst, makefun, nvtx,
 # nvidia-libnvcomp-cu13, nvidia-nvimgcodec-cu13) go into .whl as wheels for Python 3.12 manylinux x86_64.
-# Environment: GCVIT_COMMIT names the commit where .git is absent;
-# KIT_MODELS (default gcvit_tiny), KIT_BATCH (default 128) and KIT_COMPILE (default 1) choose what the
-# benchmarks time.
+# Environment: GCVIT_COMMIT names the commit where .git is absent; KIT_BUDGET (seconds, default 480) bounds
+# the kernel candidates' benchmark, which skips (and lists) what would not fit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/kit-$(date -u +%Y%m%d-%H%M)}
+PARTS=${2:-all}
+want() { [ "$PARTS" = all ] || [[ " $PARTS " == *" $1 "* ]]; }
 RESULTS=benchmarks/results
 mkdir -p "$OUT" "$RESULTS"
 # data/ installs as gcvit_data (setup.cfg); the kit runs from the checkout uninstalled, so a link names it
@@ -56,49 +61,44 @@ EOF
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 [ "$cuda" = 1 ] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
-# The preflight check first (under a minute): versions, GPUs, DALI's GPU decode, the interconnect and an
-# all-reduce over every GPU of the machine, the demo data read, disk, W&B. Table in OUT, JSON in RESULTS
-# (in OUT only without CUDA: a CPU dry run records nothing).
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-doctor=(python3)
-[ "$ngpu" -gt 1 ] && doctor=(python3 -m torch.distributed.run --standalone --nproc_per_node="$ngpu")
-report="$OUT/doctor.json"
-[ "$cuda" = 1 ] && report="$RESULTS/gpu-doctor-$STAMP.json"
-step "doctor on $ngpu GPU(s) -> $report"
-timeout 300 "${doctor[@]}" -m gcvit.doctor trainer.device=auto trainer.precision=bf16 \
-    trainer.output_dir=/tmp/gcvit-doctor-run --json "$report" 2>&1 | tee "$OUT/doctor.log" || status=1
-[ "$cuda" = 1 ] && cp "$report" "$OUT/"
-
 tier() {  # tier NAME PYTEST-ARGS...: a part of tests/gpu, its log in OUT
     local name=$1; shift
     step "GPU test tier: $name"
     timeout 600 python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUT/gpu-tests-$name.log" || status=1
 }
-# The tests first (about 2 + 2 minutes on an H200), then the eager benchmark (1 minute), then the compiled
-# one (about 5 minutes, mostly compiling both models: KIT_COMPILE=0 leaves it out on a short lease).
-tier main tests/gpu --ignore tests/gpu/test_gpu_train.py
-tier train tests/gpu/test_gpu_train.py
-if [ "$cuda" = 1 ]; then
-    modes="eager"; [ "${KIT_COMPILE:-1}" = 1 ] && modes="eager compiled"
-    for model in ${KIT_MODELS:-gcvit_tiny}; do
-        for mode in $modes; do
-            flags=(--model "$model" --compare timm --batch "${KIT_BATCH:-128}" --precision bf16 --iters 10)
-            if [ "$mode" = compiled ]; then flags+=(--compile --steps train --warmup 3 --repeats 3); fi
-            json="$RESULTS/gpu-$model-bf16-$mode-$STAMP.json"
-            step "benchmark $model bf16 $mode -> $json"
-            timeout 600 python3 -m gcvit.bench "${flags[@]}" --json-out "$json" 2>&1 | tee -a "$OUT/bench.log" \
-                || status=1
-            cp "$json" "$OUT/" 2>/dev/null
-            if [ "$mode" = eager ]; then  # what each candidate change would gain, and the top kernels (< 1 min)
-                json="$RESULTS/gpu-$model-bf16-step-variants-$STAMP.json"
-                step "step variants of $model (attention math, mixed LayerNorm, drop path on kept samples) -> $json"
-                timeout 300 python3 benchmarks/profile_step.py --model "$model" --batch "${KIT_BATCH:-128}" \
-                    --json-out "$json" 2>&1 | tee "$OUT/profile-step-$model.txt" || status=1
-                cp "$json" "$OUT/" 2>/dev/null
-            fi
-        done
-    done
-    if python3 -c "import nvidia.dali" 2>/dev/null; then
+if want tests; then
+    # The preflight check first (under a minute): versions, GPUs, DALI's GPU decode, the interconnect and an
+    # all-reduce over every GPU of the machine, the demo data read, disk, W&B. Table in OUT, JSON in RESULTS
+    # (in OUT only without CUDA: a CPU dry run records nothing).
+    ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    doctor=(python3)
+    [ "$ngpu" -gt 1 ] && doctor=(python3 -m torch.distributed.run --standalone --nproc_per_node="$ngpu")
+    report="$OUT/doctor.json"
+    [ "$cuda" = 1 ] && report="$RESULTS/gpu-doctor-$STAMP.json"
+    step "doctor on $ngpu GPU(s) -> $report"
+    timeout 300 "${doctor[@]}" -m gcvit.doctor trainer.device=auto trainer.precision=bf16 \
+        trainer.output_dir=/tmp/gcvit-doctor-run --json "$report" 2>&1 | tee "$OUT/doctor.log" || status=1
+    [ "$cuda" = 1 ] && cp "$report" "$OUT/"
+    # The tests (about 2 + 2 minutes on an H200): the kernels' correctness first, the trainer last
+    tier main tests/gpu --ignore tests/gpu/test_gpu_train.py
+    tier train tests/gpu/test_gpu_train.py
+fi
+if want kernels; then
+    if [ "$cuda" = 1 ]; then
+        # every attention x norm candidate (gated against the math form), eager, blocks and model compiled,
+        # batch 128 and 256, against timm; the table is printed last (< KIT_BUDGET s + a process start)
+        json="$RESULTS/gpu-gcvit_tiny-bf16-kernel-candidates-$STAMP.json"
+        step "kernel candidates of gcvit_tiny, bf16, budget ${KIT_BUDGET:-480} s -> $json"
+        timeout 600 python3 benchmarks/kernel_candidates.py --budget "${KIT_BUDGET:-480}" --json-out "$json" \
+            --work-dir /tmp/gcvit-kernel-candidates 2>&1 | tee "$OUT/kernel-candidates.txt" || status=1
+        cp "$json" "$OUT/" 2>/dev/null
+        cp -r /tmp/gcvit-kernel-candidates/logs "$OUT/kernel-candidates-logs" 2>/dev/null
+    else
+        step "kernel candidates: no CUDA device, skipped (CPU proof: python benchmarks/kernel_candidates.py --dry-run)"
+    fi
+fi
+if want data; then
+    if [ "$cuda" = 1 ] && python3 -c "import nvidia.dali" 2>/dev/null; then
         # the data path at GPU speed: nvJPEG decode + GPU ops, full recipe, on 2,000 generated ImageNet-sized
         # JPEGs (the lent machine has no dataset), against the torch loader with as many workers
         data_root=/tmp/gcvit-kit-jpegs
@@ -118,10 +118,8 @@ write_image_folder(Path('$data_root'), train_per_class=200, val_per_class=1, num
             2>"$OUT/feeder-bench.log" | tee "$json" || status=1
         cp "$json" "$OUT/" 2>/dev/null
     else
-        step "data benchmark: DALI is not installed (carry it in .dali/), skipped"
+        step "data benchmark: needs CUDA and DALI (carry it in .dali/), skipped"
     fi
-else
-    step "benchmarks: no CUDA device, skipped (they time bf16 training on a GPU)"
 fi
 step "done (status $status)"
 exit $status
