@@ -71,6 +71,9 @@ class Planner:
         g = self.guess
         return 2 * (g["start"] + WARM_SHARE * g["blocks"] + g["eager"])
 
+    def clock(self) -> str:
+        return f"[{self.args.budget - self.left(reserved=False):.0f} s]"
+
     def left(self, reserved: bool = True) -> float:
         return self.deadline - time.monotonic() - (self.reserve() if reserved else 0.0)
 
@@ -92,9 +95,9 @@ class Planner:
         if estimate > self.left(reserved):
             why = f"deadline: needs ~{estimate:.0f} s, {max(self.left(reserved), 0):.0f} s left"
             self.skip(runs, why)
-            print(f"--- {name}: skipped ({why})", flush=True)
+            print(f"--- {self.clock()} {name}: skipped ({why})", flush=True)
             return 0.0
-        print(f"--- {name}: {len(runs)} run(s), ~{estimate:.0f} s", flush=True)
+        print(f"--- {self.clock()} {name}: {len(runs)} run(s), ~{estimate:.0f} s", flush=True)
         start, pending = time.monotonic(), list(runs)
         while pending:
             done, timed_out, code = self._process(name, pending, cache, self.left(reserved))
@@ -103,17 +106,19 @@ class Planner:
                 self.skip(pending, "deadline: its process was stopped")
                 break
             if pending:  # the process died in this run: report it, go on with the next in a new one
-                self.rows[pending[0]["id"]].update(status="failed", error=f"process died (exit {code}): "
-                                                   + _last_line(self.logs / f"{name}.log"))
-                pending = pending[1:]
+                error = f"process died (exit {code}): " + _last_line(self.logs / f"{name}.log")
+                # a Python error before any result (an import, the environment) would end every process
+                broken = pending if code == 1 and not done else pending[:1]
+                for r in broken:
+                    self.rows[r["id"]].update(status="failed", error=error)
+                pending = pending[len(broken):]
         return time.monotonic() - start
 
     def _process(self, name: str, runs: list[dict[str, Any]], cache: str,
                  timeout: float) -> tuple[set[str], bool, int | None]:
         a = self.args
         spec = {"device": self.device, "model": a.model, "img_size": a.img_size, "overrides": self.overrides,
-                "mode": a.mode,
-                "steps": a.steps, "warmup": a.warmup, "top": a.top, "dry_run": a.dry_run,
+                "mode": a.mode, "steps": a.steps, "warmup": a.warmup, "top": a.top, "dry_run": a.dry_run,
                 "flops_per_image": self.flops, "runs": runs}
         path = self.work / "cache" / cache
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(path), "TRITON_CACHE_DIR": str(path / "triton"),
@@ -158,7 +163,8 @@ class Planner:
     def learn(self, kind: str, wall: float, runs: int) -> None:
         """Replace the guess of one run of `kind` by what a job of `runs` such runs took."""
         if wall > 0 and runs:
-            self.guess[kind] = max((wall - self.guess["start"]) / runs - self.guess["eager"], 1.0)
+            timing = 0.0 if kind == "eager" else self.guess["eager"]  # a compiled run also times its steps
+            self.guess[kind] = max((wall - self.guess["start"]) / runs - timing, 1.0)
 
 
 def _train_flops(model: str, img_size: int, overrides: dict[str, Any]) -> float:

@@ -8,7 +8,6 @@ printed as one `RESULT {json}` line the moment it is known, so a crash loses onl
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -47,6 +46,8 @@ class Bench:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.peak = peak_flops(self.device, "bf16")
         self.gates: dict[tuple[str, str], dict[str, float] | Exception] = {}
+        # a dry run proves the code path on CPU: dynamo and AOTAutograd, not inductor's code generation
+        self.backend = "aot_eager" if spec["dry_run"] else "inductor"
 
     def model(self, impl: str) -> nn.Module:
         if impl not in self.models:
@@ -79,9 +80,9 @@ class Bench:
                 self.nets[impl] = model
             elif impl == "timm":
                 self.nets[impl] = torch.compile(model, mode=None if self.spec["mode"] == "default" else
-                                                self.spec["mode"])
+                                                self.spec["mode"], backend=self.backend)
             else:
-                self.nets[impl] = compile_model(model, model, how, self.spec["mode"])
+                self.nets[impl] = compile_model(model, model, how, self.spec["mode"], backend=self.backend)
         return self.nets[impl]
 
     def step_fn(self, impl: str, how: str, batch: int) -> Callable[[], None]:
@@ -247,8 +248,6 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # each batch size its own static graphs (a second size would otherwise compile a dynamic batch)
     torch._dynamo.config.automatic_dynamic_shapes = False
-    if spec["dry_run"]:  # CPU proof of the code path: dynamo and AOTAutograd, not inductor's code generation
-        torch.compile = functools.partial(torch.compile, backend="aot_eager")
     bench = Bench(spec)
     for r in spec["runs"]:
         try:

@@ -27,7 +27,7 @@ def _rows(record: dict) -> dict[tuple, dict]:
     return {(r["impl"], r["attention"], r["norm"], r["compile"], r["batch"]): r for r in record["rows"]}
 
 
-@pytest.mark.slow  # five processes, one compiling: about 5 minutes on 2 busy cores
+@pytest.mark.slow  # three processes, one compiling (aot_eager): about a minute on 2 busy cores
 def test_dry_run_measures_gates_compiles_and_profiles(tmp_path: Path) -> None:
     """The CPU default (cpu attention) passes its gate and is timed eager and compiled (blocks), against
     timm eager (timm's compiled whole model comes with --compile model); flex, which has no CPU backward,
