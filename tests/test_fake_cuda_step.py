@@ -24,6 +24,8 @@ from gcvit.engine.loop import Parts, train_step
 from gcvit_data.loaders import labels_on, normalize_on
 
 CUDA = torch.device("cuda", 0)
+# timm's EMA deep-copies the model; copying a fake tensor reads its (absent) data pointer, harmlessly
+pytestmark = pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 
 
 class _Event:
