@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,9 @@ class Planner:
         self.rows: dict[str, dict[str, Any]] = {}
         self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="kernel-candidates-"))
         self.logs = self.work / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
+        for mine in (self.work / "cache", self.logs):  # a cold compile needs an empty cache (a rerun's too)
+            shutil.rmtree(mine, ignore_errors=True)
+        self.logs.mkdir(parents=True)
         # a dry run's model: fewer blocks (one global), so that compiling on a CPU takes seconds
         self.overrides = {"depths": [1, 1, 2, 1]} if args.dry_run else {}
         self.flops = _train_flops(args.model, args.img_size, self.overrides)
