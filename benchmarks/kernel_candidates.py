@@ -44,7 +44,7 @@ JOB = ROOT / "benchmarks" / "kernel_job.py"
 GUESS = {"cuda": {"start": 20.0, "eager": 8.0, "blocks": 60.0, "model": 120.0, "timm": 150.0},
          "cpu": {"start": 10.0, "eager": 5.0, "blocks": 15.0, "model": 15.0, "timm": 15.0}}
 WARM_SHARE = 0.3
-GPU_ATTENTION, CPU_ATTENTION = ["sdpa", "flex", "math"], ["cpu", "sdpa", "math", "flex"]
+GPU_ATTENTION, CPU_ATTENTION = ["sdpa", "flex", "math"], ["math", "sdpa", "flex"]
 # What a GPU run measures, and a dry run (CPU)
 DEFAULTS = {"model": ("gcvit_tiny", "gcvit_xxtiny"), "img_size": (224, 64), "batches": ([128, 256], [2]),
             "attention": (GPU_ATTENTION, CPU_ATTENTION), "budget": (480.0, 600.0), "steps": (10, 1),

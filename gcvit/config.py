@@ -32,7 +32,7 @@ class ModelConfig:
     pretrained_weights: str = "best"  # of a file with both: best (the set that earned its best) | ema | model
     head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
     freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
-    attention: str = "auto"  # attention kernel: auto (cpu on CPU, sdpa on CUDA) | sdpa | flex | math | cpu
+    attention: str = "auto"  # attention kernel: auto (math on CPU, sdpa on CUDA) | sdpa | flex | math
     norm: str = "auto"  # LayerNorm under autocast: auto (fp32) | fp32 | fast (bf16/fp16 in, fp32 stats)
 
 

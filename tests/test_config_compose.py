@@ -152,7 +152,7 @@ def test_debug_tiny_and_overrides() -> None:
     ("trainer.stall_grace=0", "trainer.stall_grace", "seconds in [5, 900]"),
     ("trainer.straggler_ratio=0.9", "trainer.straggler_ratio", "a float > 1"),
     ("trainer.straggler_windows=0", "trainer.straggler_windows", "an integer >= 1"),
-    ("model.attention=flash", "model.attention", "auto | sdpa | flex | math | cpu"),
+    ("model.attention=flash", "model.attention", "auto | sdpa | flex | math"),
     ("model.norm=fp16", "model.norm", "auto | fp32 | fast"),
     ("trainer.compile=true", "trainer.compile", "off | model | blocks | auto"),
     ("trainer.compile_mode=max-autotune", "trainer.compile_mode", "max-autotune-no-cudagraphs"),

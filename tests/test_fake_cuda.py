@@ -16,10 +16,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import gcvit
 from gcvit.kernel_choices import ATTENTION_KINDS, NORM_KINDS
-from gcvit.models import attention, attention_cpu, attention_flex
+from gcvit.models import attention, attention_flex
 
 GPU_FORMS = {"sdpa": (attention, "sdpa"), "math": (attention, "math"), "flex": (attention_flex, "windows")}
-CPU_FORMS = (attention_cpu, ("attention", "packed_attention", "shared_query_attention"))
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -44,7 +43,7 @@ def fake_cuda_model(name: str, **kw) -> torch.nn.Module:
 @contextlib.contextmanager
 def forms_called() -> Iterator[dict[str, list[tuple]]]:
     """Records each attention form's calls: (output shape, dtype, device) against (v's shape, dtype)."""
-    calls: dict[str, list[tuple]] = {kind: [] for kind in [*GPU_FORMS, "cpu"]}
+    calls: dict[str, list[tuple]] = {kind: [] for kind in GPU_FORMS}
 
     def spy(kind: str, fn: Callable) -> Callable:
         def call(q, k, v, *args, **kwargs):
@@ -56,17 +55,14 @@ def forms_called() -> Iterator[dict[str, list[tuple]]]:
     with contextlib.ExitStack() as stack:
         for kind, (module, fn) in GPU_FORMS.items():
             stack.enter_context(mock.patch.object(module, fn, spy(kind, getattr(module, fn))))
-        module, names = CPU_FORMS
-        for fn in names:
-            stack.enter_context(mock.patch.object(module, fn, spy("cpu", getattr(module, fn))))
         # FlexAttention's compiled kernel needs a GPU to build; the eager op has the same fake shapes
         stack.enter_context(mock.patch.object(attention_flex, "_kernel", lambda: flex_attention))
         yield calls
 
 
 def test_the_tier_covers_every_kernel_choice() -> None:
-    """A new attention form or norm precision must join the parametrizations below (cpu is CPU-only)."""
-    assert set(ATTENTION_KINDS) - {"auto", "cpu"} == set(GPU_FORMS)
+    """A new attention form or norm precision must join the parametrizations below."""
+    assert set(ATTENTION_KINDS) - {"auto"} == set(GPU_FORMS)
     assert set(NORM_KINDS) - {"auto"} == {"fp32", "fast"}
 
 
@@ -79,8 +75,8 @@ CASES += [("sdpa", "fast", "fp16"), ("math", "fast", "fp16")]
 @pytest.mark.parametrize(("kind", "norm", "precision"), CASES)
 def test_each_attention_form_runs_its_cuda_branch(kind: str, norm: str, precision: str) -> None:
     """gcvit_xxtiny at 224 (windows of 49 and 196 tokens, local and global blocks, one-window stages):
-    logits of the right shape and type on CUDA, every attention call through the chosen form and never the
-    CPU form, each call's output in v's shape and (under autocast: low-precision) type. Flex runs without
+    logits of the right shape and type on CUDA, every attention call through the chosen form (and no
+    other), each call's output in v's shape and (under autocast: low-precision) type. Flex runs without
     gradients: its autograd on CUDA needs a GPU (its gradients are in the GPU tier)."""
     with fake_cuda(), forms_called() as calls:
         model = fake_cuda_model("gcvit_xxtiny", num_classes=10, attention=kind, norm=norm)
@@ -90,7 +86,7 @@ def test_each_attention_form_runs_its_cuda_branch(kind: str, norm: str, precisio
             logits = model(x)
     assert (tuple(logits.shape), logits.device.type) == ((2, 10), "cuda")
     assert logits.dtype == (AMP[precision] or torch.float32)
-    assert calls["cpu"] == [] and [k for k, c in calls.items() if c] == [kind]
+    assert [k for k, c in calls.items() if c] == [kind]
     # 12 blocks; sdpa and math see each global block of a multi-window stage twice (windowed -> sdpa/math)
     assert len(calls[kind]) >= 12
     for out_shape, out_dtype, device, v_shape, v_dtype in calls[kind]:
@@ -130,12 +126,12 @@ def test_set_kernels_switches_a_built_cuda_model() -> None:
             assert calls["sdpa"] and not calls["math"]  # auto on CUDA
             model.set_kernels(attention="math", norm="fast")
             model(x)
-    assert calls["math"] and calls["cpu"] == []
+    assert calls["math"]
 
 
 @pytest.mark.parametrize("kind", ["sdpa", "math"])
 def test_cuda_forms_backward_on_meta_gives_every_parameter_its_gradient(kind: str) -> None:
-    """The backward of each non-CPU form, traced on meta tensors (the branch any non-CPU device takes):
+    """The backward of each form with a meta kernel, traced on meta tensors (no GPU needed):
     every parameter, each relative-position table included, gets a gradient of its shape and type, in fp32
     and with a bf16 model. Flex has no meta kernel: its gradients are checked in the GPU tier."""
     for dtype in (torch.float32, torch.bfloat16):

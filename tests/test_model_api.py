@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gcvit
-from gcvit.models.attention import MASK_ALIGN, aligned_bias, attention, packed_attention
+from gcvit.models.attention import MASK_ALIGN, aligned_bias
 from gcvit.models.gcvit import GCViT
 from gcvit.models.ops import pointwise
 from gcvit.summary import main as summary_main
@@ -170,46 +170,6 @@ def test_summary_reports_params_and_gmacs(capsys) -> None:
     assert summary_main(["gcvit_tiny", "gcvit_base", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["params_m"], r["gmacs"]) for r in rows] == [(28.22, 4.76), (90.32, 14.82)]
-
-
-def test_cpu_attention_equals_sdpa_with_the_bias_as_mask() -> None:
-    """The GPU branch hands the bias to SDPA as a broadcast 4-D mask; the CPU branch must agree with it."""
-    q, k, v = (torch.randn(6, 2, 49, 16) for _ in range(3))
-    bias = torch.randn(2, 49, 49)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(6, -1, -1, -1))
-    torch.testing.assert_close(attention(q, k, v, bias, 0.0), sdpa, atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_attention_backward_equals_autograd_of_the_math() -> None:
-    """The CPU attention's hand-written backward: gradients of packed q, k, v, of a separate (shared)
-    query and of the bias equal autograd's of the plain math; with attention dropout, gradcheck against
-    the same dropout mask (the seed is reset per call)."""
-    def math(q, k, v, bias):
-        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
-
-    qkv = torch.randn(3, 2, 2, 9, 4, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(2, 9, 9, dtype=torch.float64, requires_grad=True)
-    q_shared = torch.randn(2, 2, 9, 4, dtype=torch.float64, requires_grad=True)
-    cases = (((qkv, None), qkv.unbind(0)), ((qkv[1:], q_shared), (q_shared, *qkv[1:].unbind(0))))
-    for args, ref_args in cases:
-        out, ref = packed_attention(*args, bias, 0.0), math(*ref_args, bias)
-        grad = torch.randn_like(ref)
-        inputs = (qkv, bias, q_shared) if args[1] is not None else (qkv, bias)
-        for a, r in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
-            torch.testing.assert_close(a, r)
-
-    def dropped(packed, table):
-        torch.manual_seed(0)
-        return packed_attention(packed, None, table, 0.3)
-
-    assert torch.autograd.gradcheck(dropped, (qkv, bias))
-    # under CPU autocast the packed tensor arrives in bf16, the bias table and a shared query in fp32
-    kv, table, q32 = torch.randn(2, 2, 2, 9, 8).bfloat16(), torch.randn(2, 9, 9, requires_grad=True), \
-        torch.randn(2, 2, 9, 8, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = packed_attention(kv, q32, table, 0.0)
-    out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and table.grad.dtype == q32.grad.dtype == torch.float32
 
 
 def test_gpu_attention_path_gives_the_learned_bias_a_gradient_and_never_uses_cudnn() -> None:

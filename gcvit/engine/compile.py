@@ -6,7 +6,7 @@ trainer.compile:
 - blocks: each region the model names (GCViT.compile_regions(): every block, downsampler and global-query
   generator) compiled on its own; regions of one shape share one compiled graph, so the 19 blocks of a
   stage compile once, and the DDP wrapper and the rest of the model stay eager (torchtitan compiles this way);
-- auto: blocks on CUDA, off on CPU (where the cpu attention form runs eagerly).
+- auto: blocks on CUDA, off on CPU (where compiling costs minutes for a few seconds of demo steps).
 The caches of inductor and AOTAutograd live in trainer.compile_cache (default RUN_DIR/compile-cache), so a
 requeued job, on any node that sees the run directory, starts from compiled code instead of compiling again.
 """
@@ -34,7 +34,7 @@ def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
     attention = cfg.model.attention
     if attention == "flex" and training and env.device.type == "cpu":
         raise SystemExit("config error: model.attention=flex cannot train on CPU (FlexAttention has no CPU "
-                         "backward in this torch); on CPU use model.attention=auto (cpu), math or sdpa")
+                         "backward in this torch); on CPU use model.attention=auto (math) or sdpa")
     if attention == "flex" and cfg.trainer.deterministic:
         if env.is_main:
             print("model.attention=flex adds the bias gradient with atomics (not deterministic); "

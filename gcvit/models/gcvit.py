@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcvit.kernel_choices import ATTENTION_KINDS, NORM_KINDS
-from gcvit.models.attention import packed_attention, resolve, windowed_attention
+from gcvit.models.attention import attention, resolve, windowed_attention
 from gcvit.models.conv import GlobalQueryGen, ReduceSize
 from gcvit.models.ops import ChannelLayerNorm, LayerNorm, pointwise
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
@@ -72,14 +72,14 @@ class WindowAttention(nn.Module):
         qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global and kind != "flex":
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
-            out = packed_attention(qkv, None, bias, dropout, kind)
+            out = attention(*qkv.unbind(0), bias, dropout, kind)
             out = out.view(B, nh, nw, heads, w, w, d).permute(0, 1, 4, 2, 5, 3, 6)
         else:
             qkv = qkv.permute(5, 0, 6, 1, 3, 2, 4, 7).reshape(n, B, heads, nh * nw, w * w, d)
             if not self.use_global:
                 out = windowed_attention(*qkv.unbind(0), bias, dropout, kind)
             elif nh * nw == 1:  # one window: the image's global query is the query, no broadcast needed
-                out = packed_attention(qkv.squeeze(3), q_global, bias, dropout, kind)
+                out = attention(q_global, *qkv.squeeze(3).unbind(0), bias, dropout, kind)
             else:
                 out = windowed_attention(q_global, *qkv.unbind(0), bias, dropout, kind)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
