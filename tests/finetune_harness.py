@@ -108,9 +108,11 @@ def resolve_on_rank(rank: int, out: str, names: list[str]) -> None:
     hub.hf_hub_download = spy
     for name in names:
         calls.clear()
+        # rank 1 has finished the previous name (and read the marker) before rank 0 removes it: removed
+        # before this barrier, rank 0 could take it away while rank 1 was still to look at it
+        dist.barrier()
         if rank == 0:
             Path(out, "rank0_fetched").unlink(missing_ok=True)
-        dist.barrier()  # rank 1 has finished the previous name
         try:
             result = hub.resolve(name, "model.pretrained", local_rank=rank)
         except CheckpointError as e:

@@ -29,7 +29,7 @@ def _rows(record: dict) -> dict[tuple, dict]:
 
 @pytest.mark.slow  # three processes, one compiling (aot_eager): about a minute on 2 busy cores
 def test_dry_run_measures_gates_compiles_and_profiles(tmp_path: Path) -> None:
-    """The CPU default (cpu attention) passes its gate and is timed eager and compiled (blocks), against
+    """The CPU default (math attention) passes its gate and is timed eager and compiled (blocks), against
     timm eager (timm's compiled whole model comes with --compile model); flex, which has no CPU backward,
     fails its gate, is reported, and its compiled run is skipped; the best and the default configuration
     are profiled; the table comes last."""
@@ -40,10 +40,10 @@ def test_dry_run_measures_gates_compiles_and_profiles(tmp_path: Path) -> None:
     assert record["benchmark"] == "kernel_candidates" and record["dry_run"] is True
     assert {"device_name", "torch", "timm", "commit", "elapsed_s", "budget_s"} <= record.keys()
     assert record["batches"] == [2] and record["train_gflop_per_image"] > 0
-    assert record["default"] == {"attention": "cpu", "norm": "fp32", "compile": "off"}
+    assert record["default"] == {"attention": "math", "norm": "fp32", "compile": "off"}
     rows = _rows(record)
     assert all(r["status"] in STATUSES for r in record["rows"])
-    eager = rows[("ours", "cpu", "fp32", "off", 2)]
+    eager = rows[("ours", "math", "fp32", "off", 2)]
     assert eager["status"] == "ok" and eager["img_s"] > 0 and eager["step_ms"] > 0
     assert max(eager["gate"].values()) < 1e-2 and "vs_timm" in eager
     flex = rows[("ours", "flex", "fp32", "off", 2)]
@@ -52,11 +52,11 @@ def test_dry_run_measures_gates_compiles_and_profiles(tmp_path: Path) -> None:
         rows[("ours", "flex", "fp32", "blocks", 2)]
     assert rows[("timm", "-", "-", "off", 2)]["status"] == "ok"
     assert ("timm", "-", "-", "model", 2) not in rows
-    blocks = rows[("ours", "cpu", "fp32", "blocks", 2)]
+    blocks = rows[("ours", "math", "fp32", "blocks", 2)]
     assert blocks["status"] == "ok", blocks
     assert blocks["compile_s"] >= 0 and set(blocks["cache"]) == {"hits", "compiled"}
     best = record["best"]
-    assert best["attention"] == "cpu" and best["compile"] in ("off", "blocks")
+    assert best["attention"] == "math" and best["compile"] in ("off", "blocks")
     for label in ("best", "default"):
         profile = record["profiles"][label]
         assert profile["status"] == "ok", profile
