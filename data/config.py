@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gcvit_data.index import DataError
+from gcvit_data.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LOADERS = ("dali", "torch", "synthetic")
 DALI_DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+EVAL_SETS = ("val", "real", "v2", "a", "r", "sketch")  # what eval.sets may name (rules: gcvit_data.eval_sets)
 
 
 def checked_interpolation(name: str) -> str:

@@ -18,10 +18,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gcvit_data.config import EVAL_SETS
 from gcvit_data.index import IMAGE_EXTENSIONS, DataError, Index
 from gcvit_data.readers import load_index
 
-SETS = ("val", "real", "v2", "a", "r", "sketch")
 PROTOCOLS = {
     "val": "top-1/top-5 over the 1000 classes",
     "real": "top-1 correct when in the image's ReaL label set; images with an empty set excluded",
@@ -111,8 +111,8 @@ def real_labels(val: Index, labels_file: str | None) -> list[list[int]]:
 def build_eval_set(name: str, *, data_root: str | None, set_root: str | None, classes: list[str],
                    real_file: str | None = None, index_cache: str | None = None) -> EvalSet:
     """The set `name`; `classes` are the model's (1000 wnids for every set but val)."""
-    if name not in SETS:
-        raise DataError(f"eval.sets: {name!r} is not one of {', '.join(SETS)}")
+    if name not in EVAL_SETS:
+        raise DataError(f"eval.sets: {name!r} is not one of {', '.join(EVAL_SETS)}")
     if name in ("val", "real"):
         if not data_root:
             raise DataError(f"eval set {name} reads the val split of data.root, which is not set")

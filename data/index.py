@@ -1,4 +1,4 @@
-"""The reader interface: the samples of one split as every source gives them, and the one-line data errors.
+"""The reader interface: the samples of one split as every source gives them (errors: gcvit_data.errors).
 
 A reader (gcvit_data.readers: an image folder, a file list, a pack, WebDataset shards) is an Index: the class
 names in label order, and per sample id 0..n-1 a label, a name for messages (path(i)) and random access to
@@ -14,24 +14,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gcvit_data.errors import BadImage, bad_image
+from gcvit_data.errors import DataError as DataError  # re-exported: the readers take it with the interface
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-class DataError(SystemExit):
-    """Bad input data: exits with its one-line message instead of a traceback."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"data error: {message}")
-
-
-class BadImage(ValueError):
-    """An undecodable file, raised where SystemExit cannot travel (DataLoader workers); see bad_image()."""
-
-
-def bad_image(path: Path | str, reason: object) -> str:
-    """The one-line message for a file that cannot be read or decoded."""
-    return (f"cannot decode {path} ({reason}); run python -m gcvit_data.verify on the dataset root and train "
-            "on the clean index it writes (data.index_dir)")
 
 
 @dataclass

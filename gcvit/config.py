@@ -12,8 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from gcvit.config_help import help_template
 from gcvit.kernel_choices import ATTENTION_KINDS, COMPILE_KINDS, COMPILE_MODES, NORM_KINDS
 from gcvit.variants import VARIANTS
-from gcvit_data.config import DALI_DEVICES, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
-from gcvit_data.eval_sets import SETS as EVAL_SETS
+from gcvit_data.config import DALI_DEVICES, EVAL_SETS, INTERPOLATIONS, LOADERS, AugConfig, DataConfig
 
 # model.freeze: the parts that stay fixed, from the stem up (backbone = everything but the head)
 FREEZE = ("stem", "stage1", "stage2", "stage3", "stage4", "backbone")
