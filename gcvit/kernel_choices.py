@@ -2,8 +2,10 @@
 (gcvit/models/attention.py, ops.py) and the engine (gcvit/engine/compile.py) implement them.
 
 `auto` is a table per device type: the choice measured fastest there. CPU: the math attention form and fp32
-LayerNorm (docs/models.md). CUDA: what the one GPU run so far measured (H200, torch 2.11: sdpa; LayerNorm in
-fp32); the GPU kit's candidates table (benchmarks/kernel_candidates.py, docs/gpu-kit.md) decides the rest.
+LayerNorm (docs/models.md), no compile. CUDA: what the one GPU run so far measured (H200, torch 2.11: sdpa,
+LayerNorm in fp32, the whole model compiled); the GPU kit's candidates table (benchmarks/kernel_candidates.py,
+docs/gpu-kit.md) decides the rest. Regional compile (blocks) has not run on a GPU yet, and on CPU it compiled
+gcvit_tiny no faster than the whole model (docs/benchmarks.md#compile): it is a choice, not yet the default.
 """
 from __future__ import annotations
 
@@ -14,4 +16,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # 
 
 ATTENTION_AUTO = {"cpu": "math", "cuda": "sdpa"}  # any other device type: sdpa
 NORM_AUTO = {"cpu": "fp32", "cuda": "fp32"}  # any other device type: fp32
-COMPILE_AUTO = {"cpu": "off", "cuda": "blocks"}  # any other device type: off
+COMPILE_AUTO = {"cpu": "off", "cuda": "model"}  # any other device type: off
+
+# Graphs one compiled function may keep (dynamo's default is 8): a block region or the compiled flex kernel
+# meets one per (stage shape, local or global, batch size, train or eval); past the limit dynamo runs the
+# function eager, which for flex is its unfused reference.
+RECOMPILE_LIMIT = 64

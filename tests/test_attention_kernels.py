@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from gcvit.config import Config
-from gcvit.engine.compile import kernels
+from gcvit.engine.compile import compile_model, kernels
 from gcvit.engine.distributed import DistEnv
+from gcvit.kernel_choices import RECOMPILE_LIMIT
+from gcvit.models import attention_flex, create_model
 from gcvit.models.attention import attention
 from gcvit.models.gcvit import WindowAttention, stage_window_sizes
 from gcvit.models.ops import LayerNorm
@@ -71,15 +73,49 @@ def test_the_math_form_is_the_formula() -> None:
     torch.testing.assert_close(attention(q, k, v, bias, 0.0, "math"), expected)
 
 
-def test_flex_forward_equals_the_math_on_cpu() -> None:
-    """Windows packed per image under the block-diagonal mask, local and global blocks (4 windows each)."""
-    for use_global in (False, True):
-        attn, x, q = _inputs(64, 2, 14, 7, use_global, batch=1)
-        with torch.no_grad():
-            attn.kernel = "math"
-            ref = attn(x, q)
-            attn.kernel = "flex"
-            torch.testing.assert_close(attn(x, q), ref, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("dim,heads,side,window,use_global", CASES[:8])
+def test_flex_forward_equals_the_math_on_cpu(dim, heads, side, window, use_global) -> None:
+    """Every stage's shapes (the variants differ from these in their count of heads, which flex treats as
+    batch): windows packed per image under the block-diagonal mask (64 and 16 windows), and the one-window
+    stages, local and global."""
+    attn, x, q = _inputs(dim, heads, side, window, use_global, batch=1)
+    x, q = x.detach(), q.detach() if use_global else None  # flex refuses CPU inputs that require grad
+    with torch.no_grad():
+        attn.kernel = "math"
+        ref = attn(x, q)
+        attn.kernel = "flex"
+        torch.testing.assert_close(attn(x, q), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_in_compiled_blocks_reads_masks_built_once(monkeypatch) -> None:
+    """trainer.compile=blocks with flex: the regions read the block masks prepare() built before them (a mask
+    built inside a region's graph would be rebuilt every call), and compute what the math form does."""
+    torch.manual_seed(0)
+    model = create_model("gcvit_xxtiny", num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        built = []
+        real = attention_flex.create_block_mask
+        monkeypatch.setattr(attention_flex, "create_block_mask",
+                            lambda *a, **k: built.append(a[3]) or real(*a, **k))
+        monkeypatch.setattr(attention_flex, "_MASKS", {})
+        model.set_kernels(attention="flex")
+        compile_model(model, model, "blocks", backend="aot_eager")
+        torch._dynamo.reset()
+        for _ in range(2):
+            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    assert sorted(built) == [16 * 49, 64 * 49]  # stages 0 and 1; stages 2 and 3 are one window each
+    assert set(attention_flex._MASKS) == {(64, 49, x.device), (16, 49, x.device)}
+
+
+def test_compiled_flex_keeps_a_graph_per_shape(monkeypatch) -> None:
+    """Past dynamo's default of 8 graphs per function, flex would run its unfused reference: a run meets more
+    (4 stages x train and eval batch sizes)."""
+    monkeypatch.setattr(attention_flex, "_compiled", [])
+    with torch._dynamo.config.patch(recompile_limit=8):
+        attention_flex._kernel()
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
 
 
 def test_what_a_run_may_choose() -> None:

@@ -1,6 +1,6 @@
-"""Drop path on CPU runs each residual branch on the kept samples only: the same values, gradients and random
-draws as timm's drop_path on the whole batch, fewer samples through the branch, and every parameter still
-gets a gradient (DDP's static graph) when a branch drops the whole batch."""
+"""Drop path folded into the residual's scale: the same values, gradients and random draws as timm's
+drop_path, and every parameter still gets a gradient (DDP's static graph) when a branch drops the whole
+batch."""
 from __future__ import annotations
 
 import pytest
@@ -34,10 +34,8 @@ def _grads(block: GCViTBlock, out: torch.Tensor, *inputs: torch.Tensor) -> list[
 
 @pytest.mark.parametrize("use_global", [False, True], ids=["local", "global"])
 @pytest.mark.parametrize("layer_scale", [None, 1e-2], ids=["no-scale", "layer-scale"])
-def test_kept_samples_only_equal_timm_drop_path(use_global: bool, layer_scale: float | None) -> None:
+def test_drop_path_equals_timms(use_global: bool, layer_scale: float | None) -> None:
     block = _block(use_global, 0.5, layer_scale)
-    seen = []
-    block.attn.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
     x, q = _inputs(16)
     torch.manual_seed(2)
     ours = block(x, q)
@@ -49,7 +47,7 @@ def test_kept_samples_only_equal_timm_drop_path(use_global: bool, layer_scale: f
     ref = x1 + drop_path(g2 * block.mlp(block.norm2(x1)), 0.5, True)
 
     kept = int((x1 != x).flatten(1).any(1).sum())
-    assert seen[0] == kept and 0 < kept < 16  # the attention branch ran on the kept samples alone
+    assert 0 < kept < 16  # some samples dropped, some kept
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     for got, want in zip(_grads(block, ours, x, q), _grads(block, ref, x, q)):
         if want is None:  # the local block never reads q
@@ -69,17 +67,9 @@ def test_a_branch_that_drops_the_whole_batch_still_gives_every_parameter_a_zero_
     assert all(g is not None and not g.any() for g in [grad_q, *params])
 
 
-def test_eval_and_no_drop_path_run_the_whole_batch() -> None:
-    for block in (_block(True, 0.5, None).eval(), _block(True, 0.0, None)):
-        seen = []
-        block.attn.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(args[0].shape[0]))
-        block(*_inputs(16))
-        assert seen == [16]
-
-
 @pytest.mark.parametrize("layer_scale", [None, 1e-2], ids=["no-scale", "layer-scale"])
 def test_under_cpu_autocast_the_residual_has_the_type_of_an_undropped_one(layer_scale: float | None) -> None:
-    """Under bf16 autocast the branch is bf16 and the stream may be fp32 or bf16: the kept samples are added
+    """Under bf16 autocast the branch is bf16 and the stream may be fp32 or bf16: the scaled branch is added
     in the promoted type, as x + y is when nothing is dropped."""
     for stream in (torch.float32, torch.bfloat16):
         block = _block(True, 0.5, layer_scale)

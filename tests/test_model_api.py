@@ -10,7 +10,6 @@ import torch
 import gcvit
 from gcvit.models.attention import MASK_ALIGN, aligned_bias
 from gcvit.models.gcvit import GCViT
-from gcvit.models.ops import pointwise
 from gcvit.summary import main as summary_main
 
 OFFICIAL_PARAMS_M = {"gcvit_xxtiny": 12.00, "gcvit_xtiny": 19.98, "gcvit_tiny": 28.22, "gcvit_tiny2": 34.54,
@@ -195,16 +194,3 @@ def test_aligned_bias_is_a_free_slice_of_padded_rows() -> None:
     assert mask.shape == (1, 12, 49, 49) and mask.dtype == torch.bfloat16
     assert all(s % MASK_ALIGN == 0 for s in mask.stride()[:-1]) and mask.stride(-1) == 1
     torch.testing.assert_close(mask[0].view(3, 4, 49, 49), bias.bfloat16()[:, None].expand(3, 4, 49, 49))
-
-
-def test_cpu_pointwise_equals_linear_with_gradients() -> None:
-    """CPU runs F.linear over NHWC channels as a oneDNN 1x1 conv; values and gradients are F.linear's."""
-    x = torch.randn(2, 7, 5, 24).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(40, 24, requires_grad=True), torch.randn(40, requires_grad=True)
-    ours = pointwise(x, w, b)
-    ref = torch.nn.functional.linear(x, w, b)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    g_ours = torch.autograd.grad(ours.square().sum(), (w, b))
-    g_ref = torch.autograd.grad(ref.square().sum(), (w, b))
-    for a, r in zip(g_ours, g_ref):
-        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)

@@ -6,7 +6,8 @@ trainer.compile:
 - blocks: each region the model names (GCViT.compile_regions(): every block, downsampler and global-query
   generator) compiled on its own; regions of one shape share one compiled graph, so the 19 blocks of a
   stage compile once, and the DDP wrapper and the rest of the model stay eager (torchtitan compiles this way);
-- auto: blocks on CUDA, off on CPU (where compiling costs minutes for a few seconds of demo steps).
+- auto: model on CUDA (measured there; blocks awaits the GPU kit), off on CPU (where compiling costs minutes
+  for a few seconds of demo steps).
 The caches of inductor and AOTAutograd live in trainer.compile_cache (default RUN_DIR/compile-cache), so a
 requeued job, on any node that sees the run directory, starts from compiled code instead of compiling again.
 """
@@ -21,17 +22,19 @@ from torch import nn
 
 from gcvit.config import Config
 from gcvit.engine.distributed import DistEnv
-from gcvit.kernel_choices import COMPILE_AUTO
+from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, RECOMPILE_LIMIT
 
-# Distinct graphs a region's forward may compile to: one per (stage shape, local or global block) and per
-# downsampler and query-generator shape, with room for the accumulation and eval variants.
-RECOMPILE_LIMIT = 64
+
+def attention_of(cfg: Config, env: DistEnv) -> str:
+    """model.attention resolved for this device: `auto` becomes the device's measured choice."""
+    attention = cfg.model.attention
+    return ATTENTION_AUTO.get(env.device.type, "sdpa") if attention == "auto" else attention
 
 
 def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
     """(attention, norm) for model.set_kernels(): the configured ones, except that FlexAttention, which has
     no backward on CPU, stops a CPU training run, and trainer.deterministic trades it for sdpa."""
-    attention = cfg.model.attention
+    attention = attention_of(cfg, env)
     if attention == "flex" and training and env.device.type == "cpu":
         raise SystemExit("config error: model.attention=flex cannot train on CPU (FlexAttention has no CPU "
                          "backward in this torch); on CPU use model.attention=auto (math) or sdpa")
@@ -44,10 +47,18 @@ def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
 
 
 def how(cfg: Config, env: DistEnv) -> str:
-    """trainer.compile resolved for this device: off | model | blocks."""
-    if cfg.trainer.compile == "auto":
-        return COMPILE_AUTO.get(env.device.type, "off")
-    return cfg.trainer.compile
+    """trainer.compile resolved for this device: off | model | blocks. CUDA graphs (reduce-overhead) only
+    where they are proven: one process compiling the whole model."""
+    kind = cfg.trainer.compile
+    if kind == "auto":
+        kind = COMPILE_AUTO.get(env.device.type, "off")
+    if cfg.trainer.compile_mode == "reduce-overhead" and kind != "off" and (kind != "model" or
+                                                                             env.world_size > 1):
+        raise SystemExit(f"config error: trainer.compile_mode=reduce-overhead (CUDA graphs) runs with "
+                         f"trainer.compile=model in one process only (here compile={kind}, "
+                         f"{env.world_size} process(es)); use trainer.compile_mode=default or "
+                         "max-autotune-no-cudagraphs")
+    return kind
 
 
 def compiled(cfg: Config, env: DistEnv) -> bool:
@@ -55,13 +66,19 @@ def compiled(cfg: Config, env: DistEnv) -> bool:
     return how(cfg, env) != "off"
 
 
+def compiles(cfg: Config, env: DistEnv) -> bool:
+    """Whether anything of the run compiles: the model, or FlexAttention (compiled on its own when the model
+    is not), whose graphs belong in the same cache."""
+    return compiled(cfg, env) or attention_of(cfg, env) == "flex"
+
+
 def compile_model(net: nn.Module, model: nn.Module, kind: str, mode: str = "default",
                   backend: str = "inductor") -> nn.Module:
     """What the step calls: `net` (the model or its DDP wrapper) compiled whole, or with the regions of the
     bare `model` compiled in place (kind: off | model | blocks); `backend` as torch.compile's."""
     mode_arg = None if mode == "default" else mode
-    if kind == "model":
-        return torch.compile(net, mode=mode_arg, backend=backend)
+    if kind == "model":  # static shapes, as for the regions below
+        return torch.compile(net, mode=mode_arg, dynamic=False, backend=backend)
     if kind == "blocks":
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for region in model.compile_regions():

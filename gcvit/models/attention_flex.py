@@ -2,9 +2,11 @@
 
 A 7x7 window is 49 tokens, which fills a 64- or 128-row tile of a fused kernel badly when each window is a
 sequence of its own. Here the windows of one image (and head) are one sequence of windows x 49 tokens under a
-block-diagonal mask (built once per shape and device, never per step), so whole tiles are computed and the
-tiles between windows are skipped; the relative-position bias is read by a score_mod from the (heads, N, N)
-bias of this call, which FlexAttention's backward gives its gradient (on CUDA: CPU has no flex backward).
+block-diagonal mask, so whole tiles are computed and the tiles between windows are skipped. The masks are
+built once per shape and device, by prepare() before the model's compiled regions run (a mask built inside a
+compiled graph would be rebuilt by every call of it). The relative-position bias is read by a score_mod from
+the (heads, N, N) bias of this call, which FlexAttention's backward gives its gradient (on CUDA: CPU has no
+flex backward).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from gcvit.kernel_choices import RECOMPILE_LIMIT
 
 # Passed to the CUDA kernel (e.g. {"BLOCK_M": 64, "BLOCK_N": 64}); the GPU kit times choices for head dim 32.
 KERNEL_OPTIONS: dict[str, Any] = {}
@@ -27,8 +31,18 @@ def _kernel() -> Callable[..., torch.Tensor]:
     if torch.compiler.is_compiling():
         return flex_attention
     if not _compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _compiled.append(torch.compile(flex_attention, dynamic=False))
     return _compiled[0]
+
+
+@torch.compiler.disable
+def prepare(grids: list[tuple[int, int]], device: torch.device) -> None:
+    """Build (once) the masks of these (windows, tokens) grids, outside any compiled graph: compiled regions
+    then read them as constants."""
+    for windows, tokens in grids:
+        if windows > 1:
+            block_mask(windows, tokens, device)
 
 
 def block_mask(windows: int, tokens: int, device: torch.device) -> BlockMask:
@@ -43,7 +57,7 @@ def block_mask(windows: int, tokens: int, device: torch.device) -> BlockMask:
 
     length = windows * tokens
     mask = create_block_mask(same_window, None, None, length, length, device=device)
-    if not torch.compiler.is_compiling():  # a mask traced inside a graph must not outlive it
+    if not torch.compiler.is_compiling():  # a mask traced inside a graph (no prepare()) must not outlive it
         _MASKS[key] = mask
     return mask
 

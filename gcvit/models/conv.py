@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.models.ops import ChannelLayerNorm, pointwise
+from gcvit.models.ops import ChannelLayerNorm
 
 __all__ = ["GlobalQueryGen", "MBConv", "ReduceSize", "SqueezeExcite"]
 
@@ -38,8 +38,8 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x + pw(se(gelu(dw(x))))."""
         y = self.se(F.gelu(self.conv_dw(x)))
-        # on channels_last maps both permutes are free
-        return x + pointwise(y.permute(0, 2, 3, 1), self.conv_pw.weight.flatten(1)).permute(0, 3, 1, 2)
+        # the 1x1 convolution as a product over the channels: on channels_last maps both permutes are free
+        return x + F.linear(y.permute(0, 2, 3, 1), self.conv_pw.weight.flatten(1)).permute(0, 3, 1, 2)
 
 
 class ReduceSize(nn.Module):

@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcvit.kernel_choices import ATTENTION_KINDS, NORM_KINDS
+from gcvit.models import attention_flex
 from gcvit.models.attention import attention, resolve, windowed_attention
 from gcvit.models.conv import GlobalQueryGen, ReduceSize
-from gcvit.models.ops import ChannelLayerNorm, LayerNorm, pointwise
+from gcvit.models.ops import ChannelLayerNorm, LayerNorm
 from gcvit.models.timm_api import TimmApi, pretrained_cfg
 
 __all__ = ["GCViT", "stage_window_sizes"]
@@ -69,7 +70,7 @@ class WindowAttention(nn.Module):
         # qkv on the whole map, then ONE copy into windows: (n, B * windows, heads, tokens, head_dim) where
         # each window is a batch entry, (n, B, heads, windows, tokens, head_dim) where the windows of an image
         # stay together (global blocks share the image's query; flex packs them into one sequence)
-        qkv = pointwise(x, self.qkv.weight, self.qkv.bias).view(B, nh, w, nw, w, n, heads, d)
+        qkv = self.qkv(x).view(B, nh, w, nw, w, n, heads, d)
         if not self.use_global and kind != "flex":
             qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(n, B * nh * nw, heads, w * w, d)
             out = attention(*qkv.unbind(0), bias, dropout, kind)
@@ -84,7 +85,7 @@ class WindowAttention(nn.Module):
                 out = windowed_attention(q_global, *qkv.unbind(0), bias, dropout, kind)
             out = out.view(B, heads, nh, nw, w, w, d).permute(0, 2, 4, 3, 5, 1, 6)
         # (B, nh, w, nw, w, heads, d) -> (B, H, W, C): the second and last copy
-        return self.proj_drop(pointwise(out.reshape(B, H, W, C), self.proj.weight, self.proj.bias))
+        return self.proj_drop(self.proj(out.reshape(B, H, W, C)))
 
 
 class Mlp(nn.Module):
@@ -98,8 +99,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """fc2(gelu(fc1(x)))."""
-        hidden = self.drop(F.gelu(pointwise(x, self.fc1.weight, self.fc1.bias)))
-        return self.drop(pointwise(hidden, self.fc2.weight, self.fc2.bias))
+        hidden = self.drop(F.gelu(self.fc1(x)))
+        return self.drop(self.fc2(hidden))
 
 
 class GCViTBlock(nn.Module):
@@ -143,49 +144,22 @@ class GCViTBlock(nn.Module):
 
     def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
                   q: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor:
-        """x + drop_path(gamma * branch(x, q)): each sample's branch is kept with probability 1 - drop_path.
-
-        On CPU the branch runs on the kept samples alone: a dropped sample's branch would be multiplied by
-        0, so skipping it saves drop_path of the branch's work (DINOv2 runs a fixed-size subset; these are
-        exactly the kept samples, so the regulariser stays timm's, with the same random draws). On a GPU,
-        reading the kept count would stall the queue: there the keep mask is folded into the residual's
-        scale (one pass), as it is under torch.compile, where the rate comes from the keep_prob buffer, an
-        input of the graph: the float would be a constant of it, and each block (each its own rate) would
-        compile a graph of its own.
+        """x + drop_path(gamma * branch(x, q)): each sample's branch is kept with probability 1 - drop_path
+        (timm's draws), the keep mask folded into the residual's scale (one pass). Under torch.compile the
+        rate comes from the keep_prob buffer, an input of the graph: a float would be a constant of it, and
+        each block (each its own rate) would compile a graph of its own.
         """
-        if self.training and torch.compiler.is_compiling():
-            scale = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(self.keep_prob).div_(self.keep_prob)
-            return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
-        if not (self.training and self.drop_path > 0):
-            return _scaled_add(x, branch(x, q), gamma, 1.0)
-        keep = 1.0 - self.drop_path
-        rows, alpha = kept_rows(x, keep), 1.0 / keep
-        if rows is None:
-            scale = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
-            return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
-        if rows.numel() == x.shape[0]:  # none dropped: nothing to gather
-            return _scaled_add(x, branch(x, q), gamma, alpha)
-        if rows.numel() == 0:
-            # all dropped: one sample still runs, weighted 0, so that every parameter gets its (zero)
-            # gradient, as DDP's static graph requires
-            rows, alpha = rows.new_zeros(1), 0.0
-        y = branch(x.index_select(0, rows), None if q is None else q.index_select(0, rows))
-        y = y if gamma is None else y * gamma
-        dtype = torch.promote_types(x.dtype, y.dtype)  # as x + y would (autocast: a bf16 branch, fp32 x)
-        return x.to(dtype).index_add(0, rows, y.to(dtype), alpha=alpha)
+        compiling = torch.compiler.is_compiling()
+        if not self.training or not (compiling or self.drop_path > 0):
+            return _scaled_add(x, branch(x, q), gamma)
+        keep = self.keep_prob if compiling else 1.0 - self.drop_path
+        scale = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch(x, q), scale if gamma is None else scale * gamma)
 
 
-def kept_rows(x: torch.Tensor, keep: float) -> torch.Tensor | None:
-    """The samples of x whose residual branch drop path keeps (a Bernoulli(keep) draw per sample, as timm's),
-    or None where the count must not be read on the host: off the CPU."""
-    if x.device.type != "cpu":
-        return None
-    return x.new_empty(x.shape[0]).bernoulli_(keep).nonzero().flatten()
-
-
-def _scaled_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """x + alpha * gamma * y in one pass (gamma: per-channel layer scale or None)."""
-    return torch.add(x, y, alpha=alpha) if gamma is None else torch.addcmul(x, y, gamma, value=alpha)
+def _scaled_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """x + gamma * y in one pass (gamma: per-channel layer scale or None)."""
+    return x + y if gamma is None else torch.addcmul(x, y, gamma)
 
 
 class GCViTStage(nn.Module):
@@ -311,8 +285,20 @@ class GCViT(TimmApi, nn.Module):
         """Stem at 1/4 resolution, kept channels_last: NHWC is what every later op wants."""
         return self.stem_reduce(self.stem(x.contiguous(memory_format=torch.channels_last)))
 
+    def _flex_grids(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(windows, tokens) of each stage whose attention runs as flex for this input; [] when none does."""
+        H, W = x.shape[-2] // 4, x.shape[-1] // 4
+        grids = []
+        for i, (stage, w) in enumerate(zip(self.stages, self.window_sizes)):
+            if resolve(stage.blocks[0].attn.kernel, x) == "flex":
+                grids.append(((H >> i) // w * ((W >> i) // w), w * w))
+        return grids
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> normalised last-stage map (B, C', H/32, W/32)."""
+        grids = self._flex_grids(x)
+        if grids:
+            attention_flex.prepare(grids, x.device)
         x = self._embed(x)
         for stage in self.stages:
             x = stage(x)
@@ -341,7 +327,7 @@ def _channels_last_kernels(m: nn.Module) -> None:
 
     Their gradients then come out of the convolutions' backward (oneDNN, cuDNN) with the weight's own
     strides, which DDP's gradient buckets require: else it warns that grad strides do not match bucket
-    view strides and copies. The 1x1 weights stay as they are: they run through pointwise(), as matrices.
+    view strides and copies. The 1x1 weights stay as they are: they run through F.linear, as matrices.
     """
     if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
         # clone, not contiguous(): a (C, 1, 3, 3) depthwise weight already counts as channels_last

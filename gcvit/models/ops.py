@@ -1,6 +1,7 @@
-"""Device-dependent layers of GC ViT besides attention: pointwise projections, LayerNorm's precision.
+"""GC ViT's LayerNorms in the precision model.norm chooses (the device-dependent choice besides attention).
 
-Each computes the same values on every device; the CPU branch of pointwise() is written for oneDNN.
+The 1x1 projections are F.linear on every device: a oneDNN 1x1 convolution on CPU is no faster on the demo's
+train step (1 thread, batch 32: 156 ms against F.linear's 151).
 """
 from __future__ import annotations
 
@@ -10,27 +11,10 @@ from torch import nn
 
 from gcvit.kernel_choices import NORM_AUTO
 
-# Widest input (channels) that pointwise() runs as a oneDNN convolution on CPU; see pointwise().
-CONV_MAX_CHANNELS = 64
-
 # model.norm: how LayerNorm runs under autocast. fp32: autocast's rule (input cast to fp32, fp32 out);
-# fast: on the autocast type with fp32 statistics and fp32 parameters (timm's fast_norm pattern: no fp32
-# copy of the input, a low-precision output the next GEMM takes as it is); auto: fp32 until the GPU kit
-# measures fast faster (gcvit/kernel_choices.py).
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear over the channels of an NHWC map (B, H, W, C).
-
-    On CPU, maps of up to CONV_MAX_CHANNELS channels run as a 1x1 convolution of the channels_last NCHW
-    view (both permutes are free views): there oneDNN's kernels beat the BLAS GEMM of F.linear, forward plus
-    backward (64 -> 192 channels at 56x56: 1.22x), while from 128 channels on F.linear is the faster one
-    (256 -> 768 at 14x14: 1.07x, 512 -> 1536 at 7x7: 1.2x; torch 2.14, 2 threads, batch 8). Elsewhere
-    (cuBLAS) it is F.linear.
-    """
-    if x.device.type != "cpu" or x.shape[-1] > CONV_MAX_CHANNELS:
-        return F.linear(x, weight, bias)
-    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
+# fast: on the autocast type with fp32 statistics (timm's fast_norm pattern: no fp32 copy of the input, a
+# low-precision output the next GEMM takes as it is); auto: fp32 until the GPU kit measures fast faster
+# (gcvit/kernel_choices.py).
 
 
 class LayerNorm(nn.LayerNorm):
