@@ -12,7 +12,7 @@ import torch
 from gcvit.config import Config
 from gcvit.engine.compile import compile_model, kernels
 from gcvit.engine.distributed import DistEnv
-from gcvit.kernel_choices import RECOMPILE_LIMIT
+from gcvit.kernel_choices import RECOMPILE_LIMIT, auto
 from gcvit.models import attention_flex, create_model
 from gcvit.models.attention import attention
 from gcvit.models.gcvit import WindowAttention, stage_window_sizes
@@ -125,9 +125,15 @@ def test_what_a_run_may_choose() -> None:
     cfg.model.attention = "flex"
     with pytest.raises(SystemExit, match=r"^config error: model.attention=flex cannot train on CPU"):
         kernels(cfg, cpu, training=True)
-    assert kernels(cfg, cpu, training=False) == ("flex", "auto")
+    assert kernels(cfg, cpu, training=False) == ("flex", "fp32")
     cfg.trainer.deterministic = True
-    assert kernels(cfg, DistEnv(0, 1, 0, torch.device("cuda")), training=True) == ("sdpa", "auto")
+    assert kernels(cfg, DistEnv(0, 1, 0, torch.device("cuda")), training=True) == ("sdpa", "fp32")
+
+
+def test_auto_is_the_gpu_familys_choice_then_the_device_types() -> None:
+    table = {"cpu": "math", "cuda": "sdpa", "cuda:sm90": "flex"}
+    assert auto(table, "cuda:sm90", "x") == "flex" and auto(table, "cuda:sm80", "x") == "sdpa"
+    assert auto(table, "cpu", "x") == "math" and auto(table, "mps", "x") == "x"
 
 
 def test_fast_layernorm_is_fp32_within_bf16_rounding() -> None:

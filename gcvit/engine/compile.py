@@ -22,18 +22,28 @@ from torch import nn
 
 from gcvit.config import Config
 from gcvit.engine.distributed import DistEnv
-from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, RECOMPILE_LIMIT
+from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, NORM_AUTO, RECOMPILE_LIMIT, auto
+
+
+def device_key(env: DistEnv) -> str:
+    """What the `auto` tables are keyed by: "cpu", or the GPU's family ("cuda:sm90")."""
+    if env.device.type != "cuda" or not torch.cuda.is_available():
+        return env.device.type
+    major, minor = torch.cuda.get_device_capability(env.device)
+    return f"cuda:sm{major}{minor}"
 
 
 def attention_of(cfg: Config, env: DistEnv) -> str:
-    """model.attention resolved for this device: `auto` becomes the device's measured choice."""
+    """model.attention resolved for this device: `auto` becomes the measured choice for its GPU family or
+    device type."""
     attention = cfg.model.attention
-    return ATTENTION_AUTO.get(env.device.type, "sdpa") if attention == "auto" else attention
+    return auto(ATTENTION_AUTO, device_key(env), "sdpa") if attention == "auto" else attention
 
 
 def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
-    """(attention, norm) for model.set_kernels(): the configured ones, except that FlexAttention, which has
-    no backward on CPU, stops a CPU training run, and trainer.deterministic trades it for sdpa."""
+    """(attention, norm) for model.set_kernels(), `auto` resolved for the device: the configured ones,
+    except that FlexAttention, which has no backward on CPU, stops a CPU training run, and
+    trainer.deterministic trades it for sdpa."""
     attention = attention_of(cfg, env)
     if attention == "flex" and training and env.device.type == "cpu":
         raise SystemExit("config error: model.attention=flex cannot train on CPU (FlexAttention has no CPU "
@@ -43,7 +53,8 @@ def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
             print("model.attention=flex adds the bias gradient with atomics (not deterministic); "
                   "trainer.deterministic=true runs model.attention=sdpa instead", flush=True)
         attention = "sdpa"
-    return attention, cfg.model.norm
+    norm = auto(NORM_AUTO, device_key(env), "fp32") if cfg.model.norm == "auto" else cfg.model.norm
+    return attention, norm
 
 
 def how(cfg: Config, env: DistEnv) -> str:
@@ -51,7 +62,7 @@ def how(cfg: Config, env: DistEnv) -> str:
     where they are proven: one process compiling the whole model."""
     kind = cfg.trainer.compile
     if kind == "auto":
-        kind = COMPILE_AUTO.get(env.device.type, "off")
+        kind = auto(COMPILE_AUTO, device_key(env), "off")
     if cfg.trainer.compile_mode == "reduce-overhead" and kind != "off" and (kind != "model" or
                                                                              env.world_size > 1):
         raise SystemExit(f"config error: trainer.compile_mode=reduce-overhead (CUDA graphs) runs with "
