@@ -27,9 +27,12 @@ CANDIDATES = {"ours-blocks": ("ours", "blocks"), "ours-model": ("ours", "model")
 
 
 def _step(net, x, y):
+    """A train step's forward and backward; on CUDA under bf16 autocast, as training runs there."""
+    import torch
     import torch.nn.functional as F
 
-    loss = F.cross_entropy(net(x), y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        loss = F.cross_entropy(net(x), y)
     loss.backward()
     return loss.detach()
 
