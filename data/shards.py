@@ -14,8 +14,13 @@ same order from a pack as from the folder it was packed from.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import resource
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,31 +120,99 @@ class Split:
         return f"{self.source}/{self.files[i]}"
 
 
+RESERVE_FDS = 256  # descriptors left to the rest of a process (DALI, sockets, logs, the other split's shards)
+RAISED_NOFILE = 65536  # the soft open-file limit asked for when the shards need more (capped by the hard one)
+
+
+def open_descriptors() -> int:
+    """How many file descriptors this process holds now (0 where the system does not say)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(listing)) - 1  # less the descriptor of the listing itself
+    return 0
+
+
+def room_for(n: int) -> int:
+    """How many of `n` files this process may keep open (at least 1): where n more descriptors and
+    RESERVE_FDS do not fit under the soft RLIMIT_NOFILE, it is first raised toward the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = open_descriptors()
+    want = held + n + RESERVE_FDS
+    if soft != resource.RLIM_INFINITY and want > soft:
+        raised = max(want, RAISED_NOFILE)
+        with contextlib.suppress(ValueError, OSError):  # refused (a container's cap): keep the soft limit
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (raised if hard == resource.RLIM_INFINITY else min(raised, hard), hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return n if soft == resource.RLIM_INFINITY else max(1, min(n, soft - held - RESERVE_FDS))
+
+
+def nofile_limits() -> str:
+    """The soft and hard open-file limits, as a message names them."""
+    soft, hard = (str(v) if v != resource.RLIM_INFINITY else "unlimited"
+                  for v in resource.getrlimit(resource.RLIMIT_NOFILE))
+    return f"ulimit -n {soft}, hard limit {hard}"
+
+
+def too_many_files(path: Path) -> str:
+    """The one-line message for a shard that cannot be opened because descriptors ran out (EMFILE)."""
+    return (f"cannot open {path}: too many open files (this process holds {open_descriptors()}; "
+            f"{nofile_limits()}); raise the limit before training (ulimit -n 65536 in the job "
+            "script; the hard limit is set by the cluster: LimitNOFILE, /etc/security/limits.conf)")
+
+
 class ShardReader:
     """Random access into shard files: each opened once, one os.pread per read.
 
     A shard is opened at its first read, or by open_all() (the readers' load() does that, before any fork:
     the descriptors survive fork and pread keeps no file position, so DataLoader workers share them). An
-    unpickled reader (a spawned DALI feeder process) opens its own, again at their first reads.
+    unpickled reader (a spawned DALI feeder process) opens its own, again at their first reads. Where the
+    open-file limit leaves no room for every shard (timm's ImageNet is 1088 tars), the soft limit is raised
+    toward the hard one; failing that, at most room_for() stay open and the least recently read is closed
+    for a new one (one open per miss, counted in `opens`; one line says so).
     """
 
     def __init__(self, paths: list[Path], hint: str) -> None:
         self.paths, self.hint = paths, hint  # hint: what to do about a shard that cannot be opened
-        self._files: dict[int, Any] = {}
+        self._files: OrderedDict[int, Any] = OrderedDict()
+        self.max_open = 0  # shards kept open at once, set by this process's first open (0: not yet)
+        self.opens = 0  # shards opened by this reader in this process (more than len(paths): reopens)
+
+    def _room(self) -> int:
+        if not self.max_open:
+            self.max_open = room_for(len(self.paths))
+            if self.max_open < len(self.paths):
+                print(f"{self.paths[0].parent}: {len(self.paths)} shards, room for {self.max_open} open "
+                      f"files in this process ({nofile_limits()}): the least recently read are closed and "
+                      f"reopened as needed; ulimit -n {len(self.paths) + 2 * RESERVE_FDS} keeps all open",
+                      file=sys.stderr, flush=True)
+        return self.max_open
 
     def _fd(self, k: int) -> int:
         """The descriptor of shard k (BadImage with a one-line message when it cannot be opened)."""
-        if k not in self._files:
+        f = self._files.get(k)
+        if f is not None:
+            self._files.move_to_end(k)
+            return f.fileno()
+        while True:
+            while len(self._files) >= self._room():
+                self._files.popitem(last=False)[1].close()
             try:  # an unbuffered file object only to hold the descriptor: closed by close() or when collected
                 self._files[k] = open(self.paths[k], "rb", buffering=0)  # noqa: SIM115
+                self.opens += 1
+                return self._files[k].fileno()
             except OSError as e:
-                raise BadImage(f"cannot open {self.paths[k]} ({e.strerror}); {self.hint}") from None
-        return self._files[k].fileno()
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise BadImage(f"cannot open {self.paths[k]} ({e.strerror}); {self.hint}") from None
+                if not self._files:
+                    raise BadImage(too_many_files(self.paths[k])) from None
+                # the rest of the process took more descriptors than RESERVE_FDS: keep fewer shards open
+                self.max_open = max(1, len(self._files) // 2)
 
     def open_all(self) -> None:
-        """Open every shard now (DataError naming the first that cannot be opened)."""
+        """Open every shard now, or as many as may stay open (DataError naming one that cannot be opened)."""
         try:
-            for k in range(len(self.paths)):
+            for k in range(min(len(self.paths), self._room())):
                 self._fd(k)
         except BadImage as e:
             raise DataError(str(e)) from None
@@ -151,21 +224,20 @@ class ShardReader:
     def drop_page_cache(self) -> None:
         """Ask the kernel to forget the shards' cached pages, so the next reads come from storage."""
         if hasattr(os, "posix_fadvise"):
-            self.open_all()
-            for f in self._files.values():
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            for k in range(len(self.paths)):
+                os.posix_fadvise(self._fd(k), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Close the shard files (a later read opens them again)."""
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_files"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "max_open", "opens")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _files={})
+        self.__dict__.update(state, _files=OrderedDict(), max_open=0, opens=0)
 
 
 class PackReader(ShardReader):

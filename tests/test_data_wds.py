@@ -4,7 +4,10 @@ the shards, and a truncated JPEG or a wrong .cls is one line naming the shard an
 from __future__ import annotations
 
 import builtins
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +32,9 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               num_classes=3, sizes=(40, 90))
 
 
-def _write(source: Path, out: Path) -> Path:
+def _write(source: Path, out: Path, per_shard: int = PER_SHARD) -> Path:
     return write_wds({"train": load_index(source, "train"), "validation": load_index(source, "val")}, out,
-                     PER_SHARD)
+                     per_shard)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,14 @@ def test_a_read_only_root_keeps_its_index_in_data_index_dir(source: Path, tmp_pa
     index_dir = tmp_path / "index"
     got = load_index(root, "val", index_dir=str(index_dir))
     assert got.labels == load_index(source, "val").labels
-    assert (index_dir / "val.wds-index.npz").is_file() and not (root / ".gcvit-index").exists()
+    assert not (root / ".gcvit-index").exists()
+    other = _write(source, tmp_path / "other")  # a second root sharing the folder keeps its own index
+    assert load_index(other, "val", index_dir=str(index_dir)).labels == got.labels
+    built = {p: p.stat().st_mtime_ns for p in index_dir.glob("val-*.wds-index.npz")}
+    assert len(built) == 2
+    load_index(root, "val", index_dir=str(index_dir))
+    load_index(other, "val", index_dir=str(index_dir))
+    assert {p: p.stat().st_mtime_ns for p in index_dir.glob("val-*.wds-index.npz")} == built  # none rebuilt
 
 
 def test_staging_copies_the_shards_and_the_copy_is_read(shards: Path, tmp_path: Path, capsys) -> None:
@@ -155,3 +165,93 @@ def test_verify_names_the_bad_sample_of_the_shards(source: Path, tmp_path: Path,
     (tar.parent / "_info.json").unlink()
     with pytest.raises(DataError, match=r"holds .tar files but no train/ folder, _info.json or pack.json"):
         load_index(tar.parent, "train")
+
+
+def test_a_shard_cut_at_a_sample_boundary_is_one_line(source: Path, tmp_path: Path) -> None:
+    root = _write(source, tmp_path / "cut")
+    tar = root / "data-train-0001.tar"
+    samples = list(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False))
+    with wds.TarWriter(str(tar)) as sink:  # a valid tar: only the counts show what is missing
+        for s in samples[:3]:
+            sink.write({m: s[m] for m in ("__key__", "jpg", "cls", "json")})
+    with pytest.raises(DataError, match=rf"^data error: {tar} holds 3 samples but _info.json lists 5 for it "
+                                        r"\(shard_lengths\); the shard is cut short or is another one: "
+                                        "download it again$"):
+        load_index(root, "train")
+    info = json.loads((root / "_info.json").read_text())
+    del info["splits"]["train"]["shard_lengths"]
+    (root / "_info.json").unlink()
+    (root / "info.json").write_text(json.dumps(info))  # timm reads either name
+    with pytest.raises(DataError, match=rf"^data error: the train shards of {root} hold 16 samples but "
+                                        "info.json says num_samples 18; a shard is incomplete"):
+        load_index(root, "train")
+
+
+def test_validation_shards_alone_are_read(source: Path, tmp_path: Path) -> None:
+    root = _write(source, tmp_path / "valonly")
+    for tar in root.glob("data-train-*.tar"):
+        tar.unlink()
+    val = load_index(root, "val")
+    assert val.labels == load_index(source, "val").labels and val.classes == ["0", "1", "2"]
+    assert not list((root / ".gcvit-index").glob("train*"))  # no train index needed
+    info = json.loads((root / "_info.json").read_text())
+    (root / "_info.json").write_text(json.dumps({**info, "num_classes": 5}))
+    assert load_index(root, "val").classes == ["0", "1", "2", "3", "4"]
+    (root / "_info.json").write_text(json.dumps({**info, "num_classes": 2}))
+    with pytest.raises(DataError, match=r"\.cls is 2, but _info.json's num_classes is 2; rewrite that "):
+        load_index(root, "val")
+
+
+LIMITS = """
+import json, random, resource, sys
+from pathlib import Path
+from gcvit_data.readers import load_index
+from gcvit_data.readers.wds import WdsReader, build
+from gcvit_data.shards import RESERVE_FDS, open_descriptors
+from gcvit_data.index import DataError
+
+root, folder = Path(sys.argv[1]), load_index(Path(sys.argv[2]), "train")
+want = [folder.encoded(i) for i in range(len(folder))]
+order = random.Random(0).sample(range(len(want)), len(want)) * 2
+out = {}
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_descriptors() + 8, hard))  # a low soft limit is raised
+ix = load_index(root, "train")
+out["raised"] = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - open_descriptors()
+same = [ix.encoded(i) for i in order] == [want[i] for i in order]
+out["all"] = [ix.reader.max_open, len(ix.reader.paths), same, ix.reader.opens]
+ix.reader.close()
+low = open_descriptors() + RESERVE_FDS + 3  # a hard limit with room for 3 shards
+resource.setrlimit(resource.RLIMIT_NOFILE, (low, low))
+ix = load_index(root, "train")
+out["lru"] = [ix.reader.max_open, [ix.encoded(i) for i in order] == [want[i] for i in order], ix.reader.opens]
+ix.reader.close()
+header, rows, files = build(root, "train")
+reader = WdsReader(root, [s[0] for s in header["shards"]], rows, files)
+full = open_descriptors()
+resource.setrlimit(resource.RLIMIT_NOFILE, (full, full))  # not one descriptor left
+try:
+    reader.open_all()
+except DataError as e:
+    out["emfile"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_the_open_file_limit_is_raised_or_shards_are_reopened(source: Path, tmp_path: Path) -> None:
+    """timm's ImageNet is 1088 tars, past the usual ulimit -n 1024: the soft limit is raised toward the
+    hard one; where the hard one is too low the least recently read shards are closed and reopened (each
+    read still right), and where no descriptor is left one line says to raise ulimit -n."""
+    root = _write(source, tmp_path / "many", per_shard=1)  # 18 train shards
+    run = subprocess.run([sys.executable, "-c", LIMITS, str(root), str(source)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["raised"] >= 18 + 256 and out["all"] == [18, 18, True, 18]  # all open, no reopen
+    shards, same, opens = out["lru"]
+    assert shards == 3 and same and opens > 18  # reads right; a miss costs one open
+    assert f"{root}: 18 shards, room for 3 open files in this process (ulimit -n " in run.stderr
+    tar = root / "data-train-0000.tar"
+    assert out["emfile"].startswith(f"data error: cannot open {tar}: too many open files (this process ")
+    assert "raise the limit before training (ulimit -n 65536" in out["emfile"]
+    assert "restore" not in out["emfile"] and "\n" not in out["emfile"]
