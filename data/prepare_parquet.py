@@ -34,10 +34,13 @@ SPLITS = {"train": "train", "validation": "val"}  # the dataset's split names ->
 BATCH_ROWS = 256  # rows decoded from a row group at a time: memory stays at a few tens of MB
 WNID = re.compile(r"n\d{8}")
 HF_VAL_NAME = re.compile(r"(ILSVRC2012_val_\d{8})_n\d{8}(\.JPEG)")  # the dataset appends the wnid
+VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
+VAL_IMAGES = 50000  # ILSVRC2012_val_00000001 .. 00050000, the order ReaL's labels follow
+AGREEMENT = 0.5  # in the standard order ~9 in 10 labels are among ReaL's; shuffled, ~1 in 1000
 
 
 def _parquet():
-    try:
+    try:  # pyarrow is the optional [prepare] extra: imported only when a parquet file is read
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading parquet needs pyarrow: pip install 'gcvit-train[prepare]'") from None
@@ -81,8 +84,8 @@ def check_label_names(path: Path, schema_metadata: dict | None, wnids: list[str]
     return True
 
 
-def rows(path: Path, wnids: list[str]) -> Iterator[tuple[int, str, str, bytes]]:
-    """(row, wnid, original file name, image bytes) of every row of a labelled parquet file."""
+def rows(path: Path, wnids: list[str]) -> Iterator[tuple[int, str, str | None, bytes]]:
+    """(row, wnid, original file name or None, image bytes) of every row of a labelled parquet file."""
     pf = _parquet().ParquetFile(path)
     schema = pf.schema_arrow
     image = schema.field("image").type if "image" in schema.names else None
@@ -94,7 +97,7 @@ def rows(path: Path, wnids: list[str]) -> Iterator[tuple[int, str, str, bytes]]:
         images = batch.column("image")
         for data, name, label in zip(images.field("bytes").to_pylist(), images.field("path").to_pylist(),
                                      batch.column("label").to_pylist()):
-            yield row, row_class(path, row, name, label, wnids), name or f"{path.stem}_{row:08d}.JPEG", data
+            yield row, row_class(path, row, name, label, wnids), name or None, data
             row += 1
 
 
@@ -110,6 +113,36 @@ def row_class(path: Path, row: int, name: str | None, label: int | None, wnids: 
                         f"name says {named.group()}; the labels are not in the standard order or the file "
                         "is damaged (download it again)")
     return wnids[label]
+
+
+def unnamed_rows(files: list[Path], split: str) -> tuple[bool, str | None]:
+    """Rows without an image path: whether they are named ILSVRC2012_val_NNNNNNNN.JPEG by their
+    position (validation rows in the standard order: the named rows carry their position and the labels
+    agree with ReaL's, which follow that order), and the line that says so (None when every row is named)."""
+    names, labels = [], []
+    for f in files:  # the path and label columns only: the image bytes are not read here
+        table = _parquet().ParquetFile(f).read(columns=["image.path", "label"])
+        names += table.column(0).combine_chunks().field("path").to_pylist()
+        labels += table.column(1).to_pylist()
+    missing = sum(not n for n in names)
+    fallback = "named <parquet file>_<row>.JPEG"
+    if not missing:
+        return False, None
+    if split != "validation":
+        return False, f"{split}: {missing} rows have no image path: {fallback}"
+    real = json.loads(timm_info("imagenet_real_labels.json"))
+    moved = next((n for i, n in enumerate(names) if n and (m := VAL_NUMBER.search(n)) and int(m[1]) != i + 1),
+                 None)
+    judged = [y in real[i] for i, y in enumerate(labels[:VAL_IMAGES]) if real[i]]
+    agree = sum(judged) / max(1, len(judged))
+    if moved is None and len(names) <= VAL_IMAGES and agree >= AGREEMENT:
+        return True, (f"validation: {missing} rows have no image path: named ILSVRC2012_val_NNNNNNNN.JPEG "
+                      f"by their position, the rows being in the standard order ({agree:.0%} of the labels "
+                      "are among ReaL's for their position)")
+    why = (f"{moved} is not at its position" if moved else f"{len(names)} rows" if len(names) > VAL_IMAGES
+           else f"only {agree:.0%} of the labels are among ReaL's for their position")
+    return False, (f"validation: {missing} rows have no image path and the rows are not in the standard "
+                   f"order ({why}): {fallback}; ReaL labels (eval ReaL) will not apply")
 
 
 def problem(data: bytes | None, check: bool) -> str | None:
@@ -135,36 +168,45 @@ Checker = Callable[[list[bytes | None]], list[str | None]]  # problem() of each 
 
 
 def write_split(files: list[Path], split: str, out: Path, wnids: list[str], *, check: bool,
-                checker: Checker, progress: bool) -> tuple[int, list[tuple[str, str]]]:
+                checker: Checker, progress: bool, by_position: bool = False
+                ) -> tuple[int, list[tuple[str, str]]]:
     """Write OUT/<split>/<wnid>/<name> from the rows of `files`, atomically; returns (images written,
-    [(reason, FILE row N (name))] of the rows --check left out). Without --check a bad row is an error."""
+    [(reason, FILE row N (name))] of the rows --check left out). Without --check a bad row is an error.
+    A row without a name is ILSVRC2012_val_NNNNNNNN.JPEG by its position in the split with `by_position`,
+    else <parquet file>_<row>.JPEG."""
     final, tmp = out / split, out / f".{split}.partial"
     if final.is_dir():  # finished by an earlier run
         return sum(1 for f in final.rglob("*") if f.is_file()), []
     shutil.rmtree(tmp, ignore_errors=True)
-    written, bad = 0, []
+    written, bad, first = 0, [], 0
     bar = tqdm(desc=f"{split} images", unit="img", disable=not progress, file=sys.stderr)
     for path in files:
-        batch: list[tuple[int, str, str, bytes]] = []
+        batch: list[tuple[int, str, str | None, bytes]] = []
+        where = first if by_position else None
         for item in rows(path, wnids):
             batch.append(item)
             if len(batch) == BATCH_ROWS:
-                written += _write_batch(batch, path, tmp, check, checker, bad)
+                written += _write_batch(batch, path, where, tmp, check, checker, bad)
                 bar.update(len(batch))
                 batch = []
-        written += _write_batch(batch, path, tmp, check, checker, bad)
+        written += _write_batch(batch, path, where, tmp, check, checker, bad)
         bar.update(len(batch))
+        first += _parquet().ParquetFile(path).metadata.num_rows
     bar.close()
     tmp.mkdir(exist_ok=True)  # a split whose every row was left out is still a (finished) split
     os.replace(tmp, final)
     return written, bad
 
 
-def _write_batch(batch: list[tuple[int, str, str, bytes]], path: Path, tmp: Path, check: bool,
-                 checker: Checker, bad: list[tuple[str, str]]) -> int:
-    """Write one batch of rows; returns how many were written."""
+def _write_batch(batch: list[tuple[int, str, str | None, bytes]], path: Path, first: int | None, tmp: Path,
+                 check: bool, checker: Checker, bad: list[tuple[str, str]]) -> int:
+    """Write one batch of rows (an unnamed one named by its position first + row when first is given);
+    returns how many were written."""
     n = 0
     for (row, wnid, name, data), reason in zip(batch, checker([item[3] for item in batch])):
+        if not name:  # see unnamed_rows()
+            name = (f"{path.stem}_{row:08d}.JPEG" if first is None else
+                    f"ILSVRC2012_val_{first + row + 1:08d}.JPEG")
         where = f"{path} row {row} ({name})"
         if reason:
             if not check:
@@ -194,7 +236,7 @@ def prepare_from_parquet(src: Path, out: Path, *, check: bool = False, workers: 
     how = ("the label names in their metadata and the wnid in every file name" if all(named) else
            "the wnid in every file name (no label names in their metadata)")
     out.mkdir(parents=True, exist_ok=True)
-    counts, bad = {}, []
+    counts, bad, notes = {}, [], []
     with mp.get_context("spawn").Pool(workers) if check and workers > 1 else nullcontext() as pool:
 
         def checker(datas: list[bytes | None]) -> list[str | None]:
@@ -205,12 +247,16 @@ def prepare_from_parquet(src: Path, out: Path, *, check: bool = False, workers: 
                     for r in part]
 
         for split, ours in SPLITS.items():
+            by_position = False
+            if not (out / ours).is_dir():  # not finished by an earlier run
+                by_position, note = unnamed_rows(found[split], split)
+                notes += [note] if note else []
             counts[ours], left_out = write_split(found[split], ours, out, wnids, check=check, checker=checker,
-                                                 progress=progress)
+                                                 progress=progress, by_position=by_position)
             bad += left_out
     test = sum(_parquet().ParquetFile(f).metadata.num_rows for f in found["test"])
     notes = [f"labels: ImageNet-1K's standard sorted-wnid order (label 0 = {wnids[0]} {lemmas[wnids[0]]!r}), "
              f"checked against {how}",
              f"test split: {test} unlabelled images (label -1) skipped" if found["test"] else
-             "test split: no test-*.parquet (nothing to skip)"]
+             "test split: no test-*.parquet (nothing to skip)", *notes]
     return Prepared(len(list((out / "train").iterdir())), counts, bad, notes)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gcvit_data.demo import draw
+from gcvit_data.eval_sets import timm_info
 from gcvit_data.index import DataError
 from gcvit_data.pack import pack
 from gcvit_data.prepare import main
@@ -143,3 +144,33 @@ def test_label_names_in_another_order_are_refused(tmp_path) -> None:
     _dataset(tmp_path / "hf", names)
     with pytest.raises(DataError, match=r"train-00000-of-00002.parquet: label 1 is named 'great white shark"):
         main(["imagenet", "--from-parquet", str(tmp_path / "hf"), "--out", str(tmp_path / "root")])
+
+
+def test_val_rows_without_a_path_are_named_by_position_only_in_the_standard_order(tmp_path, capsys) -> None:
+    """ReaL labels find a val image by its ILSVRC2012_val_NNNNNNNN name: a row without one gets it from its
+    position only where the labels show the standard order (they are ReaL's for those positions)."""
+    _dataset(tmp_path / "hf")
+    real = json.loads(timm_info("imagenet_real_labels.json"))
+    labels = [r[0] if r else 0 for r in real[:8]]
+    assert len({y for y, r in zip(labels, real) if r}) >= 6  # distinct: a shuffle moves them off ReaL's
+    rows = [(_jpeg(y % 10, 3000 + i), None, y) for i, y in enumerate(labels)]
+    val = tmp_path / "hf" / "data" / "validation-00000-of-00001.parquet"
+    _write(val, rows, [LEMMAS[w] for w in WNIDS])
+    args = ["imagenet", "--from-parquet", str(tmp_path / "hf"), "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == ("validation: 8 rows have no image path: named ILSVRC2012_val_NNNNNNNN.JPEG by their "
+                      "position, the rows being in the standard order (100% of the labels are among ReaL's "
+                      "for their position)")
+    got = {k: v for k, v in _files(tmp_path / "root").items() if k.startswith("val/")}
+    assert got == {f"val/{WNIDS[y]}/ILSVRC2012_val_{i + 1:08d}.JPEG": d for i, (d, _, y) in enumerate(rows)}
+
+    _write(val, rows[::-1], [LEMMAS[w] for w in WNIDS])  # the same rows in another order
+    assert main([*args, str(tmp_path / "shuffled")]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line.startswith("validation: 8 rows have no image path and the rows are not in the standard order "
+                           "(only ") and line.endswith("of the labels are among ReaL's for their position): "
+                                                       "named <parquet file>_<row>.JPEG; ReaL labels (eval "
+                                                       "ReaL) will not apply")
+    names = sorted(p.name for p in (tmp_path / "shuffled" / "val").rglob("*.JPEG"))
+    assert names == [f"validation-00000-of-00001_{r:08d}.JPEG" for r in range(8)]
