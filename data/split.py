@@ -7,13 +7,12 @@ the training images by construction.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import numpy as np
 
+from gcvit_data.config import DataConfig
 from gcvit_data.index import DataError, Index
-from gcvit_data.readers import load_index
-from gcvit_data.readers.file_list import read_list
+from gcvit_data.readers import load_split
 
 
 def held_out(index: Index, fraction: float, seed: int) -> tuple[Index, Index, dict]:
@@ -46,15 +45,13 @@ def describe(record: dict) -> str:
             f"seed {record['seed']}); {record['train_images']} train on; recorded in run_info.json{unused}")
 
 
-def split_index(data: Any, train: bool) -> tuple[Index, dict | None]:
-    """The images of the train or val split (data: a DataConfig) and the held-out record, if one was made.
+def split_index(data: DataConfig, train: bool) -> tuple[Index, dict | None]:
+    """The images of the train or val split and the held-out record, if one was made.
 
     Train: data.train_list, else ROOT/train. Val: data.val_list, else data.val_split of the train images,
     else ROOT/val."""
-    if data.train_list:
-        whole = read_list(data.train_list, "data.train_list", data.root)
-    elif train or data.val_split:
-        whole = load_index(data.root, "train", index_cache=data.index_cache, index_dir=data.index_dir)
+    if data.train_list or train or data.val_split:
+        whole = load_split(data, "train")
     if data.val_split:
         parts = held_out(whole, data.val_split, data.val_split_seed)
         record = {**parts[2], "source": data.train_list or str(whole.root)}
@@ -66,8 +63,8 @@ def split_index(data: Any, train: bool) -> tuple[Index, dict | None]:
     if data.val_list:
         if not data.train_list:
             raise DataError("data.val_list needs data.train_list (its classes); or use ROOT/val folders")
-        return read_list(data.val_list, "data.val_list", data.root, whole.classes), None
+        return load_split(data, "val", whole.classes), None
     if data.train_list:
         raise DataError("data.train_list is set but neither data.val_list nor data.val_split; pass a val "
                         "list, or data.val_split=0.1 to hold out part of the train list")
-    return load_index(data.root, "val", index_cache=data.index_cache, index_dir=data.index_dir), None
+    return load_split(data, "val"), None

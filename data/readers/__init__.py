@@ -2,16 +2,19 @@
 
 Each source is one module of this package with detect(root), load(root, split, *, index_cache, index_dir)
 -> gcvit_data.index.Index and, for the shard sources that data.cache_dir can copy, stage_plan(root). A new
-source is one new module added to SOURCES. File lists (data.train_list) are chosen by their own key
-(gcvit_data.split).
+source is one new module added to SOURCES (python -m gcvit_data.verify checks any source's samples as its
+reader gives them). File lists (data.train_list, data.val_list) take the place of data.root's splits when
+set (load_split).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
 
+from gcvit_data.config import DataConfig
 from gcvit_data.index import DataError, Index
 from gcvit_data.readers import folder, pack, wds
+from gcvit_data.readers.file_list import read_list
 
 SOURCES = (pack, wds, folder)  # asked in this order; an image folder is any other directory
 
@@ -30,6 +33,15 @@ def load_index(root: str | Path, split: str, *, index_cache: str | None = None,
     """The samples of `split` of data.root, whatever its form (an image folder, a pack, WebDataset shards)."""
     root = Path(root).expanduser().resolve()
     return source_of(root).load(root, split, index_cache=index_cache, index_dir=index_dir)
+
+
+def load_split(data: DataConfig, split: str, classes: list[str] | None = None) -> Index:
+    """The samples of `split` (train | val) a DataConfig names: its file list (data.train_list or
+    data.val_list, whose labels must be among `classes`, the train list's) when set, else data.root's."""
+    listed = data.train_list if split == "train" else data.val_list
+    if listed:
+        return read_list(listed, f"data.{split}_list", data.root, classes)
+    return load_index(data.root, split, index_cache=data.index_cache, index_dir=data.index_dir)
 
 
 def stage_plan(root: str | Path) -> tuple[str, dict[str, str | None]] | None:
