@@ -276,9 +276,12 @@ def test_nccl_env_row(monkeypatch) -> None:
         monkeypatch.delenv(new, raising=False)
         monkeypatch.delenv(old, raising=False)
     assert checks.nccl_env("cpu").status == OK
+    row = checks.nccl_env("cuda")  # unset: torch's defaults record, dump and end the process
+    assert row.status == OK and row.detail == "none set; unset: torch's defaults (on)"
+    monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
     row = checks.nccl_env("cuda")
-    assert row.status == WARN and row.detail.startswith("TORCH_FR_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT, "
-                                                        "TORCH_NCCL_ASYNC_ERROR_HANDLING unset or off")
+    assert row.status == WARN and row.detail.startswith("TORCH_NCCL_DUMP_ON_TIMEOUT set to 0 (off)")
+    monkeypatch.delenv("TORCH_NCCL_DUMP_ON_TIMEOUT")
     launched = subprocess.run(["bash", "-c", f"source {REPO}/launch/nccl_env.sh && env"], capture_output=True,
                               text=True, check=True).stdout.splitlines()
     for line in launched:

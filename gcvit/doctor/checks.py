@@ -274,10 +274,12 @@ def nccl_env(device: str) -> Row:
     shown = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None) or "none set"
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return Row("nccl-env", OK, f"{shown} (NCCL unused: gloo on CPU)", values)
-    off = [new for new, _, none in NCCL_DIAGNOSTICS if values[new] in (None, "", none)]
+    # Unset is fine: torch's own defaults keep 2000 entries, dump on a timeout and use async error handling 3.
+    off = [new for new, _, none in NCCL_DIAGNOSTICS if values[new] == none]
     if off:
-        return Row("nccl-env", WARN, f"{', '.join(off)} unset or off: a NCCL hang would leave no flight-"
-                   "recorder dump; start with launch/torchrun.sh or launch/slurm.sbatch (they set them), or "
-                   "export them", values)
-    return Row("nccl-env", OK, shown, values)
+        return Row("nccl-env", WARN, f"{', '.join(off)} set to 0 (off): a NCCL hang would leave no flight-"
+                   "recorder dump or hang instead of ending the process; unset them (torch's defaults are "
+                   "on)", values)
+    unset = "" if None not in values.values() else "; unset: torch's defaults (on)"
+    return Row("nccl-env", OK, shown + unset, values)
 
