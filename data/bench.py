@@ -13,16 +13,18 @@ when fully used, and unlike img/s it barely moves when other processes share the
 `*_main_us_per_img` is the CPU the training thread itself spends per image inside the loader (what it
 cannot spend launching kernels); compare --feeder-workers 0 (the feeder on that thread) with the default.
 
-Folder vs packed shards (docs/shards.md) vs timm's WebDataset shards, the same images every way:
+Folder vs packed shards (docs/shards.md) vs timm's WebDataset shards vs the links prepare --from-kaggle
+makes, the same images every way:
 
-    python -m gcvit_data.bench --root ../shared/imagenet-sample --format folder shards wds --loaders dali \
-        --fs-ops
+    python -m gcvit_data.bench --root ../shared/imagenet-sample --format folder shards wds links \
+        --loaders dali --fs-ops
 
-packs ROOT's train split into a temporary folder once (and writes it as WebDataset shards once), then times
-every loader on every format in the same alternating rounds (keys `<loader>_<format>_img_s`, and
-`<loader>_<format>_vs_folder`, the ratio of img/s). Images per CPU-second need one loader of each kind and
-are left out then. --fs-ops also counts the opens and stats of dataset files per image of each
-(gcvit_data.bench_fs: strace on a child process).
+makes each form of ROOT's train split in a temporary folder once (packed; written as WebDataset shards; a
+folder of links to its class folders), then times every loader on every format in the same alternating
+rounds (keys `<loader>_<format>_img_s`, and `<loader>_<format>_vs_folder`, the ratio of img/s). Images per
+CPU-second need one loader of each kind and are left out then. --fs-ops also counts the opens and stats of
+dataset files per image of each (gcvit_data.bench_fs: strace on a child process). A ROOT that is a pack or
+WebDataset shards (timm's download: its _info.json) is read in place as `--format shards` or `wds`.
 """
 from __future__ import annotations
 
@@ -40,12 +42,18 @@ from typing import Any
 
 import torch
 
+from gcvit.engine.provenance import environment, package_versions
 from gcvit_data import bench_fs
 from gcvit_data.bench_streams import FULL, Endless, dataset_root, write_wds
 from gcvit_data.config import AugConfig, DataConfig
 from gcvit_data.loaders import build_loader
 from gcvit_data.pack import pack, parse_size
-from gcvit_data.readers import load_index
+from gcvit_data.prepare_kaggle import link_train
+from gcvit_data.readers import folder, load_index, source_of
+from gcvit_data.readers import pack as pack_source
+from gcvit_data.readers import wds as wds_source
+
+FORMAT_OF = {folder: "folder", pack_source: "shards", wds_source: "wds"}  # a root's own form, by its reader
 
 
 def children_cpu_seconds() -> dict[int, float]:
@@ -136,12 +144,17 @@ def bench(roots: dict[str, Path], rand_augment: str | None, args: argparse.Names
 
 
 def formats(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Path]:
-    """The dataset root of each --format: the folder itself; its train split packed into `tmp` once, or
-    written there as WebDataset shards once."""
+    """The dataset root of each --format: ROOT itself in its own form; an image folder's train split
+    packed into `tmp` once, written there as WebDataset shards once, or linked as prepare --from-kaggle
+    links it (a folder of links to the class folders)."""
     roots = {}
     for fmt in args.format:
-        if fmt == "folder":
+        if fmt == FORMAT_OF[source_of(root)]:
             roots[fmt] = root
+        elif fmt == "links":
+            train = root / "train"
+            link_train(train, sorted(p.name for p in train.iterdir() if p.is_dir()), tmp / "links", {})
+            roots[fmt] = tmp / "links"
         elif fmt == "wds":
             roots[fmt] = write_wds({"train": load_index(root, "train", index_cache=args.index_cache)},
                                    tmp / "wds", shard_size=parse_size(args.shard_size))
@@ -176,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hw-decoder-load", type=float, default=DataConfig.hw_decoder_load,
                     help="gpu: share of JPEGs for the hardware JPEG decoder (data.hw_decoder_load)")
     ap.add_argument("--loaders", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
-    ap.add_argument("--format", nargs="+", choices=("folder", "shards", "wds"), default=["folder"],
-                    help="read the images from their folder, packed into shards (gcvit_data.pack) or written "
-                         "as timm-style WebDataset shards first; several: side by side")
+    ap.add_argument("--format", nargs="+", choices=("folder", "shards", "wds", "links"), default=None,
+                    help="read the images from their folder, packed into shards (gcvit_data.pack), written "
+                         "as timm-style WebDataset shards or linked as prepare --from-kaggle does first; "
+                         "several: side by side (default: ROOT's own form)")
     ap.add_argument("--shard-size", default="1GB", help="shard size of --format shards and wds (1GB, 512MB)")
     ap.add_argument("--fs-ops", action="store_true",
                     help="also count opens and stats of dataset files per image (strace on a child process)")
@@ -194,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         root = dataset_root(args.root, Path(tmp) / "root")
+        own = FORMAT_OF[source_of(root)]
+        args.format = args.format or [own]
+        if own != "folder" and args.format != [own]:
+            ap.error(f"{args.root} is read as --format {own} (in place); the other forms are made from an "
+                     "image folder")
         args.index_cache = args.index_cache or str(Path(tmp) / "index")
         roots = formats(root, args, Path(tmp))
         rows = []
@@ -206,20 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                              **bench_fs.fs_ops(fmt_root, kind, args)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.json_out:
-        from gcvit.engine.provenance import environment
-
         device = torch.device("cuda" if args.dali_device == "gpu" else "cpu")
-        report = {**environment(device), "dali": _dali_version(), "cpus": os.cpu_count(),
+        dali = next((v for k, v in package_versions().items() if k.startswith("nvidia-dali")), None)
+        report = {**environment(device), "dali": dali, "cpus": os.cpu_count(),
                   "args": {k: str(v) for k, v in vars(args).items()}, "results": rows}
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-def _dali_version() -> str:
-    from nvidia.dali import __version__
-
-    return __version__
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from gcvit_data.index import Index
+from gcvit_data.readers import folder, source_of
 
 FULL = "rand-m9-mstd0.5-inc1"  # the in1k recipe's RandAugment
 
 
 def dataset_root(root: Path, tmp: Path) -> Path:
     """ROOT itself, or a temporary ROOT whose train/ and val/ link to a bare folder of class folders."""
-    if (root / "train").is_dir() or (root / "pack.json").is_file() or (root / "_info.json").is_file():
+    if (root / "train").is_dir() or source_of(root) is not folder:  # a pack or WebDataset shards
         return root
     tmp.mkdir(exist_ok=True)
     for split in ("train", "val"):

@@ -38,6 +38,8 @@ from gcvit_data.imagenet import (
 )
 from gcvit_data.index import DataError
 from gcvit_data.pack import check_out, pack, parse_size
+from gcvit_data.prepare_kaggle import prepare_from_kaggle
+from gcvit_data.prepare_parquet import prepare_from_parquet  # imports pyarrow (an extra) only when it reads
 from gcvit_data.prepare_shards import prepare_pack
 
 
@@ -116,10 +118,7 @@ def place_val(val: Path, labels: dict[str, str], wnids: list[str], out: Path, so
 def from_download(args: argparse.Namespace) -> int:
     """--from-parquet / --from-kaggle: their folder layout at OUT, or written beside OUT, packed into OUT
     (gcvit_data.pack) and removed."""
-    if args.from_parquet:
-        from gcvit_data.prepare_parquet import prepare_from_parquet as prepare  # on pyarrow
-    else:
-        from gcvit_data.prepare_kaggle import prepare_from_kaggle as prepare
+    prepare = prepare_from_parquet if args.from_parquet else prepare_from_kaggle
     out = args.out.expanduser().resolve()
     layout = out if args.format == "folder" else out.parent / f".{out.name}.staged"
     if args.format == "shards":

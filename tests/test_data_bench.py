@@ -10,7 +10,9 @@ import torch
 
 from gcvit_data.bench import main
 from gcvit_data.bench_fs import count_calls, data_prefixes
+from gcvit_data.bench_streams import write_wds
 from gcvit_data.demo import write_image_folder
+from gcvit_data.readers import load_index
 
 
 def test_bench_prints_both_loaders_and_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -36,12 +38,11 @@ def test_gpu_bench_without_a_gpu_is_one_line(capsys: pytest.CaptureFixture) -> N
     assert "--dali-device gpu needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_bench_format_times_the_folder_its_pack_and_its_wds_shards(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_bench_format_times_each_form_of_the_same_images(tmp_path: Path, capsys) -> None:
     root = write_image_folder(tmp_path / "flat", train_per_class=6, val_per_class=1, num_classes=2)
-    assert main(["--root", str(root / "train"), "--threads", "0", "--batch", "4", "--img-size", "32",
-                 "--batches", "2", "--rounds", "1", "--warmup", "1", "--rand-augment", "none",
-                 "--format", "folder", "shards", "wds", "--loaders", "torch"]) == 0
+    quick = ["--threads", "0", "--batch", "4", "--img-size", "32", "--batches", "2", "--rounds", "1",
+             "--warmup", "1", "--rand-augment", "none", "--loaders", "torch"]
+    assert main(["--root", str(root / "train"), *quick, "--format", "folder", "shards", "wds", "links"]) == 0
     captured = capsys.readouterr()
     rec = json.loads(captured.out)
     folder, shards = rec["torch_folder_img_s"], rec["torch_shards_img_s"]
@@ -51,6 +52,15 @@ def test_bench_format_times_the_folder_its_pack_and_its_wds_shards(tmp_path: Pat
     wds = rec["torch_wds_img_s"]  # timm's WebDataset shards of the same images, side by side
     assert wds > 0 and rec["torch_wds_vs_folder"] == pytest.approx(wds / folder, rel=0.01)
     assert "wrote the train split as WebDataset shards" in captured.err
+    assert rec["torch_links_img_s"] > 0 and "torch_links_vs_folder" in rec  # prepare --from-kaggle's links
+
+    shards = write_wds({"train": load_index(root, "train")}, tmp_path / "wds")  # a downloaded WDS root
+    assert main(["--root", str(shards), *quick]) == 0  # read in place, nothing written
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["torch_img_s"] > 0 and "wrote" not in captured.err
+    with pytest.raises(SystemExit):
+        main(["--root", str(shards), *quick, "--format", "folder", "wds"])
+    assert f"{shards} is read as --format wds (in place)" in capsys.readouterr().err
 
 
 def test_fs_ops_counts_only_the_calls_that_name_dataset_files(tmp_path: Path) -> None:
