@@ -24,8 +24,12 @@ from gcvit.config import PROCESS_GROUP_TIMEOUT_S
 PREEMPTED_EXIT_CODE = 75
 # A stall the watchdog pinned on some ranks while the others waited for them: requeue without their nodes.
 NODE_FAULT_EXIT_CODE = 76
+# A stall of every rank alike inside a collective (a NIC, the network, a GPU fault, NCCL) or of the run
+# directory's file system, with no rank to blame: requeue as is, a few times at most.
+STALL_EXIT_CODE = 77
 # A diagnosed failure that a restart would repeat (divergence, out of memory, a bad checkpoint or data, a
-# stall of every rank alike): do not requeue; read the one-line error (and RUN_DIR/hang/ for a stall).
+# stall of every rank alike outside collectives): do not requeue; read the one-line error (and RUN_DIR/hang/
+# for a stall).
 BUG_EXIT_CODE = 70
 
 
