@@ -217,9 +217,10 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     the run dir is finished already."""
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
-    dog = watch(run_dir, env, t.stall_timeout, t.stall_grace)
     cache = use_cache(cfg, run_dir) if compiled(cfg, env) else None  # before anything compiles
     data = resolve_data(cfg, env)
+    # after staging: copying and checksumming a dataset to local disk can take longer than any grace
+    dog = watch(run_dir, env, t.stall_timeout, t.stall_grace)
     if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
         os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
     ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
@@ -305,6 +306,8 @@ def run_epoch(run: Run) -> bool:
     if p.faults is not None:  # a test's slow loader (gcvit.engine.faults)
         batches = p.faults.batches(batches)
     epoch_end = min((epoch + 1) * p.steps_per_epoch, run.target)
+    # the step accounting leaves out the epoch's first step (the loader restarts) and a (re)start's compiling
+    p.clock.skip(max(1, run.warmup_until - progress.step))
     window = metrics.Window(env.device)
     while progress.step < epoch_end:
         seed_step(t.seed, env.rank, progress.step)

@@ -9,9 +9,10 @@ that is ready last, found in the first step) and ends when backward returns, whi
 all-reduce is done. DDP makes every rank's step as slow as the slowest, and the slow rank is the one that
 waits least: a rank's own step time is its step less `comm`.
 
-At log steps report() gathers each rank's per-step means to rank 0 (one small gather), which names the
-slowest rank, its host and its dominant cause, rolls the ranks up per node, and prints one WARN line when
-the same rank stays slow for the same cause for `windows` log windows in a row.
+Steps that restart the loader or compile (skip()) are left out. At log steps report() brings each rank's
+per-step means to rank 0 (one small all-gather), which names the slowest rank, its host and its dominant
+cause, rolls the ranks up per node, and prints one WARN line when the same rank stays slow for the same
+cause for `windows` log windows in a row.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ class StepClock:
         self._hosts: list[str] | None = None
         self._streak: tuple[int, str] | None = None
         self._streak_len = 0
+        self._skip = 0  # steps still to leave out (skip())
 
     # ---- inside a step (main thread; _grads_ready on autograd's thread)
     def watch(self, params: Iterable[torch.nn.Parameter]) -> StepClock:
@@ -108,6 +110,11 @@ class StepClock:
             self._ev.grads_seen = True
         else:
             self._grads_at = time.perf_counter()
+
+    def skip(self, steps: int) -> None:
+        """Leave the next `steps` steps out of the report: they restart the loader (a new epoch, after an
+        evaluation) or compile, and would name whichever rank was slowest to warm up."""
+        self._skip = steps
 
     def start(self) -> None:
         """A step begins."""
@@ -161,7 +168,13 @@ class StepClock:
                 if i != self._last_ready:
                     hook.remove()
             self._hooks = {self._last_ready: self._hooks[self._last_ready]}
-        if self._ev is not None:
+        if self._skip:
+            self._skip -= 1
+            if self._ev is not None:
+                self._ev.recycle()
+                self._pool.append(self._ev)
+                self._ev = None
+        elif self._ev is not None:
             self._ev.end.record()
             self._ev.wait = self._wait
             self._pending.append(self._ev)
@@ -186,7 +199,7 @@ class StepClock:
 
     # ---- at log steps (a collective: every rank calls it)
     def report(self) -> dict[str, Any]:
-        """Gather each rank's per-step means of this window to rank 0: record fields there, {} elsewhere."""
+        """Each rank's per-step means of this window, to rank 0: record fields there, {} elsewhere."""
         if self.cuda:
             self._drain()
         means = [s / self.steps for s in self.sums] if self.steps else [0.0] * len(PARTS)
@@ -201,12 +214,14 @@ class StepClock:
         rows = [means]
         if active:
             mine = torch.tensor(means, dtype=torch.float64, device=self.device if self.cuda else "cpu")
-            main = dist.get_rank() == 0
-            out = [torch.empty_like(mine) for _ in range(dist.get_world_size())] if main else None
-            dist.gather(mine, out, dst=0)
-            if not main:
+            table = mine.new_empty(dist.get_world_size(), len(PARTS))
+            if self.cuda:  # NCCL: one all-gather (a gather is world - 1 point-to-point transfers into rank 0)
+                dist.all_gather_into_tensor(table, mine)
+            else:  # gloo: the same into the table's rows
+                dist.all_gather(list(table.unbind()), mine)
+            if dist.get_rank() != 0:
                 return {}
-            rows = [t.tolist() for t in out]
+            rows = table.tolist()
         fields = analyse(rows, self._hosts)
         if len(rows) == 1:  # nobody to compare with
             return {k: v for k, v in fields.items() if not k.startswith("slowest_")}
