@@ -243,7 +243,8 @@ def validate(cfg: Config, known_models: Callable[[], list[str]]) -> Config:
            t.stall_timeout, f"null (auto), 0 (off) or seconds in [5, {most}] (collectives fail after "
            f"{PROCESS_GROUP_TIMEOUT_S} s)")
     _check(5 <= t.stall_grace <= most, "trainer.stall_grace", t.stall_grace, f"seconds in [5, {most}]")
-    _check(t.straggler_ratio > 1, "trainer.straggler_ratio", t.straggler_ratio, "a float > 1")
+    _check(1 < t.straggler_ratio < float("inf"), "trainer.straggler_ratio", t.straggler_ratio,
+           "a finite float > 1")
     _check(t.straggler_windows >= 1, "trainer.straggler_windows", t.straggler_windows, "an integer >= 1")
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, ("online", "offline", "disabled"))
     d = cfg.data
