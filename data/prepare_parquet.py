@@ -9,7 +9,8 @@ after: the pack writer needs the samples in sorted order, the parquet rows are i
 the pack is byte-identical to `--format folder` + `python -m gcvit_data.pack`. Labels are checked to be
 ImageNet's sorted-wnid order (the label names in the files' metadata, and the wnid every file name
 carries); the test split (label -1) is counted and skipped. Each split appears atomically: a rerun skips
-the finished ones.
+the finished ones. Converted, not read in place: one image out of a row group costs reading the whole
+group, ~1000x a pread of the image (benchmarks/shard_reads.py; docs/imagenet.md says by how much).
 """
 from __future__ import annotations
 
