@@ -191,8 +191,10 @@ def _python_help(argv: list[str]) -> str:
         if "=" not in a:
             leading.append(a)
     target = argv[2] if argv[1] == "-m" else str(REPO / argv[1])
-    out, old_argv = io.StringIO(), sys.argv
+    out, old_argv, old_path = io.StringIO(), sys.argv, list(sys.path)
     sys.argv = [target, *leading, "--help"]
+    if argv[1] != "-m":  # as `python SCRIPT` runs it: the script's folder first (its sibling modules)
+        sys.path.insert(0, str(Path(target).parent))
     try:
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
             if argv[1] == "-m":
@@ -200,7 +202,7 @@ def _python_help(argv: list[str]) -> str:
             else:
                 runpy.run_path(target, run_name="__main__")
     finally:
-        sys.argv = old_argv
+        sys.argv, sys.path[:] = old_argv, old_path
     assert exit_.value.code in (0, None), f"{' '.join(argv[:3])} --help exited {exit_.value.code}"
     assert "usage" in out.getvalue().lower(), out.getvalue()[:500]
     return out.getvalue()
