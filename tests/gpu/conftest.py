@@ -1,6 +1,8 @@
 """The GPU tier: every test here is marked `gpu` and skipped with one reason on a machine without CUDA."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -17,8 +19,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def cuda() -> torch.device:
-    """The current CUDA device, with TF32 off so fp32 references are true fp32."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return torch.device("cuda", torch.cuda.current_device())
+def cuda() -> Iterator[torch.device]:
+    """The current CUDA device, with TF32 off so fp32 references are true fp32 (restored after the test)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda", torch.cuda.current_device())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

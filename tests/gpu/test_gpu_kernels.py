@@ -2,17 +2,20 @@
 table behind the bias) against the definition in fp64, in fp32 (TF32 off) and bf16, for one window and for
 the windows of an image with a shared or a per-window query; flex's gradients, which CPU cannot run
 (FlexAttention has no CPU backward; its learned-bias gradient comes through atomics); the whole model with
-each form and norm against the math form with fp32 LayerNorm. benchmarks/kernel_candidates.py gates its
-candidates the same way before timing them."""
+each form and norm against the math form with fp32 LayerNorm (benchmarks/kernel_candidates.py gates its
+candidates the same way before timing them, with the same step: kernel_job.logits_and_grads); fast LayerNorm
+against fp32 within bf16 rounding."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernel_job import logits_and_grads
 from gcvit.models import create_model
 from gcvit.models.attention import attention, windowed_attention
 from gcvit.models.gcvit import relative_position_index
+from gcvit.models.ops import ChannelLayerNorm, LayerNorm
 
 FORMS = ["sdpa", "flex", "math"]
 TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}  # bf16 keeps 8 bits of mantissa: relative 2^-8 per value
@@ -89,15 +92,6 @@ def test_windowed_attention_equals_per_window_attention(cuda, kind, shared, dtyp
         _close(a, b, dtype, f"{kind} grad {name}")
 
 
-def _logits_and_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(x).float()
-    F.cross_entropy(logits, y).backward()
-    return logits.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("norm", ["fp32", "fast"])
 @pytest.mark.parametrize("kind", FORMS)
 def test_the_model_with_each_form_and_norm_tracks_the_math_form(cuda, kind, norm) -> None:
@@ -112,9 +106,9 @@ def test_the_model_with_each_form_and_norm_tracks_the_math_form(cuda, kind, norm
     y = torch.randint(0, 100, (8,), generator=g).to(cuda)
     for dtype in (None, torch.bfloat16):
         model.set_kernels(attention="math", norm="fp32")
-        ref_logits, ref_grads = _logits_and_grads(model, x, y, dtype)
+        ref_logits, ref_grads = logits_and_grads(model, x, y, dtype)
         model.set_kernels(attention=kind, norm=norm)
-        logits, grads = _logits_and_grads(model, x, y, dtype)
+        logits, grads = logits_and_grads(model, x, y, dtype)
         if dtype is None:
             torch.testing.assert_close(logits, ref_logits, atol=1e-3, rtol=1e-3)
             for n, grad in ref_grads.items():
@@ -126,3 +120,37 @@ def test_the_model_with_each_form_and_norm_tracks_the_math_form(cuda, kind, norm
         worst = min((F.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0).item(), n)
                     for n in ref_grads if ref_grads[n].abs().max() > 0)
         assert worst[0] >= 0.95, f"{kind}/{norm}: bf16 gradient of {worst[1]} has cosine {worst[0]:.3f}"
+
+
+@pytest.mark.parametrize("cls", [LayerNorm, ChannelLayerNorm])
+def test_fast_layernorm_is_fp32_within_bf16_rounding_on_cuda(cuda, cls) -> None:
+    """model.norm=fast on CUDA (the parameters cast to the autocast type, as timm's fast_norm) at the model's
+    narrowest and widest channels: without autocast the fp32 kernel itself; under bf16 autocast a bf16 output
+    within 2^-7 of the fp32 form's largest value (input and output rounded once each) and fp32 gradients of
+    input, weight and bias within 2^-5 (sums of bf16 products), as the CPU test bounds them."""
+    g = torch.Generator().manual_seed(0)
+    for dim in (64, 512):
+        ref, fast = cls(dim).to(cuda), cls(dim).to(cuda)
+        ref.kind, fast.kind = "fp32", "fast"
+        with torch.no_grad():
+            for a, b in zip(ref.parameters(), fast.parameters()):
+                a.copy_(torch.rand(a.shape, generator=g) + 0.5)
+                b.copy_(a)
+        shape = (4, dim, 14, 14) if cls is ChannelLayerNorm else (4, 14, 14, dim)
+        x = (torch.randn(shape, generator=g) * 3 + 1).to(cuda).contiguous(
+            memory_format=torch.channels_last if cls is ChannelLayerNorm else torch.contiguous_format)
+        x.requires_grad_()
+        assert torch.equal(fast(x), ref(x))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want, got = ref(x), fast(x)
+        assert want.dtype == torch.float32 and got.dtype == torch.bfloat16
+        bound = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=2 ** -7 * bound)
+        upstream = torch.randn(shape, generator=g).to(cuda)
+        wants = torch.autograd.grad((want * upstream).sum(), (x, *ref.parameters()))
+        gots = torch.autograd.grad((got * upstream).sum(), (x, *fast.parameters()))
+        for name, a, b in zip(("input", "weight", "bias"), gots, wants):
+            what = f"{cls.__name__}({dim}) {name} gradient"
+            assert a.dtype == torch.float32, f"{what} in {a.dtype}"
+            torch.testing.assert_close(a, b, rtol=0, atol=2 ** -5 * b.abs().max().item(),
+                                       msg=lambda m, w=what: f"{w}: {m}")

@@ -1,5 +1,6 @@
 """GPU tier, trainer: train.py on one GPU in bf16 (the tiny preset on the demo JPEGs): finite falling loss,
-checkpoints, a bitwise resume under trainer.deterministic=true, eval-only of the checkpoint, and compiled."""
+checkpoints, a bitwise resume under trainer.deterministic=true, eval-only of the checkpoint, compiled as
+CUDA's trainer.compile=auto compiles (blocks: cold, then warm after a requeue) and whole with CUDA graphs."""
 from __future__ import annotations
 
 import json
@@ -81,8 +82,29 @@ def test_eval_only_on_gpu_reads_the_checkpoint(full_run) -> None:
     assert "eval model weights" in res.stdout and "eval ema weights" in res.stdout, res.stdout[-2000:]
 
 
-def test_compiled_bf16_run(tmp_path) -> None:
-    _train(tmp_path, "trainer.compile=model", "trainer.deterministic=false", "trainer.max_steps=16",
-           timeout=500)
+def _compile_line(res: subprocess.CompletedProcess) -> str:
+    """The one line a compiled start prints: how, the cache, cold or warm, the first step's time."""
+    return next((ln for ln in res.stdout.splitlines() if ln.startswith("compile: ")), res.stdout[-2000:])
+
+
+def test_compiled_by_blocks_cold_then_warm_after_a_requeue(tmp_path) -> None:
+    """trainer.compile=auto (blocks on CUDA): the first start compiles cold into RUN_DIR/compile-cache and
+    says so in one line; the same command again (a requeued job) resumes and takes every graph from there."""
+    compiled = ("trainer.compile=auto", "trainer.deterministic=false")
+    line = _compile_line(_train(tmp_path, *compiled, "trainer.max_steps=8", timeout=500))
+    assert line.startswith("compile: blocks") and ": cold," in line and "compile-cache" in line, line
+    res = _train(tmp_path, *compiled, "trainer.max_steps=16")
+    assert "resumed from" in res.stdout
+    line = _compile_line(res)
+    assert line.startswith("compile: blocks") and ": warm," in line, line
     losses = _losses(tmp_path)
     assert max(losses) == 16 and all(v == v for v in losses.values())
+
+
+def test_compiled_whole_with_cuda_graphs(tmp_path) -> None:
+    """trainer.compile=model with trainer.compile_mode=reduce-overhead (CUDA graphs; single process only) runs
+    its steps without error and with a finite loss."""
+    _train(tmp_path, "trainer.compile=model", "trainer.compile_mode=reduce-overhead",
+           "trainer.deterministic=false", "trainer.max_steps=8", timeout=500)
+    losses = _losses(tmp_path)
+    assert max(losses) == 8 and all(v == v for v in losses.values())
