@@ -84,7 +84,8 @@ def main() -> None:
         cfg = from_hydra(compose(config_name="config", overrides=[
             args.model, "data=synthetic", "trainer.device=cpu", "trainer.ema_decay=null"]), list_models)
     env = distributed.init("cpu")
-    p = build(cfg, env, resolve_data(cfg, env))
+    data = resolve_data(cfg.data, is_main=True, local_rank=0, broadcast=distributed.broadcast_object)
+    p = build(cfg, env, data)
     on, off = p.clock, NoClock(env.device)
     batches, stop = iter(p.train_loader), torch.zeros((), dtype=torch.float64)
     times: dict[str, list[float]] = {"on": [], "off": []}

@@ -150,8 +150,8 @@ class DaliLoader(Loader):
 
     def __init__(self, index: Index, data: DataConfig, aug: AugConfig | None, sampler: GlobalSampler, *,
                  img_size: int, seed: int, device: torch.device, dtype: torch.dtype, split: str,
-                 audit: bool) -> None:
-        super().__init__(sampler, len(index.classes), split, audit)
+                 audit_dir: str | None) -> None:
+        super().__init__(sampler, len(index.classes), split, audit_dir)
         if data.dali_device == "gpu" and device.type != "cuda":
             raise DataError(f"data.dali_device=gpu needs a CUDA training device, got {device}; "
                             "use data.dali_device=cpu")

@@ -4,7 +4,6 @@ build on it."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,8 +12,6 @@ import torch
 
 from gcvit_data.index import Index
 from gcvit_data.sampler import GlobalSampler
-
-AUDIT_ENV = "GCVIT_AUDIT_DIR"  # with audit=True, each rank appends its consumed ids here as JSON lines
 
 
 class Batch(NamedTuple):
@@ -33,13 +30,11 @@ class Loader:
     index: Index | None = None  # the images it reads; None for synthetic data
     split_record: dict | None = None  # what data.val_split held out (gcvit_data.split.held_out), else None
 
-    def __init__(self, sampler: GlobalSampler, num_classes: int, split: str, audit: bool) -> None:
+    def __init__(self, sampler: GlobalSampler, num_classes: int, split: str,
+                 audit_dir: Path | str | None) -> None:
         self.sampler, self.num_classes, self.split = sampler, num_classes, split
-        self.audit_log: list[tuple[int, int, list[int]]] = []  # (epoch, position before, ids) when auditing
-        self._audit = audit
-        audit_dir = os.environ.get(AUDIT_ENV)
-        name = f"{split}-rank{sampler.rank}.jsonl"
-        self._audit_file = Path(audit_dir) / name if audit and audit_dir else None
+        # each rank appends the ids it hands out to AUDIT_DIR/<split>-rank<r>.jsonl (None: no audit)
+        self._audit_file = Path(audit_dir) / f"{split}-rank{sampler.rank}.jsonl" if audit_dir else None
 
     @property
     def num_samples(self) -> int:
@@ -69,19 +64,16 @@ class Loader:
         """The rest of the epoch from the current position; the position advances per batch taken."""
         epoch = self.sampler.epoch
         for batch in self._produce():
-            if self._audit:
+            if self._audit_file is not None:
                 self._record(epoch, batch.ids.tolist())
             self.sampler.advance()
             yield batch
 
     def _record(self, epoch: int, ids: list[int]) -> None:
-        """Keep (and with GCVIT_AUDIT_DIR, append durably) which ids were handed out at which position."""
-        entry = (epoch, self.sampler.position, ids)
-        self.audit_log.append(entry)
-        if self._audit_file is not None:
-            self._audit_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self._audit_file, "a") as f:
-                f.write(json.dumps({"epoch": epoch, "position": entry[1], "ids": ids}) + "\n")
+        """Append which ids were handed out at which position (global samples before them)."""
+        self._audit_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._audit_file, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "position": self.sampler.position, "ids": ids}) + "\n")
 
 
 def trim_audit(audit_dir: Path | str, epoch: int, position: int) -> None:

@@ -16,6 +16,7 @@ from gcvit_data.index import BadImage, DataError, Index
 from gcvit_data.loader_base import Batch, Loader, labels_on
 from gcvit_data.sampler import GlobalSampler
 from gcvit_data.split import split_index
+from gcvit_data.torch_loader import torch_batches
 
 SYNTHETIC_VAL_SAMPLES = 50000
 
@@ -45,8 +46,8 @@ class SyntheticLoader(Loader):
     """Fixed random images already on the device: measures the model and the loop without input costs."""
 
     def __init__(self, sampler: GlobalSampler, num_classes: int, img_size: int, seed: int,
-                 device: torch.device, dtype: torch.dtype, split: str, audit: bool) -> None:
-        super().__init__(sampler, num_classes, split, audit)
+                 device: torch.device, dtype: torch.dtype, split: str, audit_dir: str | None) -> None:
+        super().__init__(sampler, num_classes, split, audit_dir)
         g = torch.Generator(device="cpu").manual_seed(seed)
         images = torch.randn(sampler.batch_size, 3, img_size, img_size, generator=g)
         self.images = images.to(device, dtype).contiguous(memory_format=torch.channels_last)
@@ -62,8 +63,8 @@ class TorchLoader(Loader):
     """PIL/torchvision/timm transforms in DataLoader workers; normalization on the device."""
 
     def __init__(self, sampler: GlobalSampler, batches: Any, num_classes: int, device: torch.device,
-                 dtype: torch.dtype, split: str, audit: bool) -> None:
-        super().__init__(sampler, num_classes, split, audit)
+                 dtype: torch.dtype, split: str, audit_dir: str | None) -> None:
+        super().__init__(sampler, num_classes, split, audit_dir)
         self.batches, self.device, self.dtype = batches, device, dtype
 
     def _produce(self) -> Iterator[Batch]:
@@ -76,11 +77,12 @@ class TorchLoader(Loader):
 
 
 def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int, seed: int, rank: int,
-                 world_size: int, device: torch.device, audit: bool = False,
+                 world_size: int, device: torch.device, audit_dir: str | None = None,
                  precision: str = "fp32", index: Index | None = None) -> Loader:
     """The loader of one split for this rank (see gcvit_data.sampler for the sharding and resume guarantees);
     `precision` is the step's (trainer.precision): it sets the images' dtype (image_dtype). `index` (an
-    eval set's images, gcvit_data.eval_sets) is read with the val transform instead of data.root's split."""
+    eval set's images, gcvit_data.eval_sets) is read with the val transform instead of data.root's split.
+    `audit_dir`: each rank appends the ids it hands out there (gcvit_data.loader_base; None: no audit)."""
     if data.loader not in LOADERS:
         raise DataError(f"data.loader={data.loader!r} is not one of {', '.join(LOADERS)}")
     if split not in ("train", "val"):
@@ -91,7 +93,8 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
         n = data.synthetic_samples if train else SYNTHETIC_VAL_SAMPLES
         sampler = GlobalSampler(n, batch_size=data.batch_size, rank=rank, world_size=world_size, seed=seed,
                                 train=train)
-        return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, dtype, split, audit)
+        return SyntheticLoader(sampler, data.synthetic_classes, img_size, seed, device, dtype, split,
+                               audit_dir)
     record = None
     if index is not None:
         if train:
@@ -104,16 +107,14 @@ def build_loader(data: DataConfig, aug: AugConfig, *, split: str, img_size: int,
     sampler = GlobalSampler(len(index), batch_size=data.batch_size, rank=rank, world_size=world_size,
                             seed=seed, train=train)
     if data.loader in ("torch", "synthetic"):  # synthetic runs given real images: the torch reader
-        from gcvit_data.torch_loader import torch_batches
-
         batches = torch_batches(index, data, aug if train else None, sampler, img_size, seed)
-        loader: Loader = TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit)
+        loader: Loader = TorchLoader(sampler, batches, len(index.classes), device, dtype, split, audit_dir)
     else:
         if data.dali_device not in DALI_DEVICES:
             raise DataError(f"data.dali_device={data.dali_device!r} is not one of {', '.join(DALI_DEVICES)}")
         from gcvit_data.dali import DaliLoader
 
         loader = DaliLoader(index, data, aug if train else None, sampler, img_size=img_size, seed=seed,
-                            device=device, dtype=dtype, split=split, audit=audit)
+                            device=device, dtype=dtype, split=split, audit_dir=audit_dir)
     loader.classes, loader.split_record, loader.index = index.classes, record, index
     return loader

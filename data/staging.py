@@ -39,11 +39,6 @@ def _target(root: Path, cache_dir: Path) -> tuple[Path, dict[str, str | None]]:
     return cache_dir / f"{root.name}-{plan[0]}", plan[1]
 
 
-def staged_path(root: Path, cache_dir: Path) -> Path:
-    """Where the shards at `root` are copied to under `cache_dir`."""
-    return _target(Path(root).expanduser().resolve(), Path(cache_dir).expanduser().resolve())[0]
-
-
 def _copy(src: Path, dst: Path, sha256: str | None) -> None:
     """Copy src to dst through dst's temporary name, hashing as it goes; a mismatch leaves nothing."""
     tmp = dst.with_name(f".{dst.name}.partial")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.engine.metrics import peak_flops, train_flops_per_image
+from gcvit.engine.mfu import peak_flops, train_flops_per_image
 from gcvit.engine.provenance import environment
 from gcvit.engine.runtime import synchronize
 from gcvit.models import canonical_name, create_model

@@ -8,17 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
-from gcvit.config import Config
-from gcvit.engine.distributed import DistEnv
 from gcvit_data.config import DataConfig
 from gcvit_data.demo import write_image_folder
 from gcvit_data.index import DataError
 from gcvit_data.pack import pack
 from gcvit_data.readers import load_index
 from gcvit_data.resolve import resolve_data
-from gcvit_data.staging import DONE, stage, staged_path
+from gcvit_data.staging import DONE, stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +35,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 def test_a_copy_is_made_once_then_reused(packed: Path, tmp_path: Path, capsys) -> None:
     dest = stage(packed, tmp_path / "cache")
-    assert dest == staged_path(packed, tmp_path / "cache") and (dest / DONE).is_file()
+    assert dest.parent == (tmp_path / "cache").resolve() and (dest / DONE).is_file()
     assert _files(dest) == _files(packed) and len([n for n in _files(dest) if n.endswith(".tar")]) > 2
     assert "sha256 of every shard verified" in capsys.readouterr().out
     mtimes = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
@@ -56,14 +53,15 @@ def test_processes_of_a_node_copy_once_and_all_get_the_copy(packed: Path, tmp_pa
     assert all(p.returncode == 0 for p in procs)
     assert sum("data.cache_dir: staged " in o for o in outs) == 1  # one copier; the others waited for it
     assert len({o.strip().splitlines()[-1] for o in outs}) == 1
-    assert _files(staged_path(packed, tmp_path / "c")) == _files(packed)
+    assert _files(Path(outs[0].strip().splitlines()[-1])) == _files(packed)
 
 
 def test_a_killed_copy_is_resumed_and_a_partial_file_never_used(packed: Path, tmp_path: Path) -> None:
-    dest = staged_path(packed, tmp_path / "cache")
-    dest.mkdir(parents=True)
+    dest = stage(packed, tmp_path / "cache")
     shard = next(n for n in _files(packed) if n.endswith(".tar"))
-    (dest / shard).write_bytes((packed / shard).read_bytes())  # finished before the kill
+    for p in dest.iterdir():  # back to the moment of the kill: one shard finished, nothing marked done
+        if p.name != shard:
+            p.unlink()
     (dest / f".{shard}.partial").write_bytes(b"half")  # a file being copied when it happened
     assert stage(packed, tmp_path / "cache") == dest
     assert _files(dest) == _files(packed)
@@ -80,7 +78,7 @@ def test_a_shard_that_is_not_the_packed_one_is_refused(packed: Path, tmp_path: P
     (bad / shard).write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{shard} does not match the sha256 in .*pack.json"):
         stage(bad, tmp_path / "cache")
-    dest = staged_path(bad, tmp_path / "cache")
+    [dest] = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # the copy it began
     assert not (dest / shard).exists() and not (dest / DONE).exists()
 
 
@@ -93,10 +91,9 @@ def test_too_little_space_is_one_line(packed: Path, tmp_path: Path, monkeypatch)
 
 
 def test_training_reads_the_local_copy(packed: Path, tmp_path: Path) -> None:
-    cfg = Config()
-    cfg.data = replace(DataConfig(), root=str(packed), cache_dir=str(tmp_path / "nvme"))
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
-    assert resolve_data(cfg, env).root == str(staged_path(packed, tmp_path / "nvme"))
-    cfg.data = replace(cfg.data, root=str(packed.parent))  # a folder, not a pack
+    data = replace(DataConfig(), root=str(packed), cache_dir=str(tmp_path / "nvme"))
+    rank0 = dict(is_main=True, local_rank=0, broadcast=lambda obj: obj)  # one process
+    assert resolve_data(data, **rank0).root == str(stage(packed, tmp_path / "nvme"))
+    data = replace(data, root=str(packed.parent))  # a folder, not a pack
     with pytest.raises(SystemExit, match="data.cache_dir=.* stages packs and WebDataset shards only"):
-        resolve_data(cfg, env)
+        resolve_data(data, **rank0)

@@ -16,8 +16,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 import gcvit
-from gcvit import cluster
-from gcvit.doctor import checks, cli, projections
+from gcvit.doctor import checks, cli, cluster, projections
 from gcvit.doctor.checks import FAIL, OK, WARN, Row
 from gcvit.engine import optim
 from gcvit_data.demo import write_image_folder

@@ -21,6 +21,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from gcvit.engine import build as engine_build
 from gcvit.engine import distributed
 from gcvit.engine.loop import Parts, train_step
+from gcvit.engine.preemption import StopFlag
 from gcvit_data.loaders import labels_on, normalize_on
 
 CUDA = torch.device("cuda", 0)
@@ -53,7 +54,7 @@ def fake_cuda_trainer() -> Iterator[None]:
     """fake_cuda() plus what the trainer's set-up asks of a real device: a CUDA process (distributed.init),
     the model built on the host as train.py builds it (then moved), CUDA generators and events, pinned host
     memory (fake tensors have no pages to pin: a pinned copy is a plain one)."""
-    create = engine_build.gcvit.create_model
+    create = engine_build.create_model
 
     def on_host(*args, **kwargs) -> torch.nn.Module:
         with unset_fake_temporarily():
@@ -63,7 +64,7 @@ def fake_cuda_trainer() -> Iterator[None]:
     generator = torch.Generator
     with fake_cuda(), \
             mock.patch.object(distributed, "init", lambda *a, **k: env), \
-            mock.patch.object(engine_build.gcvit, "create_model", on_host), \
+            mock.patch.object(engine_build, "create_model", on_host), \
             mock.patch("torch.Generator", lambda device=None: generator()), \
             mock.patch("torch.cuda.Event", _Event), \
             mock.patch("torch.Tensor.pin_memory", lambda self: self):
@@ -89,7 +90,7 @@ def test_train_step_runs_its_cuda_branches(precision: str) -> None:
         cfg, env, p = step_parts("cuda", f"trainer.precision={precision}")
         assert p.accum == 2 and p.ema is not None and p.mixup is not None
         assert p.scaler.is_enabled() == (precision == "fp16")
-        stop = distributed.StopFlag()
+        stop = StopFlag()
         flag = stop.tensor(env.device)
         assert (flag.device, flag.dtype, flag.dim()) == (CUDA, torch.float64, 0)
         with _backward_as_gradients(p):

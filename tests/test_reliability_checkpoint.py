@@ -136,7 +136,8 @@ def test_secrets_never_reach_the_checkpoint(tmp_path: Path, monkeypatch) -> None
 _CHILD = textwrap.dedent("""
     import sys, torch
     from gcvit.engine.checkpoint import CheckpointManager
-    m = CheckpointManager(sys.argv[1])
+    from gcvit.engine.faults import save_faults
+    m = CheckpointManager(sys.argv[1], injected=save_faults())
     for s in (1, 2):
         m.save({"w": torch.full((200_000,), float(s)), "step": s}, tag="last")
     print("finished", flush=True)

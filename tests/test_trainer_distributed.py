@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gcvit.engine import distributed
+from gcvit.engine.preemption import StopFlag
 
 
 def test_single_process_without_any_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,7 +44,7 @@ def test_srun_tasks_derive_rank_and_rendezvous(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_stop_signal_only_sets_the_flag(sig: signal.Signals) -> None:
-    flag = distributed.StopFlag().install()
+    flag = StopFlag().install()
     try:
         assert flag.tensor(torch.device("cpu")).item() == 0.0
         os.kill(os.getpid(), sig)  # the process survives: the handler only records the request

@@ -10,7 +10,7 @@ import torch
 
 import gcvit
 from gcvit import plot
-from gcvit.engine import metrics, provenance
+from gcvit.engine import metrics, mfu, provenance
 from gcvit.engine.wandb_logger import WandbLogger
 
 
@@ -70,7 +70,7 @@ def test_gcvit_flops_count_every_gemm_whatever_the_caller_s_grad_mode() -> None:
     no_grad (where the CPU attention would take SDPA's fused kernel, which FlopCounterMode does not count)."""
     model = gcvit.create_model("gcvit_tiny")
     with torch.no_grad():
-        flops = metrics.train_flops_per_image(model, 224, torch.device("cpu"))
+        flops = mfu.train_flops_per_image(model, 224, torch.device("cpu"))
     assert flops == pytest.approx(28.566e9, rel=1e-4)
 
 
@@ -78,8 +78,8 @@ def test_run_info_and_flops() -> None:
     info = metrics.run_info(1, torch.device("cpu"), {"lr": 0.1})
     assert info["world_size"] == 1 and info["lr"] == 0.1 and "torch" in info["packages"]
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
-    assert metrics.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
-    assert metrics.peak_flops(torch.device("cpu"), "bf16") is None
+    assert mfu.train_flops_per_image(net, 8, torch.device("cpu")) == 3 * 2 * 3 * 8 * 8 * 10
+    assert mfu.peak_flops(torch.device("cpu"), "bf16") is None
 
 
 def test_run_info_and_a_measurement_name_the_same_commit(monkeypatch) -> None:
@@ -109,8 +109,8 @@ def test_run_info_and_a_measurement_name_the_same_commit(monkeypatch) -> None:
     ("NVIDIA GeForce RTX 4090", None, None),
 ])
 def test_peak_tflops_by_gpu_name(name: str, bf16: float | None, fp32: float | None) -> None:
-    assert metrics.peak_tflops(name, "bf16") == bf16 and metrics.peak_tflops(name, "fp16") == bf16
-    assert metrics.peak_tflops(name, "fp32") == fp32
+    assert mfu.peak_tflops(name, "bf16") == bf16 and mfu.peak_tflops(name, "fp16") == bf16
+    assert mfu.peak_tflops(name, "fp32") == fp32
 
 
 def test_mfu_is_logged_as_null_without_a_known_peak() -> None:

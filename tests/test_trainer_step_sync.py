@@ -19,10 +19,11 @@ from hydra import compose, initialize_config_dir
 
 from gcvit import list_models
 from gcvit.config import Config, from_hydra, register
-from gcvit.engine import distributed
+from gcvit.engine import distributed, faults
 from gcvit.engine.build import Parts, build
 from gcvit.engine.faults import NAN_ENV as INJECT_ENV
 from gcvit.engine.loop import train_step
+from gcvit.engine.preemption import StopFlag
 from gcvit.engine.rng import seed_step
 from gcvit_data.resolve import resolve_data
 
@@ -40,7 +41,9 @@ def step_parts(device: str, *overrides: str) -> tuple[Config, distributed.DistEn
             "debug=tiny", "data=synthetic", "data.batch_size=8", "aug=in1k", f"trainer.device={device}",
             *overrides]), list_models)
     env = distributed.init(device)
-    return cfg, env, build(cfg, env, resolve_data(cfg, env))
+    data = resolve_data(cfg.data, is_main=env.is_main, local_rank=env.local_rank,
+                        broadcast=distributed.broadcast_object)
+    return cfg, env, build(cfg, env, data)
 
 
 @contextlib.contextmanager
@@ -82,13 +85,13 @@ def test_steady_steps_never_read_and_a_bad_step_is_skipped_then_reported_one_ste
         monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
     monkeypatch.setenv(INJECT_ENV, "3")  # step 3's loss becomes NaN
     cfg, env, p = step_parts("cpu", "trainer.nonfinite_policy=stop", "trainer.nonfinite_max_consecutive=2")
-    batches, stop = iter(p.train_loader), distributed.StopFlag()
+    batches, stop, injected = iter(p.train_loader), StopFlag(), faults.step_faults()
     weights = [_weights(p)]
     capfd.readouterr()
     for step in range(1, 6):
         seed_step(cfg.trainer.seed, env.rank, step - 1)
         with host_reads() as reads:
-            train_step(p, batches, env, cfg, stop.tensor(env.device))
+            train_step(p, batches, env, cfg, stop.tensor(env.device), injected)
         assert reads == [], f"step {step} read tensors on the host:\n" + "\n".join(reads)
         weights.append(_weights(p))
         assert not p.guard.settle(keep_last=True)  # what the loop does between log and checkpoint steps
@@ -105,7 +108,7 @@ def test_steady_steps_never_read_and_a_bad_step_is_skipped_then_reported_one_ste
 
 def test_a_stop_signal_travels_in_the_step_packet_and_is_read_one_step_later() -> None:
     cfg, env, p = step_parts("cpu")
-    batches, stop = iter(p.train_loader), distributed.StopFlag().install()
+    batches, stop = iter(p.train_loader), StopFlag().install()
     try:
         answers = []
         for step in range(1, 4):

@@ -11,5 +11,5 @@ Exit code: 0 no blocker (WARN rows allowed), 1 a FAIL row, 2 the overrides do no
 The package: cli.py (composing conf/, merging the ranks, the table, --json, the exit code), checks.py (the
 checks of one node, each returning Rows), ranks.py (what every rank runs, and the all-reduce), projections.py
 (rank 0's rows from the measured figures). A new row: a function in checks.py, called from ranks.node_rows
-(per node) or cli.main (rank 0), its name in cli.ORDER. gcvit/cluster.py knows the interconnects.
+(per node) or cli.main (rank 0), its name in cli.ORDER. cluster.py knows the interconnects.
 """

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from gcvit import cluster
 from gcvit.config import Config
-from gcvit.doctor import checks
+from gcvit.doctor import checks, cluster
 from gcvit.doctor.checks import OK, WARN, Row, human_bytes
 from gcvit.doctor.ranks import Facts
 from gcvit.engine.distributed import DistEnv
+from gcvit.engine.run_dir import run_dir_for
+from gcvit.models import create_model
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 FALLBACK_IMG_S = 2000.0  # per GPU without a recorded benchmark: a bit above gcvit_tiny bf16 on an H200
@@ -23,11 +24,9 @@ LARGE_MB = 64.0  # messages from this size on are bandwidth-bound, comparable wi
 
 def model_bytes(cfg: Config, num_classes: int) -> tuple[int, int]:
     """(parameters, bytes of the model's state_dict) of the configured model, built on the meta device."""
-    import gcvit
-
     with torch.device("meta"):
-        model = gcvit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                                   **cfg.model.overrides)
+        model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                             **cfg.model.overrides)
     params = sum(p.numel() for p in model.parameters())
     return params, sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -136,8 +135,6 @@ def data_rows(cfg: Config, env: DistEnv, facts: list[Facts], rate: float, rate_s
 
 def disk_row(cfg: Config, classes: int | None) -> Row:
     """Free space in the run directory against the checkpoints CheckpointManager keeps."""
-    from gcvit.engine.run_dir import run_dir_for
-
     params, state = model_bytes(cfg, classes or 1000)
     # One checkpoint: model + EMA state_dicts and AdamW's two fp32 moments per parameter (checkpoint_state()).
     size = state * (2 if cfg.trainer.ema_decay else 1) + 2 * 4 * params

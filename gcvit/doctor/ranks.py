@@ -11,11 +11,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from gcvit import cluster
 from gcvit.config import Config
-from gcvit.doctor import checks
+from gcvit.doctor import checks, cluster
 from gcvit.doctor.checks import FAIL, OK, Row
+from gcvit.engine import distributed
 from gcvit.engine.distributed import DistEnv
+from gcvit_data.resolve import resolve_data
 
 
 @dataclass
@@ -41,14 +42,14 @@ def guarded(check: str, fn: Callable[..., Row | list[Row]], *args: Any) -> list[
 
 def _dataset(cfg: Config, env: DistEnv, args: argparse.Namespace, facts: Facts) -> Row:
     """The index loads and a sample of it is read; fills `facts` for rank 0's projections."""
-    from gcvit_data.resolve import resolve_data
-
     data = cfg.data
     if data.loader == "synthetic":
         facts.classes = data.synthetic_classes
         return Row("data-index", OK, "data.loader=synthetic: random tensors, no files read")
     if data.root or data.demo:
-        data = resolve_data(cfg, env)  # the demo dataset is generated once by rank 0, as train.py does
+        # the demo dataset is generated once by rank 0, as train.py does
+        data = resolve_data(data, is_main=env.is_main, local_rank=env.local_rank,
+                            broadcast=distributed.broadcast_object)
     row, index = checks.dataset_index(data.root, data.index_cache, data.index_dir)
     if index is not None:
         facts.train_files, facts.classes = len(index), len(index.classes)

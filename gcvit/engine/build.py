@@ -12,13 +12,13 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-import gcvit
 from gcvit.config import Config, TrainerConfig
-from gcvit.engine import distributed, faults, optim, param_groups, pretrained
+from gcvit.engine import distributed, optim, param_groups, pretrained
 from gcvit.engine.compile import compile_model, how, kernels
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.guard import NonFiniteGuard
 from gcvit.engine.step_accounting import StepClock
+from gcvit.models import create_model
 from gcvit_data.loaders import build_loader
 
 
@@ -43,15 +43,16 @@ class Parts:
     total_steps: int  # schedule length incl. cooldown
     clock: StepClock  # where each step's time goes, gathered at log steps (gcvit.engine.step_accounting)
     start: dict[str, Any] | None = None  # what model.pretrained loaded (run_info.json), None otherwise
-    faults: faults.StepFaults | None = None  # tests only: what GCVIT_TEST_* injects into the steps
 
 
-def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Parts:
+def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True,
+          audit_dir: str | None = None) -> Parts:
     """Loaders, model, EMA and the recipe, all derived from the global batch and the world size;
-    `init_weights`: apply model.pretrained (not when the run resumes from its own checkpoint)."""
+    `init_weights`: apply model.pretrained (not when the run resumes from its own checkpoint); `audit_dir`:
+    where the loaders record the sample ids they hand out (trainer.audit), None for no record."""
     t, aug = cfg.trainer, cfg.aug
     common = dict(img_size=cfg.model.img_size, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                  device=env.device, audit=t.audit, precision=t.precision)
+                  device=env.device, audit_dir=audit_dir, precision=t.precision)
     train_loader = build_loader(data, aug, split="train", **common)
     val_loader = build_loader(data, aug, split="val", **common)
     accum = optim.accumulation_steps(t.global_batch_size, data.batch_size, env.world_size)
@@ -60,9 +61,8 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         raise SystemExit(f"config error: trainer.global_batch_size={t.global_batch_size} exceeds the "
                          f"{train_loader.num_samples} training images; lower it")
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = gcvit.create_model(cfg.model.name, num_classes=train_loader.num_classes,
-                               img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
-                               **cfg.model.overrides)
+    model = create_model(cfg.model.name, num_classes=train_loader.num_classes, img_size=cfg.model.img_size,
+                         drop_path_rate=cfg.model.drop_path_rate, **cfg.model.overrides)
     model.set_kernels(*kernels(cfg, env, training=True))
     start = None
     if init_weights:  # before .to(device): the file is read onto the CPU
@@ -107,8 +107,7 @@ def build(cfg: Config, env: DistEnv, data: Any, init_weights: bool = True) -> Pa
         criterion=SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=smoothing),
         accum=accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start=start,
         clock=StepClock(env.device, ratio=t.straggler_ratio, windows=t.straggler_windows).watch(
-            model.parameters()),
-        faults=faults.step_faults())
+            model.parameters()))
 
 
 def unused_parameters(model: nn.Module, img_size: int, device: torch.device) -> list[str]:

@@ -15,11 +15,10 @@ import sys
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from gcvit.engine import faults
 from gcvit.engine.secrets import redact
 from gcvit.models.checkpoint import CheckpointError, load_error, safe_load
 
@@ -27,16 +26,19 @@ SUFFIX = ".pt"
 _STEP_TAG = re.compile(r"step(\d+)")
 _TAG = re.compile(r"[A-Za-z0-9_.-]+")
 
+if TYPE_CHECKING:
+    from gcvit.engine.faults import SaveFaults
+
 
 class CheckpointManager:
     """Checkpoint files `<tag>.pt` in one directory: step-tagged ones (keep-N), `last` and `best`."""
 
-    def __init__(self, run_dir: Path | str, keep: int = 3) -> None:
+    def __init__(self, run_dir: Path | str, keep: int = 3, injected: SaveFaults | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.keep = keep
         self._saves = 0
         self._verified: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, size, mtime) once checked
-        self._faults = faults.save_faults()  # None unless a test asks for a pause inside a write
+        self._faults = injected  # a test's pause inside a write (gcvit.engine.faults); None in real runs
 
     def path(self, tag: str) -> Path:
         """The file of `tag`."""

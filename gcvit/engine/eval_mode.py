@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gcvit
 from gcvit.config import Config, to_container
-from gcvit.engine import eval_report
+from gcvit.engine import distributed, eval_report
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import compile_model, how, kernels
 from gcvit.engine.distributed import DistEnv
@@ -18,7 +17,8 @@ from gcvit.engine.eval_scores import loader_set, lowest_classes, predict, score
 from gcvit.engine.pretrained import earned_best
 from gcvit.engine.run_dir import run_dir_for, trained_run_dir
 from gcvit.engine.wandb_logger import WandbLogger
-from gcvit.models.checkpoint import safe_load
+from gcvit.models import create_model
+from gcvit.models.checkpoint import load_checkpoint, safe_load
 from gcvit.models.hub import is_hub_name, resolve
 from gcvit_data.eval_sets import EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
@@ -88,7 +88,8 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     trained_on = state.get("classes") if ours else None
     val_loader = None
     if {"val", "real"} & set(cfg.eval.sets):
-        data = resolve_data(cfg, env)
+        data = resolve_data(cfg.data, is_main=env.is_main, local_rank=env.local_rank,
+                            broadcast=distributed.broadcast_object)
         val_loader = _val_loader(cfg, data, env)
         if val_loader.split_record and env.is_main:
             print(describe_split(val_loader.split_record), flush=True)
@@ -99,13 +100,13 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
         classes = list(trained_on) if trained_on else timm_info("imagenet_synsets.txt").split()
         num_classes = len(classes)
     sets = _sets(cfg, env, classes, val_loader)
-    model = gcvit.create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
-                               **cfg.model.overrides).to(env.device)
+    model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
+                         **cfg.model.overrides).to(env.device)
     model.set_kernels(*kernels(cfg, env, training=False))
     net = compile_model(model, model, how(cfg, env), cfg.trainer.compile_mode)  # the path training takes
     rows: list[dict[str, Any]] = []
     for which in _weights(state, path, env.is_main) if ours else ("model",):
-        gcvit.load_checkpoint(model, state[which] if ours else state)
+        load_checkpoint(model, state[which] if ours else state)
         for eset, loader in sets:
             preds = predict(net, loader, env, cfg.trainer.precision, eset.subset)
             if env.is_main:

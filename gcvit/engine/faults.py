@@ -1,9 +1,10 @@
 """Fault injection for tests: NaN losses, a fake CUDA OOM, pauses in a step or a save, a slow rank.
 
 The one place tests reach into a run. Each knob is an environment variable (docs/development.md, "Test-only
-knobs"); step_faults() and save_faults() return None unless one is set, and the loop and the checkpoint
-writer then take their production path untouched. A pause prints a marker line to stderr first, so that a
-test waiting for it can SIGKILL the process at that exact point.
+knobs"); step_faults() and save_faults() return None unless one is set. The loop asks once per run and
+hands the answer to train_step and CheckpointManager, which with None take their production path untouched.
+A pause prints a marker line to stderr first, so that a test waiting for it can SIGKILL the process at that
+exact point.
 """
 from __future__ import annotations
 

@@ -19,26 +19,31 @@ import torch
 from torch import nn
 
 from gcvit.config import Config, to_container
-from gcvit.engine import distributed, metrics, optim
+from gcvit.engine import distributed, faults, metrics, mfu, optim
 from gcvit.engine.build import Parts, build, ema_lag
 from gcvit.engine.checkpoint import CheckpointManager
 from gcvit.engine.compile import CompileClock, compiled, how, use_cache
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.eval_scores import evaluate
+from gcvit.engine.faults import StepFaults
+from gcvit.engine.preemption import StopFlag
 from gcvit.engine.rng import rng_state, seed_step, set_rng_state
 from gcvit.engine.run_dir import prepare_run_dir
 from gcvit.engine.runtime import autocast, configure_runtime
 from gcvit.engine.secrets import install_log_redaction, redact
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.engine.watchdog import Watchdog, watch
-from gcvit_data.loader_base import AUDIT_ENV, trim_audit
+from gcvit_data.loader_base import trim_audit
 from gcvit_data.resolve import resolve_data
 from gcvit_data.split import describe as describe_split
 
 # Steps of a compiled run whose time is compilation (forward and backward in the first, the
 # accumulation/DDP variants and recompiles in the second), not what a step costs.
 COMPILE_WARMUP_STEPS = 2
+# With trainer.audit, every rank's loaders append the sample ids they hand out to RUN_DIR/audit, or to the
+# folder this variable names (docs/data.md).
+AUDIT_ENV = "GCVIT_AUDIT_DIR"
 
 
 @dataclass
@@ -81,8 +86,10 @@ def run(cfg: Config) -> int:
     return code
 
 
-def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Tensor) -> dict[str, Any]:
-    """One optimizer step over `accum` micro-batches: forward/backward, clip, guard, AdamW, EMA.
+def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Tensor,
+               injected: StepFaults | None = None) -> dict[str, Any]:
+    """One optimizer step over `accum` micro-batches: forward/backward, clip, guard, AdamW, EMA; `injected`:
+    a test's faults (gcvit.engine.faults), None in every real run.
 
     Nothing here waits for the device: the guard's verdict (and the stop request `stop`, 0/1 on the
     device) travel in one all-reduce and the optimizer applies the verdict itself; the loop reads them later.
@@ -103,8 +110,8 @@ def train_step(p: Parts, batches: Any, env: DistEnv, cfg: Config, stop: torch.Te
         with p.net.no_sync() if env.distributed and not last else contextlib.nullcontext():
             with autocast(env.device, cfg.trainer.precision):
                 loss = p.criterion(p.net(x), y)
-                if p.faults is not None:  # a test's NaN, OOM or pause (gcvit.engine.faults)
-                    loss = p.faults.on_loss(loss, p.schedule.step + 1, micro)
+                if injected is not None:  # a test's NaN, OOM or pause
+                    loss = injected.on_loss(loss, p.schedule.step + 1, micro)
             p.scaler.scale(loss / p.accum).backward()
         if last:
             p.clock.backward_done()  # DDP's all-reduce is done (queued, on CUDA)
@@ -165,7 +172,9 @@ class Run:
     target: int  # the step the run ends at (trainer.max_steps, else the schedule's end)
     progress: Progress = field(default_factory=Progress)
     loader_state: dict[str, Any] | None = None  # the train loader's place in a resumed epoch, until used
-    stop: distributed.StopFlag = field(default_factory=distributed.StopFlag)
+    audit_dir: str | None = None  # where the loaders record the ids they hand out (trainer.audit)
+    faults: StepFaults | None = None  # tests only: what GCVIT_TEST_* injects into the steps
+    stop: StopFlag = field(default_factory=StopFlag)
     bar: metrics.Progress | None = None
     flops: float | None = None  # training FLOPs per image (CUDA only), for MFU
     peak: float | None = None  # the device's peak FLOP/s at trainer.precision, when known
@@ -218,22 +227,23 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
     cache = use_cache(cfg, run_dir) if compiled(cfg, env) else None  # before anything compiles
-    data = resolve_data(cfg, env)
+    data = resolve_data(cfg.data, is_main=env.is_main, local_rank=env.local_rank,
+                        broadcast=distributed.broadcast_object)
     # after staging: copying and checksumming a dataset to local disk can take longer than any grace
     dog = watch(run_dir, env, t.stall_timeout, t.stall_grace)
-    if t.audit:  # every rank's train/val loader appends the sample ids it hands out to RUN_DIR/audit
-        os.environ.setdefault(AUDIT_ENV, str(run_dir / "audit"))
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints)
+    audit_dir = str(os.environ.get(AUDIT_ENV) or run_dir / "audit") if t.audit else None
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep=t.keep_checkpoints, injected=faults.save_faults())
     # auto-resume from the run dir's newest loadable checkpoint takes precedence over model.pretrained
     latest = distributed.broadcast_object(str(ckpt.latest() or "") if env.is_main else None)
-    p = build(cfg, env, data, init_weights=not latest)
+    p = build(cfg, env, data, init_weights=not latest, audit_dir=audit_dir)
     p.clock.phase = dog.enter  # the heartbeat follows each step through its phases
     if p.val_loader.split_record and env.is_main:
         print(describe_split(p.val_loader.split_record), flush=True)
     run = Run(cfg, env, p, run_dir, ckpt, metrics.MetricsWriter(run_dir, env.is_main),
               WandbLogger(cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.entity, run_dir,
                           env.is_main),
-              dog, target=min(p.total_steps, t.max_steps or p.total_steps))
+              dog, target=min(p.total_steps, t.max_steps or p.total_steps), audit_dir=audit_dir,
+              faults=faults.step_faults())
     if latest:
         resume(run, Path(latest))
         dog.step = run.progress.step  # a stall before the first step names the step it was in
@@ -261,9 +271,9 @@ def resume(run: Run, path: Path) -> None:
     state = run.ckpt.load(path)
     run.progress, run.loader_state = restore(run.p, state, run.wandb, env), state["loader"]
     run.writer.truncate_after(run.progress.step)
-    if run.cfg.trainer.audit:
+    if run.audit_dir:
         if env.is_main:
-            trim_audit(os.environ[AUDIT_ENV], run.loader_state["epoch"], run.loader_state["position"])
+            trim_audit(run.audit_dir, run.loader_state["epoch"], run.loader_state["position"])
         distributed.broadcast_object(None)  # no rank appends before the trim is done
     if env.is_main:
         print(f"resumed from {path} at step {run.progress.step} (epoch {run.progress.epoch})", flush=True)
@@ -289,8 +299,8 @@ def announce(run: Run, batch_size: int) -> None:
             print(lag, flush=True)
     run.wandb.start(run.run_dir.name, redact(to_container(cfg)))
     cuda = env.device.type == "cuda"
-    run.flops = metrics.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
-    run.peak = metrics.peak_flops(env.device, t.precision)
+    run.flops = mfu.train_flops_per_image(p.model, cfg.model.img_size, env.device) if cuda else None
+    run.peak = mfu.peak_flops(env.device, t.precision)
 
 
 def run_epoch(run: Run) -> bool:
@@ -303,8 +313,8 @@ def run_epoch(run: Run) -> bool:
         p.train_loader.load_state_dict(run.loader_state)  # continue mid-epoch at the next sample
     run.loader_state = None
     batches = iter(p.train_loader)
-    if p.faults is not None:  # a test's slow loader (gcvit.engine.faults)
-        batches = p.faults.batches(batches)
+    if run.faults is not None:  # a test's slow loader (gcvit.engine.faults)
+        batches = run.faults.batches(batches)
     epoch_end = min((epoch + 1) * p.steps_per_epoch, run.target)
     # the step accounting leaves out the epoch's first step (the loader restarts) and a (re)start's compiling
     p.clock.skip(max(1, run.warmup_until - progress.step))
@@ -312,7 +322,7 @@ def run_epoch(run: Run) -> bool:
     while progress.step < epoch_end:
         seed_step(t.seed, env.rank, progress.step)
         try:
-            out = train_step(p, batches, env, cfg, run.stop.tensor(env.device))
+            out = train_step(p, batches, env, cfg, run.stop.tensor(env.device), run.faults)
         except torch.OutOfMemoryError as e:
             raise StepOutOfMemory(out_of_memory(cfg, env, progress.step + 1, p.accum, e)) from None
         progress.step += 1

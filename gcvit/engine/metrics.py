@@ -1,9 +1,8 @@
-"""What a run reports on rank 0: metrics.jsonl, run_info.json, the tqdm bar, model FLOPs utilisation."""
+"""What a run reports on rank 0: metrics.jsonl, run_info.json and the tqdm bar (MFU: gcvit.engine.mfu)."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sys
 import time
@@ -12,60 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from gcvit.engine import distributed
 from gcvit.engine.provenance import device_name, git_commit, package_versions
+from gcvit.engine.runtime import synchronize
 from gcvit.engine.secrets import redact
-
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a pattern of torch.cuda.get_device_name():
-# (bf16 = fp16, fp32 as TF32 on tensor cores, which the trainer enables). The first match wins, so the PCIe
-# and NVL cards come before the SXM parts that share their name ("NVIDIA H100 80GB HBM3"). A card that
-# matches nothing gets no figure (mfu: null), never a guessed one.
-_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    (r"\bH100\b.*\bPCIe\b", 756.0, 378.0),
-    (r"\bH100\b.*\bNVL\b", 835.0, 417.5),
-    (r"\bH200\b.*\bNVL\b", 835.0, 417.5),
-    (r"\bG?H200\b", 989.0, 494.5),  # H200 SXM, GH200
-    (r"\bH100\b", 989.0, 494.5),  # H100 SXM
-    (r"\bA100\b", 312.0, 156.0),  # every A100 form factor
-    (r"\bL40S\b", 362.0, 183.0),
-    (r"\bA10\b", 125.0, 62.5),  # not the A10G, a different chip
-)
-
-
-def peak_tflops(name: str, precision: str) -> float | None:
-    """Dense peak TFLOP/s of the GPU named `name` at `precision` (fp32 as TF32); None if not in the table."""
-    for pattern, half, tf32 in _PEAK_TFLOPS:
-        if re.search(pattern, name):
-            return tf32 if precision == "fp32" else half
-    return None
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one accelerator at `precision`, None on CPU, an unknown card or fp32 without TF32."""
-    if device.type != "cuda":
-        return None
-    if precision == "fp32" and not torch.backends.cuda.matmul.allow_tf32:
-        return None  # trainer.deterministic turns TF32 off: plain fp32 peaks are not in the table
-    tflops = peak_tflops(torch.cuda.get_device_name(device), precision)
-    return None if tflops is None else tflops * 1e12
-
-
-def train_flops_per_image(model: nn.Module, img_size: int, device: torch.device) -> float:
-    """Forward FLOPs of one image counted by torch's FlopCounterMode, x3 for forward plus backward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, img_size, img_size, device=device)
-    was_training = model.training
-    model.eval()
-    # with gradients on, as in a train step: the CPU attention then runs the GEMMs the counter knows (its
-    # no-grad form is SDPA's fused CPU kernel, which the counter does not count)
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return 3.0 * counter.get_total_flops()
 
 
 def run_info(world_size: int, device: torch.device, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -120,8 +71,7 @@ class Window:
 
     def restart_clock(self) -> None:
         """Leave the steps so far out of img/s and data wait (compile warm-up); their loss still counts."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # what the warm-up queued is charged to the warm-up
+        synchronize(self.device)  # what the warm-up queued is charged to the warm-up
         self.timed, self.wait, self.t0 = 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, wait: float) -> None:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_trainer_step_sync import step_parts
 
-from gcvit.engine.distributed import StopFlag
 from gcvit.engine.faults import NAN_ENV as INJECT_ENV
+from gcvit.engine.faults import step_faults
 from gcvit.engine.loop import train_step
+from gcvit.engine.preemption import StopFlag
 from gcvit.engine.rng import seed_step
 
 WARMUP, STEADY = 3, 6  # the first steps allocate the optimizer's moments and pick cuDNN kernels
@@ -21,11 +22,11 @@ def test_steady_steps_never_sync_even_when_a_step_is_skipped(
         cuda, precision: str, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(INJECT_ENV, str(WARMUP + 2))  # a NaN loss inside the watched steps
     cfg, env, p = step_parts("cuda", f"trainer.precision={precision}", "trainer.nonfinite_policy=skip")
-    batches, stop = iter(p.train_loader), StopFlag()
+    batches, stop, injected = iter(p.train_loader), StopFlag(), step_faults()
 
     def step(i: int) -> None:
         seed_step(cfg.trainer.seed, env.rank, i)
-        train_step(p, batches, env, cfg, stop.tensor(env.device))
+        train_step(p, batches, env, cfg, stop.tensor(env.device), injected)
         p.guard.settle(keep_last=True)
 
     for i in range(WARMUP):
