@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_kit.sh [OUT_DIR] [PARTS]   # OUT_DIR (default: benchmarks/results/kit-<date>): the logs
 #
 # PARTS (default: all) picks what runs, so that a short lease takes it in calls of under 10 minutes each:
-# tests (doctor and the GPU tier, ~4 min), kernels (kernel_candidates.py, KIT_BUDGET seconds, default 480),
-# data (DALI's data path, when DALI is installed), or several, e.g. "tests data".
+# kernels (kernel_candidates.py, KIT_BUDGET seconds, default 480), tests (doctor and the GPU tier but the
+# trainer's, ~3 min), train (train.py on the GPU: tests/gpu/test_gpu_train.py, ~5 min), data (DALI's data
+# path, when DALI is installed), or several, e.g. "tests data".
 #
 # Wheels: the machine needs hydra-core, omegaconf and antlr4-python3-runtime (the trainer tests); prepare them
 # on a machine with a package index, in the repository root (pure-Python wheels, any platform):
@@ -24,6 +25,10 @@
 # Environment: GCVIT_COMMIT names the commit where .git is absent; KIT_BUDGET (seconds, default 480) bounds
 # the kernel candidates' benchmark, which skips (and lists) what would not fit.
 set -uo pipefail
+case "${1:-}" in  # the header above is the usage
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "gpu_kit.sh: unknown option $1 (bash benchmarks/gpu_kit.sh --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/kit-$(date -u +%Y%m%d-%H%M)}
 PARTS=${2:-all}
@@ -79,14 +84,16 @@ if want tests; then
     timeout 300 "${doctor[@]}" -m gcvit.doctor trainer.device=auto trainer.precision=bf16 \
         trainer.output_dir=/tmp/gcvit-doctor-run --json "$report" 2>&1 | tee "$OUT/doctor.log" || status=1
     [ "$cuda" = 1 ] && cp "$report" "$OUT/"
-    # The tests (about 2 + 2 minutes on an H200): the kernels' correctness first, the trainer last
+    # the kernels' correctness, the model, the sync-free steps, the data path
     tier main tests/gpu --ignore tests/gpu/test_gpu_train.py
-    tier train tests/gpu/test_gpu_train.py
 fi
+want train && tier train tests/gpu/test_gpu_train.py
 if want kernels; then
     if [ "$cuda" = 1 ]; then
-        # every attention x norm candidate (gated against the math form), eager, blocks and model compiled,
-        # batch 128 and 256, against timm; the table is printed last (< KIT_BUDGET s + a process start)
+        # every attention x norm candidate and flex kernel option set (gated against the math form): eager at
+        # batch 128 and 256, by blocks at 128 (the default also whole), against timm eager and compiled whole;
+        # compile workers on the machine's cores fill the caches meanwhile; the table is printed last
+        # (under KIT_BUDGET s, docs/gpu-kit.md gives the phases)
         json="$RESULTS/gpu-gcvit_tiny-bf16-kernel-candidates-$STAMP.json"
         step "kernel candidates of gcvit_tiny, bf16, budget ${KIT_BUDGET:-480} s -> $json"
         timeout 600 python3 benchmarks/kernel_candidates.py --budget "${KIT_BUDGET:-480}" --json-out "$json" \
