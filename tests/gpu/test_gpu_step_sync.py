@@ -1,4 +1,5 @@
-"""GPU tier, step: steady-state training steps never make the CPU wait for the GPU. The trainer's own step
+"""GPU tier, step: steady-state training steps never make the CPU wait for the GPU, with every kernel choice
+(model.attention x model.norm, eager, and compiled by blocks) and in bf16 and fp16. The trainer's own step
 (train_step, then the loop's one-step-late read of the verdict) runs under
 torch.cuda.set_sync_debug_mode("error"), which raises on every synchronizing call (.item(), blocking copies,
 stream syncs). Log and checkpoint steps, which read this step's values on purpose, are not part of it."""
@@ -14,14 +15,24 @@ from gcvit.engine.loop import train_step
 from gcvit.engine.preemption import StopFlag
 from gcvit.engine.rng import seed_step
 
-WARMUP, STEADY = 3, 6  # the first steps allocate the optimizer's moments and pick cuDNN kernels
+# the first steps allocate the optimizer's moments, pick cuDNN kernels and compile (the gradient accumulation
+# step and the last micro-batch's are different graphs)
+WARMUP, STEADY = 3, 6
+# (precision, model.attention, model.norm, trainer.compile): every kernel pair eager in bf16, the default in
+# fp16 (GradScaler), and compiled by blocks (CUDA's auto) with the default kernels and with flex + fast
+CASES = [("bf16", att, norm, "off") for att in ("sdpa", "flex", "math") for norm in ("fp32", "fast")]
+CASES += [("fp16", "sdpa", "fp32", "off"), ("bf16", "sdpa", "fp32", "blocks"),
+          ("bf16", "flex", "fast", "blocks")]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision,attention,norm,compile", CASES, ids=["-".join(c) for c in CASES])
 def test_steady_steps_never_sync_even_when_a_step_is_skipped(
-        cuda, precision: str, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        cuda, precision: str, attention: str, norm: str, compile: str, capfd: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(INJECT_ENV, str(WARMUP + 2))  # a NaN loss inside the watched steps
-    cfg, env, p = step_parts("cuda", f"trainer.precision={precision}", "trainer.nonfinite_policy=skip")
+    cfg, env, p = step_parts("cuda", f"trainer.precision={precision}", "trainer.nonfinite_policy=skip",
+                             f"model.attention={attention}", f"model.norm={norm}",
+                             f"trainer.compile={compile}")
     batches, stop, injected = iter(p.train_loader), StopFlag(), step_faults()
 
     def step(i: int) -> None:
