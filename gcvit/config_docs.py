@@ -11,17 +11,18 @@ import argparse
 import sys
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from gcvit.config import Config, register
 from gcvit.config_help import CONF, REPO, defaults, groups, keys, show
+from gcvit.engine.recipe import MAY_CHANGE_ON_RESUME, may_change
 
 DOC = REPO / "docs" / "config.md"
 
 
 def _recipe() -> dict[str, Any]:
     """Every key's value in the paper's recipe (conf/config.yaml without the demo)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[])
@@ -44,8 +45,6 @@ def _cell(text: str) -> str:
 
 def markdown() -> str:
     """docs/config.md."""
-    from gcvit.engine.recipe import MAY_CHANGE_ON_RESUME, may_change
-
     recipe, chosen = _recipe(), defaults()
     out = [
         "# Configuration reference",

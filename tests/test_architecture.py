@@ -41,14 +41,29 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
     return skipped
 
 
+def _lazy_exports() -> dict[str, str]:
+    """gcvit/__init__.py's lazily imported names -> the module each comes from (its _HOME table)."""
+    tree = ast.parse((REPO / "gcvit" / "__init__.py").read_text())
+    home = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "_HOME" for t in n.targets))
+    return {**ast.literal_eval(home), "models": "gcvit.models"}
+
+
+LAZY = _lazy_exports()
+
+
 def _imports(name: str, tree: ast.Module) -> set[str]:
-    """Every module `name` imports, at the top or inside a function: `from pkg import mod` names pkg.mod."""
+    """Every module `name` imports, at the top or inside a function: `from pkg import mod` names pkg.mod;
+    `gcvit.create_model` (a name gcvit/__init__.py imports on first use) names the module it comes from."""
     package = name if tree is SOURCES.get(name) and _is_package(name) else name.rpartition(".")[0]
     skipped, found = _type_checking_only(tree), set()
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
-        if isinstance(node, ast.Import):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "gcvit"
+                and node.attr in LAZY):
+            found.add(LAZY[node.attr])
+        elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -57,7 +72,8 @@ def _imports(name: str, tree: ast.Module) -> set[str]:
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
-                found.add(sub if sub in SOURCES else base)
+                lazy = LAZY.get(alias.name) if base == "gcvit" else None  # from gcvit import create_model
+                found.add(sub if sub in SOURCES else lazy or base)
     return {m for m in found if m != name}
 
 
@@ -83,7 +99,8 @@ def test_the_rules_see_the_tree():
     """A negative control: the graph knows the modules and edges every run depends on."""
     assert {"gcvit.config", "gcvit.engine.loop", "gcvit_data.loaders", "gcvit.doctor"} <= set(GRAPH)
     assert "gcvit.engine.distributed" in GRAPH["gcvit.engine.loop"]
-    assert {"gcvit.bench", "gcvit.config_docs", "gcvit_data.verify", "gcvit.doctor"} <= TOOL_MODULES
+    assert {"gcvit.bench", "gcvit.config_docs", "gcvit_data.verify", "gcvit.doctor",
+            "gcvit.doctor.cluster"} <= TOOL_MODULES
     assert not TOOL_MODULES & {"gcvit.config", "gcvit.engine.loop", "gcvit.models.gcvit", "gcvit_data.dali"}
 
 
@@ -148,6 +165,10 @@ def test_cycle_search_finds_function_level_cycles():
     assert _cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
     tree = ast.parse("def f():\n    from gcvit.engine import loop\n")
     assert "gcvit.engine.loop" in _imports("gcvit.engine.metrics", tree)
+    lazy = ast.parse("import gcvit\nfrom gcvit import list_models\n\n"
+                     "def f():\n    return gcvit.create_model('x'), gcvit.load_checkpoint\n")
+    found = _imports("gcvit.engine.metrics", lazy)
+    assert {"gcvit.models", "gcvit.models.checkpoint", "gcvit.variants"} <= found
 
 
 def test_no_two_modules_import_each_other():

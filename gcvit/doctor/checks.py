@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from gcvit.engine.wandb_logger import wandb_unreachable
 from gcvit_data.index import DataError, Index
 from gcvit_data.readers import load_index
 
@@ -103,8 +105,6 @@ def dali_decode(jpeg: Path | None) -> Row:
     except ImportError as e:
         return Row("dali", WARN, f"DALI is not importable ({e}); data.loader=dali needs pip install -e "
                    "'.[dali]' (data.loader=torch works without it)")
-    from PIL import Image
-
     with tempfile.TemporaryDirectory() as tmp:
         if jpeg is None:  # no dataset to take one from: a real JPEG encoded here
             jpeg = Path(tmp) / "probe.jpg"
@@ -215,8 +215,6 @@ def wandb_row(mode: str) -> Row:
     if mode == "offline":
         return Row("wandb", OK, f"wandb {wandb.__version__} offline: runs write RUN_DIR/wandb; upload later "
                    "with `wandb sync`", {"mode": mode})
-    from gcvit.engine.wandb_logger import wandb_unreachable
-
     problem = wandb_unreachable(timeout=3.0)
     if problem:
         return Row("wandb", WARN, f"online, but {problem}: the run would fall back to offline; set "

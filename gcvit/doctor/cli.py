@@ -8,18 +8,24 @@ import json
 import os
 import socket
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gcvit import doctor
 from gcvit.config import Config, register, validate, with_demo_default
 from gcvit.doctor import checks, projections, ranks
 from gcvit.doctor.checks import FAIL, OK, SEVERITY, WARN, Row
 from gcvit.engine import distributed
+from gcvit.variants import list_models
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The table's rows in this order; a new check adds its name here.
@@ -30,11 +36,6 @@ ORDER = ("config", "torch", "cuda", "gpus", "dali", "launcher", "nccl-env", "int
 def compose(overrides: list[str]) -> Config:
     """conf/config.yaml with train.py's overrides applied as train.py applies them (the demo when nothing is
     named), as the typed Config (not yet validated)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="doctor"):
@@ -52,8 +53,6 @@ def usage(message: str) -> NoReturn:
 
 def config_row(cfg: Config, overrides: list[str]) -> Row:
     """train.py's validation of the composed config."""
-    from gcvit import list_models
-
     try:
         validate(cfg, list_models)
     except SystemExit as e:
@@ -79,8 +78,6 @@ def merge(per_rank: list[list[Row]], hosts: list[str]) -> list[Row]:
 
 def table(rows: list[Row], header: str) -> str:
     """The rows as aligned text, long details wrapped under their own column."""
-    import textwrap
-
     width = max(len(r.check) for r in rows)
     lines = [header, f"{'CHECK'.ljust(width)}  STATUS  DETAIL"]
     for r in rows:

@@ -14,7 +14,6 @@ from gcvit.doctor.checks import OK, WARN, Row, human_bytes
 from gcvit.doctor.ranks import Facts
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.run_dir import run_dir_for
-from gcvit.models import create_model
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 FALLBACK_IMG_S = 2000.0  # per GPU without a recorded benchmark: a bit above gcvit_tiny bf16 on an H200
@@ -24,6 +23,8 @@ LARGE_MB = 64.0  # messages from this size on are bandwidth-bound, comparable wi
 
 def model_bytes(cfg: Config, num_classes: int) -> tuple[int, int]:
     """(parameters, bytes of the model's state_dict) of the configured model, built on the meta device."""
+    from gcvit.models import create_model  # here: timm's import takes seconds, `--help` should not wait
+
     with torch.device("meta"):
         model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                              **cfg.model.overrides)

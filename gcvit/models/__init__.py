@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gcvit.models.checkpoint import load_checkpoint
 from gcvit.models.gcvit import GCViT
 from gcvit.variants import VARIANTS, canonical_name, list_models
 
@@ -26,6 +27,5 @@ def create_model(name: str, *, num_classes: int = 1000, img_size: int = 224,
                         "gcvit.models.GCViT") from None
     model.pretrained_cfg["architecture"] = canonical_name(name)
     if checkpoint is not None:
-        from gcvit.models.checkpoint import load_checkpoint
         load_checkpoint(model, checkpoint)
     return model
