@@ -185,9 +185,10 @@ def test_a_frozen_rank_requeues_the_job_without_its_node_and_it_resumes_bitwise(
     requeues the job excluding that node; lifted (this cluster has one node), the job resumes from its last
     checkpoint and ends with the uninterrupted run's weights, bit for bit."""
     run = tmp_path / "run"
-    # rank 0 gets each batch 0.3 s late (numerically a no-op), so the freeze lands before the last step
+    # rank 0 gets each batch 0.3 s late (numerically a no-op), so the freeze lands before the last step; a
+    # short grace: a freeze right after a checkpoint leaves rank 0 in the grace of the step after it
     res = sbatch(tmp_path, *TINY, "trainer.ckpt_every_steps=2", "trainer.stall_timeout=10",
-                 f"trainer.output_dir={run}", GCVIT_TEST_SLOW_LOADER="0:0.3")
+                 "trainer.stall_grace=30", f"trainer.output_dir={run}", GCVIT_TEST_SLOW_LOADER="0:0.3")
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
     log = tmp_path / f"slurm-{job}.out"
