@@ -27,7 +27,7 @@ class ModelConfig:
     drop_path_rate: float | None = None  # stochastic depth; null = the variant's rate (gcvit/variants.py)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture overrides for reduced models
-    pretrained: str | None = None  # starting weights: NVlabs, timm or gcvit-train file, or hf-hub:ORG/REPO
+    pretrained: str | None = None  # starting weights: NVlabs/timm/our file, timm:NAME, hf-hub:ORG/REPO
     pretrained_weights: str = "best"  # of a file with both: best (the set that earned its best) | ema | model
     head_init_scale: float = 0.001  # re-initialised classifier: trunc-normal std .02 times this (timm)
     freeze: str | None = None  # train only what follows: stem | stage1..stage4 (a prefix) | backbone (probe)
@@ -131,7 +131,7 @@ class Config:
 
     name: str = "${model.name}"  # experiment name; names the run directory (default: the model name)
     mode: str = "train"  # train | eval
-    checkpoint: str | None = None  # mode=eval: the weights to evaluate, a file or hf-hub:ORG/REPO
+    checkpoint: str | None = None  # mode=eval: the weights to evaluate: a file, timm:NAME, hf-hub:ORG/REPO
     model: ModelConfig = field(default_factory=ModelConfig)  # architecture
     data: DataConfig = field(default_factory=DataConfig)  # dataset and loader (gcvit_data.config)
     aug: AugConfig = field(default_factory=AugConfig)  # augmentation and label smoothing (gcvit_data.config)

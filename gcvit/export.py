@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(prog="python -m gcvit.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="official, timm, native or gcvit-train run checkpoint, or a Hub name "
-                   "hf-hub:ORG/REPO")
+    p.add_argument("checkpoint", help="official, timm, native or gcvit-train run checkpoint, or a name "
+                   "timm:MODEL.TAG / hf-hub:ORG/REPO")
     p.add_argument("out", type=Path, help="file to write (model.onnx, model.ts, model.pt2)")
     p.add_argument("--to", choices=TARGETS, default="onnx", help="artefact kind (default onnx)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the checkpoint's)")

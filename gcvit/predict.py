@@ -2,7 +2,7 @@
 
     python -m gcvit.predict CHECKPOINT IMAGE_OR_DIR... [--topk 5] [--img-size N] [--json]
 
-CHECKPOINT is a file or a Hub name (hf-hub:timm/gcvit_tiny.in1k: gcvit.models.hub).
+CHECKPOINT is a file or a name (timm:gcvit_tiny.in1k, hf-hub:ORG/REPO: gcvit.models.hub).
 
 The architecture is read off the file's tensor shapes; images go through the val transform of training
 (shorter side to img_size / crop_pct, center crop, ImageNet normalisation). Class names: our checkpoints'
@@ -95,8 +95,8 @@ def predict(model: GCViT, images: list[Path], *, topk: int, batch_size: int, cro
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     p = argparse.ArgumentParser(prog="python -m gcvit.predict", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a gcvit-train run checkpoint, official/timm/native weights, or a Hub "
-                   "name hf-hub:ORG/REPO (fetched into the Hub cache)")
+    p.add_argument("checkpoint", help="a gcvit-train run checkpoint, official/timm/native weights, or a "
+                   "name timm:MODEL.TAG / hf-hub:ORG/REPO (fetched into its cache)")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the checkpoint's)")

@@ -1,5 +1,6 @@
 """Shared by the fine-tuning tests: train.py on the tiny preset, small ImageFolder datasets with their own
-class names made of demo images, and a Hugging Face Hub cache holding timm-format weights."""
+class names made of demo images, and the Hugging Face Hub's and torch.hub's caches holding timm-format
+weights."""
 from __future__ import annotations
 
 import hashlib
@@ -34,17 +35,21 @@ def train(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> 
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env or ENV)
 
 
-def write_hub_cache(hf_home: Path, repo: str = HUB_NAME.removeprefix("hf-hub:"), num_classes: int = 10,
-                    filename: str = "model.safetensors", arch: dict | None = None) -> Path:
-    """HF_HOME/hub as huggingface_hub lays it out: blobs/<sha256>, refs/main holding the commit, and
-    snapshots/<commit>/<filename> linked to the blob; the file holds timm-format weights of the model `arch`
-    describes (default: debug=tiny's; seeded). Returns the snapshot file."""
+def timm_weights(num_classes: int = 10, arch: dict | None = None) -> dict[str, torch.Tensor]:
+    """timm-format weights of the model `arch` describes (default: debug=tiny's; seeded)."""
     import gcvit
     from gcvit.models.checkpoint import from_native
 
     torch.manual_seed(4)
     model = gcvit.create_model("gcvit_xxtiny", num_classes=num_classes, **(arch or {**TINY, "img_size": 32}))
-    state = {k: v.contiguous() for k, v in from_native(model.state_dict(), "timm").items()}
+    return {k: v.contiguous() for k, v in from_native(model.state_dict(), "timm").items()}
+
+
+def write_hub_cache(hf_home: Path, repo: str = HUB_NAME.removeprefix("hf-hub:"), num_classes: int = 10,
+                    filename: str = "model.safetensors", arch: dict | None = None) -> Path:
+    """HF_HOME/hub as huggingface_hub lays it out: blobs/<sha256>, refs/main holding the commit, and
+    snapshots/<commit>/<filename> linked to the blob, holding timm_weights(). Returns the snapshot file."""
+    state = timm_weights(num_classes, arch)
     folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
     (folder / "blobs").mkdir(parents=True)
     tmp = folder / "blobs" / "incoming"
@@ -60,6 +65,15 @@ def write_hub_cache(hf_home: Path, repo: str = HUB_NAME.removeprefix("hf-hub:"),
     snapshot.parent.mkdir(parents=True)
     snapshot.symlink_to(Path("../..") / "blobs" / blob.name)
     return snapshot
+
+
+def write_torch_hub_cache(torch_home: Path, url: str, arch: dict | None = None) -> Path:
+    """TORCH_HOME/hub/checkpoints/<the URL's file name> holding timm_weights(), where timm's download of a
+    pretrained cfg's URL puts it. Returns the file."""
+    path = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timm_weights(arch=arch), path)
+    return path
 
 
 def hub_env(hf_home: Path) -> dict[str, str]:
@@ -84,39 +98,41 @@ def make_folder_dataset(root: Path, per_class: dict[str, int], folders: dict[str
     return root
 
 
-def resolve_on_rank(rank: int, out: str, names: list[str]) -> None:
-    """One of two ranks of one node (gloo) resolving each Hub name in turn; writes OUT/rank<r>.json with each
-    name's result and its hf_hub_download calls (whether local rank 0 had finished when the call came)."""
+def resolve_on_rank(rank: int, out: str, names: list[str], broken: str) -> None:
+    """One of two ranks of one node (gloo) resolving each name in turn, online but with the network faked:
+    a download writes the file into its cache as huggingface_hub / torch.hub would, except that of the name
+    `broken`, whose disk is full. Writes OUT/rank<r>.json with each name's result and its downloads."""
+    from datetime import timedelta
+
     import torch.distributed as dist
+    import torch.hub
 
     from gcvit.models import hub
     from gcvit.models.checkpoint import CheckpointError
 
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
-    real, calls, record = hub.hf_hub_download, [], {}
+    # a rank left waiting fails the test in a minute instead of torch's 30
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    downloads: list[str] = []
 
-    def spy(repo: str, filename: str, **kwargs):
-        done = Path(out, "rank0_fetched").exists()
-        try:
-            return real(repo, filename, **kwargs)
-        finally:
-            calls.append({"file": filename, "local_files_only": kwargs["local_files_only"],
-                          "after_rank0": done})
-            if rank == 0:
-                Path(out, "rank0_fetched").touch()
+    def hub_download(repo: str, filename: str, **kwargs) -> str:
+        downloads.append(f"{repo}/{filename}")
+        if f"hf-hub:{repo}" == broken:
+            raise OSError(28, "No space left on device")
+        return str(write_hub_cache(Path(os.environ["HF_HOME"]), repo, filename=filename))
 
-    hub.hf_hub_download = spy
+    def url_download(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        downloads.append(url)
+        torch.save(timm_weights(), dst)
+
+    hub.hf_hub_download, torch.hub.download_url_to_file = hub_download, url_download
+    record = {}
     for name in names:
-        calls.clear()
-        # rank 1 has finished the previous name (and read the marker) before rank 0 removes it: removed
-        # before this barrier, rank 0 could take it away while rank 1 was still to look at it
-        dist.barrier()
-        if rank == 0:
-            Path(out, "rank0_fetched").unlink(missing_ok=True)
+        downloads.clear()
         try:
             result = hub.resolve(name, "model.pretrained", local_rank=rank)
         except CheckpointError as e:
             result = f"error: {e}"
-        record[name] = {"calls": list(calls), "result": result}
+        record[name] = {"downloads": list(downloads), "result": result}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()

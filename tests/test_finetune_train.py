@@ -30,10 +30,21 @@ def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_a_run_records_the_hub_name_it_started_from(pretrained_run) -> None:
+def _first_step(run_dir: Path) -> dict:
+    """Loss and gradient norm of the run's first logged step."""
+    first = next(r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "train")
+    assert first["step"] == 1
+    return {k: first[k] for k in ("loss", "grad_norm")}
+
+
+def test_a_run_from_the_hub_name_starts_as_one_from_its_file(pretrained_run, tmp_path) -> None:
     start = json.loads((pretrained_run / "run_info.json").read_text())["pretrained"]
     assert start["hub"] == HUB_NAME and Path(start["path"]).name == "model.safetensors"
     assert start["format"] == "timm" and not any("head re-initialised" in line for line in start["log"])
+    by_path = train(tmp_path / "by_path", f"model.pretrained={start['path']}", "trainer.max_steps=1")
+    assert by_path.returncode == 0, by_path.stderr[-3000:]
+    assert _first_step(tmp_path / "by_path") == _first_step(pretrained_run)  # bit for bit: the same start
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +98,7 @@ def test_missing_pretrained_file_is_one_line(tmp_path) -> None:
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1] == (
         f"error: model.pretrained={tmp_path / 'nope.pth'}: no such file; pass an official NVlabs, timm or "
-        "gcvit-train checkpoint (.pth/.pt/.safetensors) or hf-hub:ORG/REPO")
+        "gcvit-train checkpoint (.pth/.pt/.safetensors), hf-hub:ORG/REPO or timm:MODEL.TAG")
 
 
 def test_eval_names_the_classes_and_refuses_another_class_set(finetuned, pretrained_run) -> None:

@@ -19,7 +19,7 @@ from gcvit.engine.run_dir import run_dir_for, trained_run_dir
 from gcvit.engine.wandb_logger import WandbLogger
 from gcvit.models import create_model
 from gcvit.models.checkpoint import load_checkpoint, safe_load
-from gcvit.models.hub import is_hub_name, resolve
+from gcvit.models.hub import is_named, resolve
 from gcvit_data.eval_sets import EvalSet, build_eval_set, real_labels, timm_info
 from gcvit_data.loaders import build_loader
 from gcvit_data.resolve import resolve_data
@@ -28,10 +28,11 @@ from gcvit_data.split import describe as describe_split
 
 def _checkpoint(cfg: Config, env: DistEnv) -> tuple[Path, Path]:
     """(the checkpoint to score, the run dir its results go to)."""
-    if is_hub_name(cfg.checkpoint):  # fetched once per node; the Hub cache is no run's dir
+    if is_named(cfg.checkpoint):  # fetched once per node; the Hub's or torch.hub's cache is no run's dir
         return Path(resolve(cfg.checkpoint, "checkpoint", env.local_rank)), run_dir_for(cfg)
     if cfg.checkpoint:
-        path = Path(cfg.checkpoint).expanduser().resolve()
+        # not resolved: a link (a Hub snapshot's file) keeps the suffix that says how to load it
+        path = Path(cfg.checkpoint).expanduser().absolute()
         # runs/<name>/checkpoints/last.pt: the results belong with that run
         return path, path.parent.parent if path.parent.name == "checkpoints" else run_dir_for(cfg)
     run_dir = trained_run_dir(cfg)

@@ -30,7 +30,7 @@ from gcvit.models.checkpoint import (
     unwrap,
 )
 from gcvit.models.gcvit import GCViT
-from gcvit.models.hub import is_hub_name, resolve
+from gcvit.models.hub import is_named, resolve
 
 WEIGHTS = ("ema", "model")
 # The default choice: the weights that earned the run's best top-1 (a gcvit-train checkpoint records which:
@@ -53,11 +53,11 @@ class Pretrained:
     classes: list[str] | None = None  # class names, when the file is one of our run checkpoints
     config: dict | None = None  # the run's resolved config, likewise
     notes: list[str] = field(default_factory=list)  # lines worth printing about the choice
-    name: str | None = None  # the Hub name (hf-hub:ORG/REPO) the file was fetched by, if any
+    name: str | None = None  # the name (hf-hub:ORG/REPO or timm:MODEL.TAG) the file was fetched by, if any
 
     @property
     def label(self) -> str:
-        """How messages name the weights: the Hub name and its cached file, or the path."""
+        """How messages name the weights: the name and its cached file, or the path."""
         return f"{self.name} ({self.path})" if self.name else self.path
 
     @property
@@ -69,16 +69,16 @@ class Pretrained:
 
 def read(path: str | Path, weights: str = BEST, what: str = "model.pretrained",
          local_rank: int = 0) -> Pretrained:
-    """The model weights in `path` (a file, or a Hub name: gcvit.models.hub): `weights` best (those that
-    earned the run's best top-1, else EMA), ema (when present) or model; `what` names the setting in
-    errors."""
+    """The model weights in `path` (a file, or a name: gcvit.models.hub): `weights` best (earned_best),
+    ema (when present) or model; `what` names the setting in errors."""
     if weights not in (BEST, *WEIGHTS):
         raise CheckpointError(f"{what} weights={weights!r} are invalid; allowed: best | ema | model")
-    name = str(path) if is_hub_name(str(path)) else None
+    name = str(path) if is_named(str(path)) else None
     p = Path(resolve(str(path), what, local_rank)).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{what}={path}: no such file; pass an official NVlabs, timm or "
-                                  "gcvit-train checkpoint (.pth/.pt/.safetensors) or hf-hub:ORG/REPO")
+                                  "gcvit-train checkpoint (.pth/.pt/.safetensors), hf-hub:ORG/REPO or "
+                                  "timm:MODEL.TAG")
     obj = safe_load(p)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{what}={path} holds a {type(obj).__name__}, not a state dict")
