@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, key, cpu if a.dry_run else gpu)
     planner = Planner(a, dev)
     record = plan(planner)
-    rows = list(planner.rows.values())
+    # the table by batch size, eager before compiled, each in the order planned
+    rows = sorted(planner.rows.values(), key=lambda r: (r["batch"], r["compile"] != "off"))
     ratios(rows)
     device = torch.device(dev)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
