@@ -114,35 +114,59 @@ def test_bad_inputs_are_one_line(run_checkpoint, tmp_path, capsys) -> None:
         main([str(ckpt), str(root / "val")])
 
 
+def _predicted_top1(capsys, ckpt: Path, val: Path) -> tuple[float, str]:
+    """gcvit.predict's top-1 on the val folder (by its folder names) with the default weights, and its
+    line saying which weights."""
+    capsys.readouterr()
+    assert main([str(ckpt), str(val), "--json", "--topk", "1"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    correct = sum(r["top"][0]["name"] == Path(r["image"]).parent.name for r in rows)
+    return 100.0 * correct / len(rows), out.err.strip()
+
+
 @pytest.mark.slow
 def test_predict_takes_the_weights_that_earned_best_when_the_ema_lags(tmp_path, capsys) -> None:
     """Issue 25's case, small: fine-tuning from timm-format weights with the in1k recipe's EMA (decay 0.9998,
-    no warmup) for 30 steps. The EMA barely leaves the start while the model learns; best.pt follows the
-    better of the two and predict, by default, reproduces the top-1 the run logged for it."""
+    no warmup) for 30 steps, evaluated at steps 12, 24 and 30. The EMA barely leaves the start while the
+    model learns; best.pt follows the better of the two and predict, by default, reproduces the top-1 the
+    run logged for it; every other file says what it scored itself (or that it was not evaluated)."""
     hf_home = tmp_path / "hf"
     write_hub_cache(hf_home)
     data = make_folder_dataset(tmp_path / "data", {"train": 32, "val": 20}, gray=True)
     res = train(tmp_path / "run", f"data.root={data}", f"model.pretrained={HUB_NAME}", "data.loader=torch",
-                "trainer.max_steps=null", "sched.epochs=5", "trainer.eval_every_epochs=5",
-                "trainer.ckpt_every_steps=0", "trainer.ema_decay=0.9998", "trainer.ema_warmup=false",
+                "trainer.max_steps=null", "sched.epochs=5", "trainer.eval_every_epochs=2",
+                "trainer.ckpt_every_steps=4", "trainer.ema_decay=0.9998", "trainer.ema_warmup=false",
                 env=hub_env(hf_home))
     assert res.returncode == 0, res.stderr[-3000:]
     assert ("EMA: trainer.ema_decay=0.9998 averages over ~5000 steps, more than half of this run's 30, so "
             "its weights lag the model's") in res.stdout
     assert "set trainer.ema_warmup=true or trainer.ema_decay=" in res.stdout
-    (ev,) = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if r["kind"] == "eval"]
+    records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    evals = {r["step"]: r for r in records if r["kind"] == "eval"}
+    assert sorted(evals) == [12, 24, 30]
+    ev = evals[30]
     assert ev["top1"] >= ev["ema_top1"] + 20, ev  # the case: the model far ahead of its lagging EMA
-    best = tmp_path / "run" / "checkpoints" / "best.pt"
-    progress = torch.load(best, weights_only=True)["progress"]
-    assert progress["best_weights"] == "model" and progress["best_top1"] == ev["top1"]
-    assert read(best).weights == "model" and read(best, "ema").weights == "ema"  # export, model.pretrained
+    ckpts = tmp_path / "run" / "checkpoints"
+    best = torch.load(ckpts / "best.pt", weights_only=True)
+    progress, scored = best["progress"], best["scored"]
+    assert progress["best_weights"] == scored["weights"] == "model"
+    assert progress["best_top1"] == scored["top1"] == evals[scored["step"]]["top1"]
+    assert read(ckpts / "best.pt").weights == "model" and read(ckpts / "best.pt", "ema").weights == "ema"
+    top1, line = _predicted_top1(capsys, ckpts / "best.pt", data / "val")
+    assert top1 == pytest.approx(progress["best_top1"])
+    assert line.startswith(f"weights: {ckpts / 'best.pt'}: its model weights; the model weights earned the "
+                           f"run's best top-1 ({progress['best_top1']:.2f})")
 
-    capsys.readouterr()
-    assert main([str(best), str(data / "val"), "--json", "--topk", "1"]) == 0
-    out = capsys.readouterr()
-    rows = [json.loads(line) for line in out.out.splitlines()]
-    correct = sum(r["top"][0]["name"] == Path(r["image"]).parent.name for r in rows)
-    assert len(rows) == ev["count"] and 100.0 * correct / len(rows) == pytest.approx(ev["top1"])
-    assert out.err.startswith(f"weights: {best}: its model weights; the model weights earned the run's best "
-                              f"top-1 ({ev['top1']:.2f})")
+    # last.pt claims only its own evaluation (step 30) and delivers it
+    own = ("ema", ev["ema_top1"]) if ev["ema_top1"] >= ev["top1"] else ("model", ev["top1"])  # a tie: EMA
+    assert torch.load(ckpts / "last.pt", weights_only=True)["scored"] == {"step": 30, "weights": own[0],
+                                                                          "top1": own[1]}
+    top1, line = _predicted_top1(capsys, ckpts / "last.pt", data / "val")
+    assert top1 == pytest.approx(own[1]) and f"its {own[0]} weights; the {own[0]} weights " in line
+    # a periodic save between evaluations claims no score of its own
+    then = torch.load(ckpts / "step000000028.pt", weights_only=True)["progress"]
+    step28 = read(ckpts / "step000000028.pt")
+    assert step28.weights == then["best_weights"] == "model" and step28.notes == [
+        "this checkpoint (step 28) records no evaluation of its own: the model weights, the set that earned "
+        f"the run's best top-1 up to then ({then['best_top1']:.2f}; see best.pt); the ema weights on request"]

@@ -94,6 +94,28 @@ def test_run_checkpoint_gives_its_ema_by_default_and_model_on_request(tmp_path) 
     assert all(torch.equal(v, model[k]) for k, v in dst.state_dict().items())
 
 
+@pytest.mark.parametrize("scored, weights, line", [
+    # best.pt: its own evaluation is the run's best
+    ({"step": 30, "weights": "model", "top1": 92.5}, "model",
+     "the model weights earned the run's best top-1 (92.50); the ema weights on request"),
+    # last.pt evaluated after the best: its own score and set, not the run's
+    ({"step": 40, "weights": "ema", "top1": 80.0}, "ema",
+     "the ema weights scored better at this checkpoint's evaluation (top-1 80.00 at step 40; the run's best "
+     "up to then: 92.50, see best.pt); the model weights on request"),
+    # a periodic save between evaluations: no score of its own is claimed
+    (None, "model", "this checkpoint (step 44) records no evaluation of its own: the model weights, the set "
+     "that earned the run's best top-1 up to then (92.50; see best.pt); the ema weights on request"),
+])
+def test_best_means_what_this_file_scored(tmp_path, scored, weights, line) -> None:
+    model, avg = _run_checkpoint(tmp_path, ema=True, classes=["a", "b", "c"])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state.update(progress={"step": 44, "best_top1": 92.5, "best_weights": "model"}, scored=scored)
+    torch.save(state, tmp_path / "last.pt")
+    src = read(tmp_path / "last.pt")
+    assert src.weights == weights and src.notes == [line]
+    assert all(torch.equal(v, (model if weights == "model" else avg)[k]) for k, v in src.state.items())
+
+
 def test_run_checkpoint_without_ema_falls_back_to_model_weights_in_one_line(tmp_path) -> None:
     model, _ = _run_checkpoint(tmp_path, ema=False, classes=["a", "b", "c"])
     dst = _model(3)

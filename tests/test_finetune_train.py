@@ -106,6 +106,17 @@ def test_eval_names_the_classes_and_refuses_another_class_set(finetuned, pretrai
     ckpt = CheckpointManager(run_dir / "checkpoints").path("last")
     res = train(run_dir, *args, "mode=eval", f"checkpoint={ckpt}")
     assert res.returncode == 0, res.stderr[-3000:]
+    # last.pt records its own evaluation (at the run's end), and the line claims that, not the run's best
+    state = torch.load(ckpt, weights_only=True)
+    step = state["progress"]["step"]
+    (ev,) = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval" and r["step"] == step]
+    which = "ema" if ev["ema_top1"] >= ev["top1"] else "model"
+    top1 = ev["ema_top1" if which == "ema" else "top1"]
+    assert state["scored"] == {"step": step, "weights": which, "top1": top1}
+    (says,) = [ln for ln in res.stdout.splitlines() if ln.startswith("eval: predict, export and model.")]
+    assert says.startswith(f"eval: predict, export and model.pretrained take the {which} weights of {ckpt}: "
+                           f"the {which} weights ") and f"{top1:.2f}" in says
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("  lowest top1 by class (model): ")]
     names = [part.rsplit(" ", 2)[0] for part in line.split(": ", 1)[1].split(", ")]
     assert sorted(names) == sorted(FOLDERS)  # 3 classes with val images: all listed, by their folder names

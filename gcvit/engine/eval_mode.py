@@ -119,13 +119,13 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
 
 
 def _weights(state: dict[str, Any], path: Path, verbose: bool) -> tuple[str, ...]:
-    """The weight sets of one of our checkpoints to score: the set that earned its run's best first (what
-    predict, export and model.pretrained take by default; one line says which), then the other."""
+    """The weight sets of one of our checkpoints to score: the set `best` means for this file first (what
+    predict, export and model.pretrained take by default; one line says which and why), then the other."""
     if not state.get("ema"):
         return ("model",)
     which, earned = earned_best(state)
     if verbose:
-        why = f": {earned}" if earned else " (the file records no best: the EMA)"
+        why = f": {earned}" if earned else " (the file records no evaluation: the EMA)"
         print(f"eval: predict, export and model.pretrained take the {which} weights of {path}{why}",
               flush=True)
     return (which, "model" if which == "ema" else "ema")

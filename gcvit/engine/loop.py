@@ -181,11 +181,13 @@ class Run:
     warmup_until: int = 0  # img/s leaves out the steps up to this one (compilation after a (re)start)
     compile_clock: CompileClock | None = None  # times the first compiled step, then says cold or warm
 
-    def save(self, *tags: str) -> None:
-        """Checkpoint every piece under `tags`; a collective (rank 0 writes once, the rest are hard links)."""
+    def save(self, *tags: str, scored: dict[str, Any] | None = None) -> None:
+        """Checkpoint every piece under `tags`; a collective (rank 0 writes once, the rest are hard links).
+        `scored`: this step's evaluation of these very weights, None when not evaluated (read by
+        gcvit.engine.pretrained: a file must not claim the score of other weights)."""
         self.dog.enter("checkpoint")
         self.p.guard.settle()  # the counters saved include every step so far (a stop policy may still raise)
-        state = checkpoint_state(self.p, self.progress, self.wandb, self.cfg)
+        state = {**checkpoint_state(self.p, self.progress, self.wandb, self.cfg), "scored": scored}
         if self.env.is_main:
             self.ckpt.save(state, tag=tags)
 
@@ -368,15 +370,16 @@ def end_of_epoch(run: Run) -> None:
     p, t, progress = run.p, run.cfg.trainer, run.progress
     epoch = progress.epoch  # the one just trained
     progress.epoch = progress.step // p.steps_per_epoch
-    tags = ["last", f"step{progress.step:09d}"]
+    tags, scored = ["last", f"step{progress.step:09d}"], None
     if progress.step >= run.target or (epoch + 1) % t.eval_every_epochs == 0:
         rec = evaluate_epoch(run, epoch)
         which = "ema" if rec.get("ema_top1", -1.0) >= rec["top1"] else "model"  # a tie keeps the EMA
         top1 = rec["ema_top1" if which == "ema" else "top1"]
+        scored = {"step": progress.step, "weights": which, "top1": top1}
         if top1 > progress.best_top1:
             progress.best_top1, progress.best_weights = top1, which
             tags.append("best")
-    run.save(*tags)
+    run.save(*tags, scored=scored)
 
 
 def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from gcvit.models.gcvit import GCViT
 from gcvit.models.hub import is_named, resolve
 
 WEIGHTS = ("ema", "model")
-# The default choice: the weights that earned the run's best top-1 (a gcvit-train checkpoint records which:
-# progress.best_weights), else the EMA when present.
+# The default choice: the weights that scored better at the file's own evaluation (a gcvit-train checkpoint
+# records it: `scored`; best.pt's is the run's best), else those that earned the run's best, else the EMA.
 BEST = "best"
 # Where training scripts keep each set of weights: ours (model/ema), timm's and the official repo's train.py
 # (state_dict/state_dict_ema), other EMA wrappers (model_ema).
@@ -102,15 +102,26 @@ def read(path: str | Path, weights: str = BEST, what: str = "model.pretrained",
 
 
 def earned_best(obj: Mapping[str, Any]) -> tuple[str, str | None]:
-    """The weights `best` means in a checkpoint: those its run's best top-1 was earned by, with a line saying
-    so; the EMA (and no line) when the file records none (another trainer's, or no evaluation yet)."""
-    progress = obj.get("progress")
-    which = progress.get("best_weights") if isinstance(progress, Mapping) else None
-    if which not in WEIGHTS:
+    """The weights `best` means in a checkpoint, with a line that is true of this very file: the set that
+    scored better at its own evaluation (`scored`; in best.pt that is the run's best); in a file saved
+    between evaluations, the set that earned the run's best so far; the EMA (no line) when the file records
+    no evaluation (another trainer's, or none yet)."""
+    progress, scored = obj.get("progress"), obj.get("scored")
+    if not isinstance(progress, Mapping):
         return "ema", None
-    other = "model" if which == "ema" else "ema"
-    return which, (f"the {which} weights earned the run's best top-1 ({progress['best_top1']:.2f}); the "
-                   f"{other} weights on request")
+    best = progress.get("best_top1", -1.0)
+    if isinstance(scored, Mapping) and scored.get("weights") in WEIGHTS:
+        which, top1 = scored["weights"], scored["top1"]
+        why = (f"the {which} weights earned the run's best top-1 ({top1:.2f})" if top1 >= best else
+               f"the {which} weights scored better at this checkpoint's evaluation (top-1 {top1:.2f} at step "
+               f"{scored['step']}; the run's best up to then: {best:.2f}, see best.pt)")
+    elif progress.get("best_weights") in WEIGHTS:
+        which = progress["best_weights"]
+        why = (f"this checkpoint (step {progress['step']}) records no evaluation of its own: the {which} "
+               f"weights, the set that earned the run's best top-1 up to then ({best:.2f}; see best.pt)")
+    else:
+        return "ema", None
+    return which, f"{why}; the {'model' if which == 'ema' else 'ema'} weights on request"
 
 
 def stage_windows(sd: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
