@@ -8,7 +8,7 @@
 #
 # PARTS (default: all) picks what runs, so that a short lease takes it in calls of under 10 minutes each:
 # kernels (kernel_candidates.py, KIT_BUDGET seconds, default 480), tests (doctor and the GPU tier but the
-# trainer's, ~3 min), train (train.py on the GPU: tests/gpu/test_gpu_train.py, ~5 min), data (DALI's data
+# trainer's, ~4 min), train (train.py on the GPU: tests/gpu/test_gpu_train.py, ~6 min), data (DALI's data
 # path, when DALI is installed), or several, e.g. "tests data".
 #
 # Wheels: the machine needs hydra-core, omegaconf and antlr4-python3-runtime (the trainer tests); prepare them
