@@ -71,7 +71,7 @@ class TrainerConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    compile: str = "off"  # torch.compile: off | model | blocks (each block shape once) | auto (CUDA: blocks)
+    compile: str = "off"  # torch.compile: off | model | blocks (each block shape once) | auto (CUDA: model)
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs | reduce-overhead (CUDA graphs)
     compile_cache: str | None = None  # inductor/AOTAutograd cache dir; null = RUN_DIR/compile-cache
     global_batch_size: int = 1024  # samples per optimizer step over all ranks (accumulation fills the gap)

@@ -113,17 +113,28 @@ def test_drop_path_is_the_variants_unless_set() -> None:
 
 
 def test_compile_follows_the_device_unless_set() -> None:
-    from gcvit.engine.compile import how
+    from gcvit.engine.compile import compiles, how
     from gcvit.engine.distributed import DistEnv
 
     def on(kind: str, *overrides: str) -> str:
         return how(_compose(*overrides), DistEnv(0, 1, 0, torch.device(kind)))
 
     recipe = ("experiment=in1k_gcvit_tiny", "data.root=/data/imagenet")
-    assert on("cuda", *recipe) == "blocks" and on("cpu", *recipe) == "off"
+    assert on("cuda", *recipe) == "model" and on("cpu", *recipe) == "off"
     assert on("cuda", *recipe, "trainer.compile=off") == "off"
     assert on("cpu", *recipe, "trainer.compile=model") == "model"
     assert on("cuda") == on("cuda", "debug=tiny") == "off"  # the demo and the smoke test stay eager
+    graphs = ("trainer.compile_mode=reduce-overhead",)
+    assert on("cuda", *recipe, *graphs) == "model"  # CUDA graphs: the whole model, one process
+    one, two = (DistEnv(0, n, 0, torch.device("cuda")) for n in (1, 2))
+    refused = r"^config error: trainer.compile_mode=reduce-overhead \(CUDA graphs\) runs with trainer.compile"
+    blocks = _compose(*recipe, *graphs, "trainer.compile=blocks")
+    for cfg, env in ((blocks, one), (_compose(*recipe, *graphs), two)):
+        with pytest.raises(SystemExit, match=refused):
+            how(cfg, env)
+    # FlexAttention compiles on its own: its graphs go to the run's cache even with trainer.compile=off
+    assert compiles(_compose("model.attention=flex", "trainer.compile=off"), two)
+    assert not compiles(_compose("trainer.compile=off"), two)
 
 
 def test_debug_tiny_and_overrides() -> None:

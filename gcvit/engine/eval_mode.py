@@ -11,7 +11,7 @@ from typing import Any
 from gcvit.config import Config, to_container
 from gcvit.engine import distributed, eval_report
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.compile import compile_model, how, kernels
+from gcvit.engine.compile import compile_model, compiles, how, kernels, use_cache
 from gcvit.engine.distributed import DistEnv
 from gcvit.engine.eval_scores import loader_set, lowest_classes, predict, score
 from gcvit.engine.pretrained import earned_best
@@ -104,6 +104,8 @@ def evaluate_only(cfg: Config, env: DistEnv) -> int:
     model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                          **cfg.model.overrides).to(env.device)
     model.set_kernels(*kernels(cfg, env, training=False))
+    if compiles(cfg, env):  # the training run's cache: its evaluations compiled these graphs
+        use_cache(cfg, run_dir)
     net = compile_model(model, model, how(cfg, env), cfg.trainer.compile_mode)  # the path training takes
     rows: list[dict[str, Any]] = []
     for which in _weights(state, path, env.is_main) if ours else ("model",):

@@ -22,7 +22,7 @@ from gcvit.config import Config, to_container
 from gcvit.engine import distributed, faults, metrics, mfu, optim
 from gcvit.engine.build import Parts, build, ema_lag
 from gcvit.engine.checkpoint import CheckpointManager
-from gcvit.engine.compile import CompileClock, compiled, how, use_cache
+from gcvit.engine.compile import CompileClock, compiled, compiles, how, use_cache
 from gcvit.engine.distributed import PREEMPTED_EXIT_CODE, DistEnv
 from gcvit.engine.eval_mode import evaluate_only
 from gcvit.engine.eval_scores import evaluate
@@ -228,7 +228,7 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     the run dir is finished already."""
     t = cfg.trainer
     run_dir = prepare_run_dir(cfg, env)
-    cache = use_cache(cfg, run_dir) if compiled(cfg, env) else None  # before anything compiles
+    cache = use_cache(cfg, run_dir) if compiles(cfg, env) else None  # before anything compiles
     data = resolve_data(cfg.data, is_main=env.is_main, local_rank=env.local_rank,
                         broadcast=distributed.broadcast_object)
     # after staging: copying and checksumming a dataset to local disk can take longer than any grace
@@ -259,7 +259,8 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
     announce(run, data.batch_size)
     # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
     run.warmup_until = run.progress.step + (COMPILE_WARMUP_STEPS if cache else 0)
-    run.compile_clock = CompileClock(how(cfg, env), t.compile_mode, cache) if cache and env.is_main else None
+    run.compile_clock = CompileClock(how(cfg, env), t.compile_mode, cache) \
+        if compiled(cfg, env) and env.is_main else None
     run.bar = metrics.Progress(total=run.target, initial=run.progress.step,
                                enabled=env.is_main and cfg.logger.progress)
     p.model.train()
