@@ -19,7 +19,7 @@ from gcvit.engine.rng import seed_step
 # step and the last micro-batch's are different graphs)
 WARMUP, STEADY = 3, 6
 # (precision, model.attention, model.norm, trainer.compile): every kernel pair eager in bf16, the default in
-# fp16 (GradScaler), and compiled by blocks (CUDA's auto) with the default kernels and with flex + fast
+# fp16 (GradScaler), and compiled by blocks with the default kernels and with flex + fast
 CASES = [("bf16", att, norm, "off") for att in ("sdpa", "flex", "math") for norm in ("fp32", "fast")]
 CASES += [("fp16", "sdpa", "fp32", "off"), ("bf16", "sdpa", "fp32", "blocks"),
           ("bf16", "flex", "fast", "blocks")]

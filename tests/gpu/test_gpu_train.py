@@ -1,6 +1,6 @@
 """GPU tier, trainer: train.py on one GPU in bf16 (the tiny preset on the demo JPEGs): finite falling loss,
-checkpoints, a bitwise resume under trainer.deterministic=true, eval-only of the checkpoint, compiled as
-CUDA's trainer.compile=auto compiles (blocks: cold, then warm after a requeue) and whole with CUDA graphs."""
+checkpoints, a bitwise resume under trainer.deterministic=true, eval-only of the checkpoint, compiled by
+blocks (cold, then warm after a requeue) and whole with CUDA graphs."""
 from __future__ import annotations
 
 import json
@@ -88,9 +88,9 @@ def _compile_line(res: subprocess.CompletedProcess) -> str:
 
 
 def test_compiled_by_blocks_cold_then_warm_after_a_requeue(tmp_path) -> None:
-    """trainer.compile=auto (blocks on CUDA): the first start compiles cold into RUN_DIR/compile-cache and
-    says so in one line; the same command again (a requeued job) resumes and takes every graph from there."""
-    compiled = ("trainer.compile=auto", "trainer.deterministic=false")
+    """trainer.compile=blocks: the first start compiles cold into RUN_DIR/compile-cache and says so in one
+    line; the same command again (a requeued job) resumes and takes every graph from there."""
+    compiled = ("trainer.compile=blocks", "trainer.deterministic=false")
     line = _compile_line(_train(tmp_path, *compiled, "trainer.max_steps=8", timeout=500))
     assert line.startswith("compile: blocks") and ": cold," in line and "compile-cache" in line, line
     res = _train(tmp_path, *compiled, "trainer.max_steps=16")
