@@ -43,7 +43,7 @@ def test_a_users_own_data_package_and_ours_coexist(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["user", "gcvit_data.loaders", "gcvit_data.index"]
+    assert run.stdout.split() == ["user", "gcvit_data.loaders", "gcvit_data.errors"]
 
 
 def test_the_config_and_the_variant_names_import_without_torch():
