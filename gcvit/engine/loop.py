@@ -257,7 +257,6 @@ def prepare(cfg: Config, env: DistEnv) -> Run | None:
         dog.stop()
         return None
     announce(run, data.batch_size)
-    # The first steps after a (re)start compile the graphs (minutes): img/s leaves them out.
     run.warmup_until = run.progress.step + (COMPILE_WARMUP_STEPS if cache else 0)
     run.compile_clock = CompileClock(how(cfg, env), t.compile_mode, cache) \
         if compiled(cfg, env) and env.is_main else None
@@ -297,8 +296,7 @@ def announce(run: Run, batch_size: int) -> None:
               f"global batch {t.global_batch_size} = {batch_size} x {env.world_size} ranks x {p.accum} "
               f"accumulation; lr {base_lr:.3g}; {p.steps_per_epoch} steps/epoch; {run.target} steps",
               flush=True)
-        lag = ema_lag(t, run.target)
-        if lag:
+        if lag := ema_lag(t, run.target):
             print(lag, flush=True)
     run.wandb.start(run.run_dir.name, redact(to_container(cfg)))
     cuda = env.device.type == "cuda"
