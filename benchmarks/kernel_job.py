@@ -31,6 +31,7 @@ from gcvit.variants import VARIANTS
 # tier's bf16 test).
 GATE_TOL = {"logits": 1e-3, "grads": 1e-2, "bf16_logits": 5e-2}
 GATE_BATCH = 2
+MASK_BLOCK = attention_flex.MASK_BLOCK  # the model's own, for every run that sets no mask_block
 # Graphs one compiled function may keep in this process: the eager flex kernel meets one per stage shape,
 # batch size and dtype (gate and timing) of a configuration (dynamo is reset between configurations)
 RECOMPILES = 256
@@ -71,7 +72,7 @@ class Bench:
     def configure(self, r: dict[str, Any]) -> None:
         """The run's configuration: a new one starts from a fresh model (same seed, so the same weights) and
         a reset dynamo, so each compiles (from the cache, when warm) as a new process would."""
-        options = r.get("kernel_options") or {}
+        options = dict(r.get("kernel_options") or {})
         key = (r["impl"], r["compile"], r["attention"], r["norm"], json.dumps(options, sort_keys=True))
         if key == self.key:
             return
@@ -79,7 +80,8 @@ class Bench:
         torch._dynamo.reset()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        # the flex kernel's options (model.attention=flex on CUDA), read when the model runs
+        # the flex mask's block and kernel's options (model.attention=flex on CUDA), read when the model runs
+        attention_flex.MASK_BLOCK = options.pop("mask_block", MASK_BLOCK)
         attention_flex.KERNEL_OPTIONS.clear()
         attention_flex.KERNEL_OPTIONS.update(options)
         model = self.build(r["impl"])

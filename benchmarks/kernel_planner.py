@@ -34,9 +34,11 @@ GUESS = {"cuda": {"start": 20.0, "eager": 8.0, "flex": 30.0, "steps": 3.0, "bloc
 WARM_SHARE = 0.2
 # FlexAttention's kernel options tried besides its own choice, each as a candidate with the default norm:
 # smaller tiles for head dim 32 (torch 2.11's FlexKernelOptions keys; BLOCK_M and BLOCK_N must divide the
-# block mask's 128; fwd_/bwd_ prefixed keys reach one pass only)
+# block mask's block; fwd_/bwd_ prefixed keys reach one pass only); mask_block, not a kernel option, sets
+# attention_flex.MASK_BLOCK (64: the mask's blocks closer to a 49-token window)
 FLEX_OPTIONS = {"m64n64": {"BLOCK_M": 64, "BLOCK_N": 64},
-                "m128n64w4s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}
+                "m128n64w4s3": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                "mask64": {"mask_block": 64, "BLOCK_M": 64, "BLOCK_N": 64}}
 
 
 class Cand(NamedTuple):

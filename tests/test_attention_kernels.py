@@ -87,6 +87,18 @@ def test_flex_forward_equals_the_math_on_cpu(dim, heads, side, window, use_globa
         torch.testing.assert_close(attn(x, q), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_flex_with_a_mask_of_64_token_blocks_equals_the_math(monkeypatch) -> None:
+    """The GPU kit's mask64 candidate: the block mask in blocks of 64 tokens (attention_flex.MASK_BLOCK)."""
+    monkeypatch.setattr(attention_flex, "MASK_BLOCK", 64)
+    attn, x, _ = _inputs(*CASES[0][:4], False, batch=1)  # stage 0: 64 windows of 49 tokens
+    with torch.no_grad():
+        attn.kernel = "math"
+        ref = attn(x.detach(), None)
+        attn.kernel = "flex"
+        torch.testing.assert_close(attn(x.detach(), None), ref, rtol=1e-4, atol=1e-5)
+    assert any(key[3] == 64 for key in attention_flex._MASKS)
+
+
 def test_flex_in_compiled_blocks_reads_masks_built_once(monkeypatch) -> None:
     """trainer.compile=blocks with flex: the regions read the block masks prepare() built before them (a mask
     built inside a region's graph would be rebuilt every call), and compute what the math form does."""
@@ -106,7 +118,7 @@ def test_flex_in_compiled_blocks_reads_masks_built_once(monkeypatch) -> None:
         for _ in range(2):
             torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     assert sorted(built) == [16 * 49, 64 * 49]  # stages 0 and 1; stages 2 and 3 are one window each
-    assert set(attention_flex._MASKS) == {(64, 49, x.device), (16, 49, x.device)}
+    assert set(attention_flex._MASKS) == {(64, 49, x.device, 128), (16, 49, x.device, 128)}
 
 
 def test_compiled_flex_keeps_a_graph_per_shape(monkeypatch) -> None:

@@ -21,7 +21,11 @@ from gcvit.kernel_choices import RECOMPILE_LIMIT
 # Passed to the CUDA kernel (e.g. {"BLOCK_M": 64, "BLOCK_N": 64}); the GPU kit times choices for head dim 32.
 KERNEL_OPTIONS: dict[str, Any] = {}
 
-_MASKS: dict[tuple[int, int, torch.device], BlockMask] = {}
+# Tokens per block of the mask (create_block_mask's BLOCK_SIZE; the kernel's BLOCK_M and BLOCK_N divide it):
+# 128 holds 2.6 windows of 49 tokens, 64 wastes fewer masked scores; the GPU kit times both.
+MASK_BLOCK = 128
+
+_MASKS: dict[tuple[int, int, torch.device, int], BlockMask] = {}
 _compiled: list[Callable[..., torch.Tensor]] = []
 
 
@@ -47,7 +51,7 @@ def prepare(grids: list[tuple[int, int]], device: torch.device) -> None:
 
 def block_mask(windows: int, tokens: int, device: torch.device) -> BlockMask:
     """Block-diagonal mask of `windows` windows of `tokens` tokens: a token attends within its window."""
-    key = (windows, tokens, device)
+    key = (windows, tokens, device, MASK_BLOCK)
     if key in _MASKS:
         return _MASKS[key]
 
@@ -56,7 +60,7 @@ def block_mask(windows: int, tokens: int, device: torch.device) -> BlockMask:
         return q_idx // tokens == kv_idx // tokens
 
     length = windows * tokens
-    mask = create_block_mask(same_window, None, None, length, length, device=device)
+    mask = create_block_mask(same_window, None, None, length, length, device=device, BLOCK_SIZE=MASK_BLOCK)
     if not torch.compiler.is_compiling():  # a mask traced inside a graph (no prepare()) must not outlive it
         _MASKS[key] = mask
     return mask
