@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from kernel_planner import FLEX_OPTIONS, TIMM, WARM_SHARE, Cand, Planner, ratios, table
 
+from gcvit.engine.compile import device_key
 from gcvit.engine.mfu import peak_flops
 from gcvit.engine.provenance import environment
-from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, NORM_AUTO
+from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, NORM_AUTO, auto
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_ATTENTION, CPU_ATTENTION = ["sdpa", "flex", "math"], ["math", "sdpa", "flex"]
@@ -129,7 +130,8 @@ def compiled_phase(p: Planner, timed: list[tuple[Cand, dict[str, Any]]], firsts:
 def plan(p: Planner) -> dict[str, Any]:
     """Run every phase; the record's configurations: default, best, and the profiles."""
     a, dev = p.args, p.device
-    default = Cand(ATTENTION_AUTO.get(dev, "sdpa"), NORM_AUTO.get(dev, "fp32"))
+    key = device_key(torch.device(dev))  # a run on this GPU resolves auto by its family, as here
+    default = Cand(auto(ATTENTION_AUTO, key), auto(NORM_AUTO, key))
     cands = candidates(a, default)
     b0, later = a.batches[0], a.batches[1:]
     kinds = [how for how in ("blocks", "model") if how in a.compile]
@@ -167,7 +169,7 @@ def plan(p: Planner) -> dict[str, Any]:
     profiles = {"default": p.profile("default", default_key)} if default_key in ok else {}
     if best:
         profiles["best"] = profiles.get("default") if best == default_key else p.profile("best", best)
-    return {"default": default.config(COMPILE_AUTO.get(dev, "off")),
+    return {"default": default.config(auto(COMPILE_AUTO, key)),
             "best": {**best[0].config(best[1]), "img_s": ok[best]["img_s"]} if best else None,
             "profiles": profiles}
 

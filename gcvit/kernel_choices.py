@@ -14,16 +14,17 @@ NORM_KINDS = ("auto", "fp32", "fast")  # model.norm
 COMPILE_KINDS = ("off", "model", "blocks", "auto")  # trainer.compile
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # trainer.compile_mode
 
-# Keyed by device type, or by GPU family ("cuda:sm90", "cuda:sm80") where the kit's winners differ by family.
-ATTENTION_AUTO = {"cpu": "math", "cuda": "sdpa"}  # any other device type: sdpa
-NORM_AUTO = {"cpu": "fp32", "cuda": "fp32"}  # any other device type: fp32
-COMPILE_AUTO = {"cpu": "off", "cuda": "model"}  # any other device type: off
+# Keyed by device type, or by GPU family ("cuda:sm90", "cuda:sm80") where the kit's winners differ by family;
+# "": any other device.
+ATTENTION_AUTO = {"cpu": "math", "cuda": "sdpa", "": "sdpa"}
+NORM_AUTO = {"cpu": "fp32", "cuda": "fp32", "": "fp32"}
+COMPILE_AUTO = {"cpu": "off", "cuda": "model", "": "off"}
 
 
-def auto(table: dict[str, str], device: str, default: str) -> str:
-    """A table's choice for `device` ("cpu", "cuda:sm90"): its GPU family's entry, else its type's, else
-    `default`."""
-    return table.get(device) or table.get(device.split(":")[0], default)
+def auto(table: dict[str, str], device: str) -> str:
+    """A table's choice for `device` ("cpu", "cuda:sm90"): its GPU family's entry, else its type's, else the
+    table's entry for any other device."""
+    return table.get(device) or table.get(device.split(":")[0]) or table[""]
 
 # Graphs one compiled function may keep (dynamo's default is 8): a block region or the compiled flex kernel
 # meets one per (stage shape, local or global, batch size, train or eval); past the limit dynamo runs the

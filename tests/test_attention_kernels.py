@@ -143,9 +143,9 @@ def test_what_a_run_may_choose() -> None:
 
 
 def test_auto_is_the_gpu_familys_choice_then_the_device_types() -> None:
-    table = {"cpu": "math", "cuda": "sdpa", "cuda:sm90": "flex"}
-    assert auto(table, "cuda:sm90", "x") == "flex" and auto(table, "cuda:sm80", "x") == "sdpa"
-    assert auto(table, "cpu", "x") == "math" and auto(table, "mps", "x") == "x"
+    table = {"cpu": "math", "cuda": "sdpa", "cuda:sm90": "flex", "": "x"}
+    assert auto(table, "cuda:sm90") == "flex" and auto(table, "cuda:sm80") == "sdpa"
+    assert auto(table, "cpu") == "math" and auto(table, "mps") == "x"
 
 
 def test_fast_layernorm_is_fp32_within_bf16_rounding() -> None:

@@ -25,11 +25,11 @@ from gcvit.engine.distributed import DistEnv
 from gcvit.kernel_choices import ATTENTION_AUTO, COMPILE_AUTO, NORM_AUTO, RECOMPILE_LIMIT, auto
 
 
-def device_key(env: DistEnv) -> str:
+def device_key(device: torch.device) -> str:
     """What the `auto` tables are keyed by: "cpu", or the GPU's family ("cuda:sm90")."""
-    if env.device.type != "cuda" or not torch.cuda.is_available():
-        return env.device.type
-    major, minor = torch.cuda.get_device_capability(env.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
     return f"cuda:sm{major}{minor}"
 
 
@@ -37,7 +37,7 @@ def attention_of(cfg: Config, env: DistEnv) -> str:
     """model.attention resolved for this device: `auto` becomes the measured choice for its GPU family or
     device type."""
     attention = cfg.model.attention
-    return auto(ATTENTION_AUTO, device_key(env), "sdpa") if attention == "auto" else attention
+    return auto(ATTENTION_AUTO, device_key(env.device)) if attention == "auto" else attention
 
 
 def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
@@ -53,7 +53,7 @@ def kernels(cfg: Config, env: DistEnv, training: bool) -> tuple[str, str]:
             print("model.attention=flex adds the bias gradient with atomics (not deterministic); "
                   "trainer.deterministic=true runs model.attention=sdpa instead", flush=True)
         attention = "sdpa"
-    norm = auto(NORM_AUTO, device_key(env), "fp32") if cfg.model.norm == "auto" else cfg.model.norm
+    norm = auto(NORM_AUTO, device_key(env.device)) if cfg.model.norm == "auto" else cfg.model.norm
     return attention, norm
 
 
@@ -62,7 +62,7 @@ def how(cfg: Config, env: DistEnv) -> str:
     where they are proven: one process compiling the whole model."""
     kind = cfg.trainer.compile
     if kind == "auto":
-        kind = auto(COMPILE_AUTO, device_key(env), "off")
+        kind = auto(COMPILE_AUTO, device_key(env.device))
     if cfg.trainer.compile_mode == "reduce-overhead" and kind != "off" and (kind != "model" or
                                                                              env.world_size > 1):
         raise SystemExit(f"config error: trainer.compile_mode=reduce-overhead (CUDA graphs) runs with "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gcvit.kernel_choices import ATTENTION_AUTO, ATTENTION_KINDS
+from gcvit.kernel_choices import ATTENTION_AUTO, ATTENTION_KINDS, auto
 from gcvit.models import attention_flex
 
 # Memory-efficient attention reads its additive mask with the strides it is given but pads (copies) any
@@ -27,7 +27,7 @@ MASK_ALIGN = 8
 def resolve(kind: str, x: torch.Tensor) -> str:
     """The form `kind` runs as for tensors like x: `auto` becomes the device's measured choice."""
     if kind == "auto":
-        return ATTENTION_AUTO.get(x.device.type, "sdpa")
+        return auto(ATTENTION_AUTO, x.device.type)
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"attention={kind!r} is not a kernel; choose one of {', '.join(ATTENTION_KINDS)}")
     return kind

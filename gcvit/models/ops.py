@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.kernel_choices import NORM_AUTO
+from gcvit.kernel_choices import NORM_AUTO, auto
 
 # model.norm: how LayerNorm runs under autocast. fp32: autocast's rule (input cast to fp32, fp32 out);
 # fast: on the autocast type with fp32 statistics (timm's fast_norm pattern: no fp32 copy of the input, a
@@ -25,7 +25,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize each token's channel vector."""
         device = x.device.type
-        kind = NORM_AUTO.get(device, "fp32") if self.kind == "auto" else self.kind
+        kind = auto(NORM_AUTO, device) if self.kind == "auto" else self.kind
         if kind == "fast" and torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             # CPU's kernel takes a low-precision input with fp32 parameters; CUDA's wants one type for all
