@@ -192,7 +192,8 @@ class ShardReader:
         """The descriptor of shard k (BadImage with a one-line message when it cannot be opened)."""
         f = self._files.get(k)
         if f is not None:
-            self._files.move_to_end(k)
+            if self.max_open < len(self.paths):  # recency counts only where shards are closed for others
+                self._files.move_to_end(k)
             return f.fileno()
         while True:
             while len(self._files) >= self._room():
